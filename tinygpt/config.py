@@ -1,0 +1,122 @@
+"""ModelConfig: one small dataclass that describes every model tinygpt builds or imports.
+
+Design choices:
+- ~17 fields cover GPT-2, Llama/SmolLM2/TinyLlama, Qwen2 and the modern nanochat-style block
+  (RoPE, RMSNorm, ReLU^2, QK-norm, untied head). Anything derivable (head_dim, the MLP width, the
+  KV head count) is derived in `__post_init__`, so a config on disk is always fully resolved.
+- Named presets (`from_name`) and one scaling dial (`from_depth`): width = 64 * depth, heads of 128.
+- `vocab_size` is padded to a multiple of 64 for our own models (faster matmuls); imported
+  checkpoints keep their exact size. Ids past the tokenizer's size are never produced when sampling.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .errors import UserError
+
+POS_EMB = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("relu2", "gelu", "swiglu")  # gelu is the tanh approximation GPT-2 uses
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_kv_head: int = 0            # 0 -> n_head; fewer = grouped-query attention
+    head_dim: int = 0             # 0 -> n_embd // n_head
+    intermediate_size: int = 0    # 0 -> 4 * n_embd (gelu, relu2) or the usual 8/3 * n_embd (swiglu)
+    block_size: int = 1024        # longest context the position tables cover
+    pos_emb: str = "rope"
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "relu2"
+    bias: bool = False            # biases on every linear layer and norm (GPT-2)
+    qkv_bias: bool = False        # biases on q/k/v only (Qwen2)
+    qk_norm: bool = True          # RMSNorm on queries and keys per head
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (("pos_emb", POS_EMB), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"unknown {name} '{getattr(self, name)}'", None, f"choose one of {', '.join(allowed)}")
+        if self.n_head <= 0 or self.n_layer <= 0 or self.n_embd <= 0:
+            raise UserError("n_layer, n_embd and n_head must be positive")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim == 0:
+            if self.n_embd % self.n_head:
+                raise UserError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.intermediate_size == 0:
+            if self.mlp == "swiglu":  # 8/3 * n_embd keeps the parameter count of a 4x MLP; round to 64
+                self.intermediate_size = (int(8 * self.n_embd / 3) + 63) // 64 * 64
+            else:
+                self.intermediate_size = 4 * self.n_embd
+
+    # ---- (de)serialisation ----------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown model config keys {sorted(unknown)}", None,
+                            f"known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(s))
+
+    # ---- presets ----------------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown preset '{name}'", None, f"choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_depth(cls, depth: int, **overrides) -> "ModelConfig":
+        """nanochat's single dial: width 64 * depth, heads of 128 dims (at least one head)."""
+        if depth < 1:
+            raise UserError(f"--depth must be >= 1, got {depth}")
+        n_embd = 64 * depth
+        n_head = max(1, n_embd // 128)
+        return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count from the shapes (position and, if asked, token embeddings excluded)."""
+        from .model import GPT  # local import: config must not depend on torch at import time
+        import torch
+        with torch.device("meta"):
+            m = GPT(self)
+        return m.num_params(exclude_embeddings)
+
+
+# Modern small-model block (nanochat / modded-nanogpt style) for our own presets; `gpt2` is GPT-2.
+_MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False)
+PRESETS: dict[str, dict] = {
+    "nano": dict(_MODERN, n_layer=2, n_embd=64, n_head=2, block_size=128),
+    "tiny": dict(_MODERN, n_layer=4, n_embd=128, n_head=4, block_size=256),
+    "huge": dict(_MODERN, n_layer=12, n_embd=256, n_head=4, block_size=256),
+    "mega": dict(_MODERN, n_layer=24, n_embd=512, n_head=8, block_size=1024),
+    "behemoth": dict(_MODERN, n_layer=32, n_embd=1024, n_head=16, block_size=1024),
+    "titan": dict(_MODERN, n_layer=48, n_embd=1536, n_head=24, block_size=1024),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, pos_emb="learned", norm="layernorm",
+                 mlp="gelu", qk_norm=False, tie_embeddings=True, bias=True),
+}
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple

@@ -1,0 +1,572 @@
+"""Dataset row schemas -> one canonical record type per training stage.
+
+Every loader reads rows with `read_rows`, converts each row with a per-format function, and
+returns canonical records: `Conversation` (SFT), `Preference` (DPO/ORPO/reward models),
+`Unpaired` (KTO) or prompt lists (PPO/GRPO). Chat templates never see dataset field names.
+
+Design choices:
+- Files: `.jsonl`, `.json` (a top-level array; a `.json` file holding JSON lines is also read),
+  `.parquet` and gzipped `.jsonl.gz`/`.json.gz`. Errors carry `path:line`; for `.json` arrays and
+  parquet files the "line" is the 1-based row index, since one row may span many lines.
+- The format is detected from the fields of the first row that converts (or named with
+  `format=`) and then used for the whole file, so a later malformed row is reported as
+  "missing field 'output'" rather than as an unknown format.
+- Instruction formats put the instruction and its input/context into ONE user turn, joined by a
+  blank line (`format_instruction`); the dataset's input is data for the instruction, not a turn.
+- Role names are normalised (`human`->user, `gpt`/`chatgpt`/`bard`/...->assistant). Tool traffic
+  is folded into the three roles rather than rejected: a `function_call` turn is something the
+  model emits, so it becomes assistant text (trained); an `observation`/`tool` turn comes from the
+  environment, so it becomes user text (never trained). A row's `tools` list, when present, is
+  put into the system message so the model sees the schemas it is calling.
+- Conversations are tidied: leading assistant turns are dropped (ShareGPT rows that start
+  mid-dialogue), consecutive turns of the same role are merged with a blank line, trailing
+  non-assistant turns are dropped (nothing after the last reply is trained). Content is kept
+  verbatim otherwise. An empty assistant turn anywhere makes the row bad.
+- Preference prompts always end with a user turn; `chosen`/`rejected` are the final assistant
+  texts. Pairs whose two replies are identical carry no signal: they are skipped and counted.
+  An empty chosen reply is a bad row; an empty rejected reply is kept (a real, bad answer).
+- Anthropic HH-RLHF transcripts: the prompt is the common prefix of `chosen` and `rejected` up to
+  the last `\\n\\nAssistant:` inside it, parsed into turns so any chat template can render it.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import DataError, UserError
+
+ROLES = ("system", "user", "assistant")
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+SFT_FORMATS = ("instruction_response", "dolly", "alpaca", "lima", "sharegpt", "messages",
+               "prompt_completion")
+PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chosen_rejected_messages", "hh_rlhf",
+                      "sharegpt_preference")
+UNPAIRED_FORMATS = ("prompt_completion_label", "messages_label") + PREFERENCE_FORMATS
+
+_ROLE_ALIASES = {
+    "system": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "bard": "assistant", "model": "assistant", "bot": "assistant",
+    # The model emits a tool call, so it is trained like any reply.
+    "function_call": "assistant", "tool_call": "assistant",
+    # Tool results come from the environment: context, never trained.
+    "observation": "user", "tool": "user", "function": "user", "ipython": "user",
+}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ASSISTANT = "\n\nAssistant:"
+_SKIP_FIX = "fix or delete the row, or skip bad rows"
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(self.content, str):
+            raise ValueError(f"{self.role} content must be text, got {type(self.content).__name__}")
+
+
+@dataclass
+class Conversation:
+    messages: list[Message] = field(default_factory=list)
+
+
+@dataclass
+class Preference:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class Unpaired:
+    prompt: list[Message]
+    completion: str
+    label: bool
+
+
+# ---- reading files ----------------------------------------------------------------------------
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    raise DataError(f"unsupported file type {path.name!r}", path,
+                    fix=f"use one of: {', '.join(EXTENSIONS)}")
+
+
+def read_rows(path) -> Iterator[tuple[int, dict]]:
+    """Yield (line_no, row) for every row of a data file. Line numbers are 1-based; for `.json`
+    arrays and parquet files they are row numbers. Blank JSONL lines are skipped."""
+    path = Path(path)
+    kind = _kind(path)
+    if not path.is_file():
+        raise DataError("file not found", path, fix="check the path")
+    if kind == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        opener = gzip.open if kind.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if kind.startswith(".json.") or kind == ".json":
+            rows = _json_rows(path, opener) if head.startswith(b"[") else _jsonl_rows(path, opener)
+        else:
+            rows = _jsonl_rows(path, opener)
+    for line, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"row is a JSON {type(row).__name__}, not an object", path, line)
+        yield line, row
+
+
+def _jsonl_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError("invalid UTF-8", path, line_no) from None
+                if not text.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path, line_no) from None
+    except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip `.gz` file
+        raise DataError(f"cannot read file ({e})", path) from None
+
+
+def _json_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError("invalid UTF-8", path, line) from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read file ({e})", path) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg})", path, e.lineno) from None
+    if not isinstance(rows, list):
+        raise DataError("a .json file must hold an array of rows", path)
+    yield from enumerate(rows, 1)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"cannot read parquet file ({str(e).splitlines()[0][:160]})", path) from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+# ---- small validators (raise ValueError with a short reason) ---------------------------------
+def _get(row: dict, name: str):
+    if name not in row or row[name] is None:
+        raise ValueError(f"missing field {name!r}")
+    return row[name]
+
+
+def _text(value, what: str, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+def _optional_text(row: dict, name: str) -> str:
+    value = row.get(name)
+    return "" if value is None else _text(value, f"field {name!r}")
+
+
+def _role(raw) -> str:
+    role = _ROLE_ALIASES.get(raw.lower()) if isinstance(raw, str) else None
+    if role is None:
+        raise ValueError(f"unknown role {raw!r} (accepted: {', '.join(sorted(_ROLE_ALIASES))})")
+    return role
+
+
+def _content(value, what: str) -> str:
+    """Message content: text, or OpenAI-style parts [{type: text, text}] joined together."""
+    if isinstance(value, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+            raise ValueError(f"{what} has non-text parts; only text is supported")
+        return "".join(_text(p.get("text"), what) for p in value)
+    return _text(value, what)
+
+
+def _message(item, what: str) -> Message:
+    """One message as {role, content} or ShareGPT {from, value}."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{what} must be an object, got {type(item).__name__}")
+    if "from" in item or "value" in item:
+        return Message(_role(item.get("from")), _content(item.get("value"), f"{what} value"))
+    return Message(_role(item.get("role")), _content(item.get("content"), f"{what} content"))
+
+
+def _messages(value, name: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise ValueError(f"field {name!r} must be a list of messages, got {type(value).__name__}")
+    return [_message(m, f"{name}[{i}]") for i, m in enumerate(value)]
+
+
+# ---- tidying conversations --------------------------------------------------------------------
+def _tidy(messages: list[Message]) -> list[Message]:
+    """Drop assistant turns before the first user turn; merge consecutive same-role turns."""
+    out: list[Message] = []
+    seen_user = False
+    for m in messages:
+        seen_user = seen_user or m.role == "user"
+        if m.role == "assistant" and not seen_user:
+            continue
+        if out and out[-1].role == m.role:
+            out[-1] = Message(m.role, out[-1].content + "\n\n" + m.content)
+        else:
+            out.append(Message(m.role, m.content))
+    return out
+
+
+def _finish_sft(messages: list[Message]) -> Conversation:
+    msgs = _tidy(messages)
+    for m in msgs:
+        if m.role == "assistant" and not m.content.strip():
+            raise ValueError("an assistant turn is empty")
+    while msgs and msgs[-1].role != "assistant":
+        msgs.pop()
+    if not msgs:
+        raise ValueError("no assistant reply after a user turn")
+    return Conversation(msgs)
+
+
+def _check_prompt(prompt: list[Message]) -> list[Message]:
+    if not prompt or prompt[-1].role != "user":
+        raise ValueError("the prompt must end with a user turn")
+    return prompt
+
+
+def _split_last_reply(messages: list[Message]) -> tuple[list[Message], str]:
+    """(conversation before the last assistant turn, that turn's text)."""
+    conv = _finish_sft(messages).messages
+    return _check_prompt(conv[:-1]), conv[-1].content
+
+
+def _as_prompt(value, name: str) -> list[Message]:
+    """A prompt given as text (one user turn, or an HH transcript) or as a message list."""
+    if isinstance(value, str):
+        if value.lstrip("\n").startswith("Human:") and _HH_ASSISTANT in value:
+            return _check_prompt(_parse_transcript(value.rstrip().removesuffix("Assistant:")))
+        return [Message("user", _text(value, f"field {name!r}", allow_empty=False))]
+    return _check_prompt(_tidy(_messages(value, name)))
+
+
+# ---- SFT formats ------------------------------------------------------------------------------
+def format_instruction(instruction: str, input: str | None = None) -> str:
+    """The user turn of instruction datasets: the instruction, then a blank line and the
+    input/context when there is one (blank input is ignored). Texts are kept verbatim."""
+    if input is not None and input.strip():
+        return f"{instruction}\n\n{input}"
+    return instruction
+
+
+def _system(row: dict) -> list[Message]:
+    """Optional `system` text (LLaMA-Factory style rows) and `tools` schemas as a system turn."""
+    parts = [s for s in (_optional_text(row, "system"),) if s.strip()]
+    tools = row.get("tools")
+    if tools:
+        parts.append("Tools:\n" + (tools if isinstance(tools, str) else json.dumps(tools)))
+    return [Message("system", "\n\n".join(parts))] if parts else []
+
+
+def _instruction_row(row: dict, reply_field: str, input_field: str) -> Conversation:
+    instruction = _text(_get(row, "instruction"), "field 'instruction'", allow_empty=False)
+    user = format_instruction(instruction, _optional_text(row, input_field))
+    reply = _text(_get(row, reply_field), f"field {reply_field!r}", allow_empty=False)
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise ValueError("field 'history' must be a list of [user, assistant] pairs")
+    before: list[Message] = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise ValueError(f"history[{i}] must be a [user, assistant] pair")
+        before += [Message("user", _text(pair[0], f"history[{i}][0]")),
+                   Message("assistant", _text(pair[1], f"history[{i}][1]"))]
+    return _finish_sft(_system(row) + before + [Message("user", user), Message("assistant", reply)])
+
+
+def _prompt_completion_row(row: dict) -> Conversation:
+    prompt = _get(row, "prompt")
+    completion = _get(row, "completion")
+    msgs = ([Message("user", _text(prompt, "field 'prompt'"))] if isinstance(prompt, str)
+            else _messages(prompt, "prompt"))
+    if isinstance(completion, str):
+        msgs.append(Message("assistant", _text(completion, "field 'completion'", allow_empty=False)))
+    else:
+        msgs += _messages(completion, "completion")
+    return _finish_sft(_system(row) + msgs)
+
+
+_SFT_CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+    "instruction_response": lambda r: _instruction_row(r, "response", "context"),
+    "dolly": lambda r: _instruction_row(r, "response", "context"),
+    "alpaca": lambda r: _instruction_row(r, "output", "input"),
+    "lima": lambda r: _instruction_row(r, "output", "input"),
+    "sharegpt": lambda r: _finish_sft(_system(r) + _messages(_get(r, "conversations"), "conversations")),
+    "messages": lambda r: _finish_sft(_system(r) + _messages(_get(r, "messages"), "messages")),
+    "prompt_completion": _prompt_completion_row,
+}
+
+
+def detect_format(row: dict) -> str:
+    """Name of the SFT format a row is in (see SFT_FORMATS); ValueError if none fits."""
+    keys = set(row)
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        return "messages"
+    if "instruction" in keys:
+        if "response" in keys:
+            return "dolly" if "context" in keys else "instruction_response"
+        if "output" in keys:
+            return "lima" if "history" in keys else "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    raise ValueError(f"unrecognised SFT row with fields {sorted(keys)} "
+                     f"(known formats: {', '.join(SFT_FORMATS)})")
+
+
+def to_conversation(row: dict, fmt: str) -> Conversation:
+    """Convert one row of SFT format `fmt`; ValueError with a short reason for a bad row."""
+    if fmt not in _SFT_CONVERTERS:
+        raise UserError(f"unknown SFT format {fmt!r}", None, f"use one of: {', '.join(SFT_FORMATS)}")
+    return _SFT_CONVERTERS[fmt](row)
+
+
+# ---- preference formats -----------------------------------------------------------------------
+def _parse_transcript(text: str) -> list[Message]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> tidied user/assistant turns (contents stripped)."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip():
+        raise ValueError("transcript does not start with 'Human:'")
+    turns = [Message("user" if who == "Human" else "assistant", said.strip())
+             for who, said in zip(parts[1::2], parts[2::2])]
+    return _tidy(turns)
+
+
+def _hh_row(row: dict) -> Preference:
+    chosen = _text(_get(row, "chosen"), "field 'chosen'")
+    rejected = _text(_get(row, "rejected"), "field 'rejected'")
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(_HH_ASSISTANT)
+    if cut < 0:
+        raise ValueError("chosen and rejected share no prompt ending in '\\n\\nAssistant:'")
+    prompt = _check_prompt(_parse_transcript(common[:cut]))
+    start = cut + len(_HH_ASSISTANT)
+    return Preference(prompt, chosen[start:].strip(), rejected[start:].strip())
+
+
+def _reply(value, name: str) -> str:
+    """A reply given as text or as one message object ({from,value} / {role,content})."""
+    if isinstance(value, dict):
+        msg = _message(value, name)
+        if msg.role != "assistant":
+            raise ValueError(f"field {name!r} must be an assistant message, got role {msg.role!r}")
+        return msg.content
+    return _text(value, f"field {name!r}")
+
+
+def _prompt_chosen_rejected_row(row: dict) -> Preference:
+    return Preference(_as_prompt(_get(row, "prompt"), "prompt"),
+                      _reply(_get(row, "chosen"), "chosen"), _reply(_get(row, "rejected"), "rejected"))
+
+
+def _message_lists_row(row: dict) -> Preference:
+    """UltraFeedback-binarized style: chosen/rejected are whole conversations. The shared context
+    before each final assistant reply is the prompt; a `prompt` field is used only when the lists
+    hold no user turn (they contain just the replies)."""
+    chosen = _messages(_get(row, "chosen"), "chosen")
+    rejected = _messages(_get(row, "rejected"), "rejected")
+    if not chosen or chosen[-1].role != "assistant" or not rejected or rejected[-1].role != "assistant":
+        raise ValueError("chosen and rejected must end with an assistant message")
+    context, other = _tidy(chosen[:-1]), _tidy(rejected[:-1])
+    if context != other:
+        raise ValueError("chosen and rejected differ before their final assistant message")
+    if not any(m.role == "user" for m in context):
+        context = _as_prompt(_get(row, "prompt"), "prompt") + context
+    return Preference(_check_prompt(_tidy(context)), chosen[-1].content, rejected[-1].content)
+
+
+def _sharegpt_preference_row(row: dict) -> Preference:
+    prompt = _check_prompt(_tidy(_system(row) + _messages(_get(row, "conversations"), "conversations")))
+    return Preference(prompt, _reply(_get(row, "chosen"), "chosen"), _reply(_get(row, "rejected"), "rejected"))
+
+
+_PREFERENCE_CONVERTERS: dict[str, Callable[[dict], Preference]] = {
+    "prompt_chosen_rejected": _prompt_chosen_rejected_row,
+    "chosen_rejected_messages": _message_lists_row,
+    "hh_rlhf": _hh_row,
+    "sharegpt_preference": _sharegpt_preference_row,
+}
+
+
+def detect_preference_format(row: dict) -> str:
+    """Name of the preference format a row is in (see PREFERENCE_FORMATS)."""
+    if "chosen" not in row or "rejected" not in row:
+        raise ValueError(f"unrecognised preference row with fields {sorted(row)} "
+                         "(expected 'chosen' and 'rejected')")
+    chosen = row["chosen"]
+    if "conversations" in row:
+        return "sharegpt_preference"
+    if isinstance(chosen, list):
+        return "chosen_rejected_messages"
+    if "prompt" in row:
+        return "prompt_chosen_rejected"
+    if isinstance(chosen, str) and _HH_ASSISTANT in chosen:
+        return "hh_rlhf"
+    raise ValueError("preference row has no 'prompt' and its replies are not HH-RLHF transcripts")
+
+
+def to_preference(row: dict, fmt: str) -> Preference:
+    """Convert one row of preference format `fmt`. An empty chosen reply is a bad row; an empty
+    rejected reply is kept (HH-RLHF has a few: "saying nothing" is a real, bad answer)."""
+    if fmt not in _PREFERENCE_CONVERTERS:
+        raise UserError(f"unknown preference format {fmt!r}", None,
+                        f"use one of: {', '.join(PREFERENCE_FORMATS)}")
+    pref = _PREFERENCE_CONVERTERS[fmt](row)
+    if not pref.chosen.strip():
+        raise ValueError("the chosen reply is empty")
+    return pref
+
+
+# ---- unpaired (KTO) formats -------------------------------------------------------------------
+def _label(row: dict) -> bool:
+    value = _get(row, "label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"field 'label' must be true/false, got {value!r}")
+
+
+def to_unpaired(row: dict, fmt: str) -> list[Unpaired]:
+    """Convert one KTO row; a preference row gives a desirable and an undesirable example."""
+    if fmt == "prompt_completion_label":
+        label = _label(row)  # like rejected replies, an undesirable completion may be empty
+        completion = _text(_get(row, "completion"), "field 'completion'", allow_empty=not label)
+        return [Unpaired(_as_prompt(_get(row, "prompt"), "prompt"), completion, label)]
+    if fmt == "messages_label":
+        key = "messages" if "messages" in row else "conversations"
+        prompt, completion = _split_last_reply(_system(row) + _messages(_get(row, key), key))
+        return [Unpaired(prompt, completion, _label(row))]
+    if fmt in _PREFERENCE_CONVERTERS:
+        p = to_preference(row, fmt)
+        if p.chosen == p.rejected:
+            return []
+        return [Unpaired(p.prompt, p.chosen, True), Unpaired(p.prompt, p.rejected, False)]
+    raise UserError(f"unknown KTO format {fmt!r}", None, f"use one of: {', '.join(UNPAIRED_FORMATS)}")
+
+
+def detect_unpaired_format(row: dict) -> str:
+    if "label" in row:
+        return "messages_label" if ("messages" in row or "conversations" in row) else "prompt_completion_label"
+    return detect_preference_format(row)
+
+
+# ---- RL prompts -------------------------------------------------------------------------------
+def _answer(row: dict) -> str | None:
+    value = row.get("answer")
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value, "field 'answer'")
+
+
+def to_prompt(row: dict) -> tuple[list[Message], str | None]:
+    """The prompt of any supported row, plus its reference answer when the row has one."""
+    if "chosen" in row and "rejected" in row:
+        return to_preference(row, detect_preference_format(row)).prompt, None
+    if "question" in row:
+        question = _text(_get(row, "question"), "field 'question'", allow_empty=False)
+        return _system(row) + [Message("user", question)], _answer(row)
+    if "prompt" in row and "completion" not in row:
+        return _system(row) + _as_prompt(_get(row, "prompt"), "prompt"), _answer(row)
+    if "label" in row:
+        return to_unpaired(row, detect_unpaired_format(row))[0].prompt, None
+    conv = to_conversation(row, detect_format(row)).messages
+    return _check_prompt(conv[:-1]), None
+
+
+# ---- loaders ----------------------------------------------------------------------------------
+def _load(path, fmt: str | None, detect, convert, skip_bad_rows: bool):
+    """Convert every row of a file. `convert(row, fmt)` returns a list of records (empty: an
+    uninformative row, counted as skipped). The format is fixed by the first row that converts."""
+    out, skipped = [], 0
+    for line, row in read_rows(path):
+        try:
+            row_fmt = fmt or detect(row)
+            records = convert(row, row_fmt)
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise DataError(f"bad row ({e})", path, line, _SKIP_FIX) from None
+            skipped += 1
+            continue
+        fmt = row_fmt
+        if not records:
+            skipped += 1
+        out.extend(records)
+    return out, skipped
+
+
+def _check_format(fmt: str | None, known: tuple[str, ...], kind: str) -> None:
+    if fmt is not None and fmt not in known:
+        raise UserError(f"unknown {kind} format {fmt!r}", None, f"use one of: {', '.join(known)}")
+
+
+def load_sft(path, format: str | None = None, skip_bad_rows: bool = False) -> tuple[list[Conversation], int]:
+    """Read an SFT file -> (conversations, number of skipped bad rows)."""
+    _check_format(format, SFT_FORMATS, "SFT")
+    return _load(path, format, detect_format, lambda r, f: [to_conversation(r, f)], skip_bad_rows)
+
+
+def _pair(row: dict, fmt: str) -> list[Preference]:
+    p = to_preference(row, fmt)
+    return [] if p.chosen == p.rejected else [p]
+
+
+def load_preferences(path, format: str | None = None,
+                     skip_bad_rows: bool = False) -> tuple[list[Preference], int]:
+    """Read a preference file -> (pairs, skipped rows). Identical pairs are always skipped."""
+    _check_format(format, PREFERENCE_FORMATS, "preference")
+    return _load(path, format, detect_preference_format, _pair, skip_bad_rows)
+
+
+def load_unpaired(path, format: str | None = None,
+                  skip_bad_rows: bool = False) -> tuple[list[Unpaired], int]:
+    """Read a KTO file -> (examples, skipped rows). Paired files give two examples per pair."""
+    _check_format(format, UNPAIRED_FORMATS, "KTO")
+    return _load(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows)
+
+
+def load_prompts(path, skip_bad_rows: bool = False) -> list[tuple[list[Message], str | None]]:
+    """Read RL prompts from SFT, preference, KTO, {prompt} or {question, answer} files. Each prompt
+    ends with a user turn; the answer is the row's `answer` field, else None."""
+    prompts, _ = _load(path, "any", lambda r: "any", lambda r, f: [to_prompt(r)], skip_bad_rows)
+    return prompts

@@ -1,0 +1,476 @@
+"""Loss functions for every training stage, written over plain tensors.
+
+Nothing here touches a model, a tokenizer or a file: each function takes tensors of
+log-probabilities, rewards or values and returns tensors. Keeping the maths apart from the
+training loops means each formula can be checked against hand-computed numbers.
+
+Conventions
+-----------
+* Arithmetic is done in float32. Inputs in bf16/fp16 are upcast first, because the
+  differences of log-probs that these losses are built on lose most of their digits in
+  half precision.
+* Sequence-level preference losses (`dpo_loss`, `simpo_loss`, `orpo_loss`) take per-example
+  SUMMED log-probs of shape (B,) and return a triple
+  ``(loss_per_example (B,), chosen_rewards (B,), rejected_rewards (B,))``.
+  The rewards are detached and only meant for logging (reward accuracy, margins).
+  The loss is NOT reduced: the caller sums it and divides by whatever count it wants
+  (examples in the whole accumulated batch, say), so gradient accumulation stays exact.
+* `bradley_terry_loss` returns only the per-example loss (B,): its "rewards" are its inputs.
+* `kto_loss` returns ``(loss_per_example (B,), rewards (B,), z0 ())``.
+* Token-level RL losses (`ppo_policy_loss`, `ppo_value_loss`) take (B, T) tensors plus a 0/1
+  mask of the tokens that count and return a scalar masked mean followed by detached scalar
+  metrics.
+* Advantages and returns (`gae`, `group_advantages`, `masked_whiten`) are targets, not
+  things to differentiate through; `gae` and `group_advantages` return detached tensors.
+* Bad option strings raise ValueError naming the allowed choices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "token_cross_entropy",
+    "token_logprobs",
+    "entropy_from_logits",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "DPO_LOSS_TYPES",
+    "simpo_loss",
+    "orpo_loss",
+    "kto_loss",
+    "kl_penalty",
+    "KL_KINDS",
+    "gae",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "group_advantages",
+    "explained_variance",
+]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+KL_KINDS = ("k1", "k2", "k3", "abs", "mse")
+
+# Importance ratios and k3 are exponentials of log-ratios. Past |20| (a factor of ~5e8)
+# the sample is far outside any trust region anyway; clamping keeps exp() finite so that a
+# single wild token cannot turn the loss or its gradient into inf/NaN.
+_MAX_LOG_RATIO = 20.0
+
+# ORPO's odds need log(1 - p) with p = exp(avg logp). Per-token float32 log-probs carry
+# about 1e-7 of rounding noise, so an average closer to 0 than 1e-6 carries no signal;
+# capping it there keeps log(1 - p) finite and its gradient (~1/|x|) below ~1e6.
+_ORPO_MAX_AVG_LOGP = -1e-6
+
+
+def _f32(x) -> torch.Tensor:
+    """Tensor in float32 (numbers and lists welcome); float64 is left alone."""
+    x = torch.as_tensor(x)
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _check_smoothing(label_smoothing: float, strict: bool) -> None:
+    hi_ok = label_smoothing < 0.5 if strict else label_smoothing <= 0.5
+    if not (0.0 <= label_smoothing and hi_ok):
+        bound = "[0, 0.5)" if strict else "[0, 0.5]"
+        raise ValueError(f"label_smoothing must be in {bound}, got {label_smoothing}")
+
+
+# --------------------------------------------------------------------------- token level
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                        reduction: str = "sum") -> torch.Tensor:
+    """Next-token cross-entropy  sum_t -log softmax(logits_t)[targets_t]  over kept targets.
+
+    logits: (..., V) of any float dtype; targets: (...) integer ids, `ignore_index` marks
+    positions that do not count (prompt tokens, padding). The softmax is taken in float32.
+
+    reduction:
+      "sum"  (default) -> scalar sum over kept targets. Summing (rather than averaging) lets
+             the caller divide by the token count of the whole accumulated batch.
+      "mean" -> scalar mean over kept targets (0/0 gives NaN, as in torch).
+      "none" -> per-position loss shaped like `targets`, 0 at ignored positions.
+    """
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be one of 'sum', 'mean', 'none', got {reduction!r}")
+    V = logits.shape[-1]
+    loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Per-token log p(target) = log softmax(logits)[target], float32, shaped like `targets`.
+
+    logits: (..., V); targets: (...). Positions with target == ignore_index give 0, so
+    ``token_logprobs(...).sum(-1)`` is directly the summed log-prob of the kept tokens.
+
+    Computed as -cross_entropy(reduction="none"): exact, and the only (N, V) float32 tensor
+    is the one autograd saves inside cross_entropy, no second log_softmax copy to gather from
+    (with bf16 logits the float32 upcast is transient). Chunk over positions to go lower.
+    """
+    V = logits.shape[-1]
+    nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1),
+                          ignore_index=ignore_index, reduction="none")  # (N,)
+    return -nll.view(targets.shape)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy H = -sum_v p_v log p_v of softmax(logits) at each position, float32.
+
+    logits: (..., V) -> (...). -inf logits (banned tokens) are replaced by the float32 minimum,
+    so their p*log p is exactly 0 instead of 0 * -inf = NaN, in the value and in the gradient.
+    The caller can chunk over positions if (..., V) float32 copies do not fit.
+    """
+    z = logits.float().clamp(min=torch.finfo(torch.float32).min)  # (..., V)
+    logp = F.log_softmax(z, dim=-1)  # (..., V)
+    return -(logp.exp() * logp).sum(-1)  # (...)
+
+
+# --------------------------------------------------------------------- preference losses
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       margin=None) -> torch.Tensor:
+    """Reward-model pairwise loss  -log sigmoid(r_c - r_r - margin),  per example (B,).
+
+    r_chosen, r_rejected: (B,) scalar rewards. margin: None, a float, or (B,) — the
+    Llama-2 style margin demanding a larger gap for pairs rated more clearly apart.
+    """
+    diff = _f32(r_chosen) - _f32(r_rejected)  # (B,)
+    if margin is not None:
+        diff = diff - _f32(margin).to(diff.device)
+    return -F.logsigmoid(diff)  # (B,)
+
+
+def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             len_c=None, len_r=None):
+    """Direct preference optimisation and its variants over summed log-probs (B,).
+
+    pi_* / ref_* are SUMMED response log-probs under the policy / frozen reference.
+    With h = (pi_c - ref_c) - (pi_r - ref_r) and ls = label_smoothing:
+
+      sigmoid: -(1-ls) log s(beta h) - ls log s(-beta h)   (Rafailov et al. 2023; ls > 0 is
+               "conservative DPO", which assumes labels are flipped with probability ls)
+      ipo:     (h' - 1/(2 beta))^2 with h' built from length-normalised log-ratios,
+               h' = (pi_c - ref_c)/len_c - (pi_r - ref_r)/len_r   (Azar et al. 2023);
+               len_c, len_r (response token counts, (B,) or numbers) are required.
+      hinge:   relu(1 - beta h)   (SLiC-style)
+      robust:  ((1-ls)(-log s(beta h)) - ls(-log s(-beta h))) / (1 - 2 ls)
+               (Chowdhury et al. 2024): unbiased under label noise of rate ls < 0.5.
+    where s is the logistic sigmoid. label_smoothing is used by sigmoid and robust only.
+
+    Returns (loss (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being the
+    implicit rewards beta*(pi_c - ref_c) and beta*(pi_r - ref_r), detached.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
+    ratio_c = _f32(pi_c) - _f32(ref_c)  # (B,) log pi/ref of chosen
+    ratio_r = _f32(pi_r) - _f32(ref_r)  # (B,)
+    h = ratio_c - ratio_r  # (B,)
+    ls = float(label_smoothing)
+
+    if loss_type == "sigmoid":
+        _check_smoothing(ls, strict=False)
+        loss = -(1 - ls) * F.logsigmoid(beta * h) - ls * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        _check_smoothing(ls, strict=True)
+        loss = ((1 - ls) * -F.logsigmoid(beta * h) - ls * -F.logsigmoid(-beta * h)) / (1 - 2 * ls)
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * h)
+    else:  # ipo
+        if len_c is None or len_r is None:
+            raise ValueError("dpo_loss(loss_type='ipo') needs len_c and len_r (response lengths)")
+        n_c = _f32(len_c).to(h.device).clamp(min=1)  # (B,) or ()
+        n_r = _f32(len_r).to(h.device).clamp(min=1)
+        h_norm = ratio_c / n_c - ratio_r / n_r  # (B,)
+        loss = (h_norm - 1 / (2 * beta)) ** 2
+
+    return loss, (beta * ratio_c).detach(), (beta * ratio_r).detach()
+
+
+def simpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, len_c, len_r, beta: float = 2.0,
+               gamma: float = 0.5, label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised preference loss.
+
+    With z = beta * (pi_c/len_c - pi_r/len_r) - gamma  and ls = label_smoothing:
+        loss = -(1-ls) log s(z) - ls log s(-z)
+    pi_c, pi_r: (B,) SUMMED response log-probs under the policy; len_c, len_r: (B,) or
+    numbers, response token counts. gamma is the absolute target reward margin, as written
+    in the paper (a "gamma/beta ratio" g corresponds to gamma = g * beta).
+
+    Returns (loss (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being
+    beta * (average per-token log-prob), detached.
+    """
+    _check_smoothing(float(label_smoothing), strict=False)
+    pi_c = _f32(pi_c)
+    avg_c = pi_c / _f32(len_c).to(pi_c.device).clamp(min=1)  # (B,)
+    avg_r = _f32(pi_r) / _f32(len_r).to(pi_c.device).clamp(min=1)  # (B,)
+    z = beta * (avg_c - avg_r) - gamma  # (B,)
+    ls = float(label_smoothing)
+    loss = -(1 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)
+    return loss, (beta * avg_c).detach(), (beta * avg_r).detach()
+
+
+def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) for p = exp(avg_logp), finite for avg_logp in (-inf, 0].
+
+    log(1 - p) is taken as log(-expm1(x)): exact near x = 0, where log1p(-exp(x)) would
+    round exp(x) to 1 and give -inf. For very negative x it is ~0 as it should be.
+    """
+    x = avg_logp.clamp(max=_ORPO_MAX_AVG_LOGP)
+    return x - torch.log(-torch.expm1(x))
+
+
+def orpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, len_c, len_r, nll_c=None,
+              lam: float = 0.1):
+    """ORPO (Hong et al. 2024): SFT loss plus an odds-ratio preference penalty.
+
+        loss = nll_c + lam * -log s(log_odds(avg_c) - log_odds(avg_r))
+        log_odds(x) = x - log(1 - exp(x)),   avg_* = pi_* / len_*   (mean per-token log-prob)
+
+    pi_c, pi_r: (B,) SUMMED response log-probs under the policy; len_c, len_r: (B,) or numbers.
+    nll_c: (B,) the per-example SFT term, expected to be the MEAN per-token negative
+    log-likelihood of the chosen response (with gradient); None uses -pi_c / len_c.
+    Averages near 0 are handled stably (see `_log_odds`).
+
+    Returns (loss (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being
+    lam * avg log-prob (the usual ORPO logging convention), detached.
+    """
+    pi_c = _f32(pi_c)
+    avg_c = pi_c / _f32(len_c).to(pi_c.device).clamp(min=1)  # (B,)
+    avg_r = _f32(pi_r) / _f32(len_r).to(pi_c.device).clamp(min=1)  # (B,)
+    if nll_c is None:
+        nll_c = -avg_c
+    odds_term = -F.logsigmoid(_log_odds(avg_c) - _log_odds(avg_r))  # (B,)
+    loss = _f32(nll_c) + lam * odds_term
+    return loss, (lam * avg_c).detach(), (lam * avg_r).detach()
+
+
+def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl_pi: torch.Tensor,
+             kl_ref: torch.Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024): preference loss from unpaired good/bad completions.
+
+    pi, ref: (B,) SUMMED completion log-probs under policy / reference; desirable: (B,) bool.
+    kl_pi, kl_ref: (M,) summed log-probs of MISMATCHED prompt/completion pairs (each prompt
+    paired with another example's completion) under policy / reference. The reference point
+
+        z0 = clamp(mean(kl_pi - kl_ref), min=0), detached
+
+    estimates KL(pi || ref); it is a baseline, never a path for gradients. With
+    r = pi - ref:
+        desirable:   w_d * (1 - s(beta * (r - z0)))
+        undesirable: w_u * (1 - s(beta * (z0 - r)))
+    Under data parallelism the caller should average kl_pi - kl_ref across ranks first.
+
+    Returns (loss (B,), rewards (B,) = beta * r detached, z0 () detached).
+    """
+    r = _f32(pi) - _f32(ref)  # (B,)
+    z0 = (_f32(kl_pi) - _f32(kl_ref)).mean().clamp(min=0).detach()  # ()
+    desirable = torch.as_tensor(desirable, device=r.device).bool()  # (B,)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))  # (B,)
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))  # (B,)
+    loss = torch.where(desirable, good, bad)
+    return loss, (beta * r).detach(), z0
+
+
+# ------------------------------------------------------------------------- masked stats
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), over all elements or along `dim`; 0 where the mask is empty."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the elements of x where mask == 1 (scalar).
+
+    unbiased=True applies Bessel's correction n/(n-1); with n <= 1 it is skipped (the
+    variance of a single element is returned as 0 rather than NaN).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1e-8), var)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with mean and (unbiased) var over masked elements only.
+
+    shift_mean=False adds the mean back (scale only: keeps the sign information of a
+    mostly-positive signal). The result is 0 where mask == 0, so padding never leaks into
+    a later masked sum.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(out.dtype)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over masked tokens (scalar, detached).
+
+    1 means the value head predicts returns perfectly, 0 no better than a constant, < 0
+    worse. NaN when the returns have no variance (the quantity is undefined).
+    """
+    values, returns = _f32(values).detach(), _f32(returns).detach()
+    var_r = masked_var(returns, mask, unbiased=False)
+    var_res = masked_var(returns - values, mask, unbiased=False)
+    return torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=1e-12),
+                       torch.full_like(var_r, math.nan))
+
+
+# ---------------------------------------------------------------------------- RL pieces
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi.
+
+    With d = logp - ref_logp (same shape, any):
+      k1:        d                          unbiased, can be negative per token
+      k3:        (exp(-d) - 1) + d          unbiased and >= 0 (Schulman's k3)
+      mse / k2:  0.5 * d^2                  biased, >= 0, low variance
+      abs:       |d|
+    All are exactly 0 where logp == ref_logp. For k3, d is clamped to +-20 so exp stays finite.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown kl_penalty kind {kind!r}; choose one of {KL_KINDS}")
+    d = _f32(logp) - _f32(ref_logp)
+    if kind == "k1":
+        return d
+    if kind == "k3":
+        d = d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return torch.expm1(-d) + d  # expm1 is exact near d = 0
+    if kind == "abs":
+        return d.abs()
+    return 0.5 * d * d  # mse / k2
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    rewards, values: (B, T) per-token rewards and value estimates; mask: (B, T) 1 on real
+    (response) tokens. Walking backwards over the real tokens only:
+        delta_t = r_t + gamma * V_next - V_t
+        A_t     = delta_t + gamma * lam * A_next
+        R_t     = A_t + V_t
+    where "next" is the next REAL token; after the last real token the episode has ended, so
+    V_next = A_next = 0. Masked positions are skipped (their rewards and values are ignored),
+    so any padding layout works; put the terminal reward on the last real token.
+
+    Returns (advantages (B, T), returns (B, T)), float32, detached, both 0 where mask == 0.
+    """
+    rewards, values = _f32(rewards), _f32(values)
+    real = mask.bool()  # (B, T)
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)  # (B, T)
+    next_v = rewards.new_zeros(B)  # (B,) value of the next real token
+    next_a = rewards.new_zeros(B)  # (B,) advantage of the next real token
+    for t in range(T - 1, -1, -1):
+        m = real[:, t]  # (B,)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_a  # (B,)
+        adv[:, t] = torch.where(m, a, torch.zeros_like(a))
+        next_v = torch.where(m, values[:, t], next_v)
+        next_a = torch.where(m, a, next_a)
+    returns = (adv + values) * real.to(adv.dtype)
+    return adv, returns
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float = 0.2):
+    """PPO clipped surrogate (Schulman et al. 2017), masked mean over tokens.
+
+    logp: (B, T) log-probs under the current policy (with gradient); old_logp: (B, T) under
+    the policy that sampled the tokens; advantages: (B, T); mask: (B, T) 0/1.
+        ratio = exp(logp - old_logp)
+        loss  = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)))
+
+    Returns (loss (), clip_fraction (), approx_kl ()): clip_fraction is the share of tokens
+    where the clipped branch was chosen (gradient zero there); approx_kl is the masked mean
+    of the k3 estimator (ratio - 1) - log ratio of KL(old || new), >= 0. Metrics detached.
+    """
+    log_ratio = (_f32(logp) - _f32(old_logp)).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (B, T)
+    ratio = torch.exp(log_ratio)
+    adv = _f32(advantages).detach()
+    unclipped = -adv * ratio  # (B, T)
+    clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clip_frac, approx_kl
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip: float = 0.2):
+    """Clipped value loss: 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2)).
+
+    values: (B, T) current value head (with gradient); old_values: (B, T) the values recorded
+    at rollout time; returns: (B, T) targets; v_clip = old + clamp(v - old, -clip, +clip).
+    Taking the max makes the clip pessimistic: the value head gains nothing from moving
+    more than `clip` away from its rollout estimate in one update.
+
+    Returns (loss (), clip_fraction ()), clip_fraction = share of tokens where the clipped
+    branch was larger (detached).
+    """
+    v = _f32(values)
+    old = _f32(old_values).detach()
+    R = _f32(returns).detach()
+    v_clip = old + (v - old).clamp(-clip, clip)  # (B, T)
+    err = (v - R) ** 2
+    err_clip = (v_clip - R) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((err_clip > err).float(), mask)
+    return loss, clip_frac
+
+
+@torch.no_grad()
+def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
+                     rloo: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """Per-completion advantages from groups of G completions sampled for the same prompt.
+
+    rewards: (N,) with N = P * G, laid out as consecutive groups (prompt 0's G completions,
+    then prompt 1's, ...). With mean / std over the group (std unbiased, as in GRPO):
+      GRPO (rloo=False): (r - mean) / (std + eps)   or   r - mean   if not normalize_std
+      RLOO (rloo=True):  r - mean of the OTHER G-1 rewards = G/(G-1) * (r - mean);
+                         normalize_std is ignored (RLOO uses the raw leave-one-out baseline).
+    A group whose rewards are all equal gets advantage 0 everywhere.
+
+    Returns (N,) float32, detached.
+    """
+    G = int(group_size)
+    r = _f32(rewards).reshape(-1)
+    if G < 2:
+        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
+    if r.numel() % G != 0:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {G}")
+    g = r.view(-1, G)  # (P, G)
+    centred = g - g.mean(dim=1, keepdim=True)  # (P, G)
+    if rloo:
+        adv = centred * (G / (G - 1))
+    elif normalize_std:
+        adv = centred / (g.std(dim=1, keepdim=True) + eps)
+    else:
+        adv = centred
+    return adv.reshape(-1)

@@ -1,0 +1,281 @@
+"""GPT: one config-driven decoder-only transformer.
+
+Design choices:
+- One class covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied head), Llama/SmolLM2
+  (RoPE, RMSNorm, SwiGLU, GQA), Qwen2 (plus q/k/v biases) and the modern small-model block
+  (RoPE, RMSNorm, ReLU^2, QK-norm, untied head). Which one is decided by `ModelConfig` alone.
+- Parameter names follow Hugging Face Llama (`model.layers.N.self_attn.q_proj.weight`, ...), so
+  export and import are name maps, not rewrites.
+- `forward` returns logits; `hidden` returns the final normalised hidden states for heads that
+  read them (reward and value heads, chunked log-prob computation). Losses live in `losses.py`.
+- Attention goes through `scaled_dot_product_attention`. With no mask it is causal and takes the
+  flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding; a FlexAttention
+  BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
+- The KV cache is pre-allocated for the whole generation; writes go to explicit slots so a decode
+  step has static shapes (CUDA-graph and compile friendly). Masks always let a query see itself,
+  so padded rows never produce NaN.
+- Residual projections (o_proj, down_proj) start at zero: every block begins as the identity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older torch: packed documents fall back to a dense mask
+    BlockMask = create_block_mask = flex_attention = None
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, enable_gqa):
+    # FlexAttention is only fast when compiled; compile it once on first use.
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) in the half-split layout Hugging Face Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_len).float(), inv_freq)   # (L, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                         # (L, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); cos/sin broadcastable to it, e.g. (1 or B, 1, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attend(q, k, v, mask):
+    """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, hd)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return _flex(q, k, v, mask, gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def packed_mask(doc_ids: torch.Tensor):
+    """Mask for packed rows: each token attends causally within its own document.
+    doc_ids (B, T) ints, equal within a document. On CUDA a FlexAttention BlockMask (skips whole
+    blocks across documents); elsewhere a dense boolean mask (B, 1, T, T)."""
+    B, T = doc_ids.shape
+    if doc_ids.is_cuda and create_block_mask is not None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+        return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]                       # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]                                          # (B, 1, T, T)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v, slots):
+        """Write k/v (B, Hkv, T, hd) at cache positions `slots` (T,); return the whole layer cache."""
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+
+    def forward(self, x, rope, mask, cache, slots, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, slots)                        # (B, Hkv, L, hd)
+            q = q.to(k.dtype)
+        y = attend(q, k, v, mask)                                           # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = make_norm(cfg, cfg.n_embd)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, slots):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, slots, self.layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_emb == "learned":
+            self.model.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.model.norm = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                zero = name.endswith(("o_proj", "down_proj"))  # blocks start as the identity
+                nn.init.zeros_(m.weight) if zero else nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if self.config.pos_emb == "rope" and self.rope_cos.device.type != "meta":
+            cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def hidden(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None):
+        """Final normalised hidden states (B, T, C).
+        idx (B, T) token ids; pos (B, T) or (T,) position ids (default 0..T-1, or `slots` when
+        decoding); mask None (causal), a boolean (B, 1, T, Tk) or a BlockMask; cache + slots (T,)
+        write this chunk's keys/values at those cache positions."""
+        B, T = idx.shape
+        if pos is None:
+            pos = slots if slots is not None else None
+        x = self.model.embed_tokens(idx)                                    # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            p = torch.arange(T, device=idx.device) if pos is None else pos
+            x = x + self.model.embed_positions(p)
+        elif pos is None:
+            rope = (self.rope_cos[:T].view(1, 1, T, -1).to(x.dtype), self.rope_sin[:T].view(1, 1, T, -1).to(x.dtype))
+        else:
+            p = pos if pos.dim() == 2 else pos.unsqueeze(0)                 # (B or 1, T)
+            rope = (self.rope_cos[p].unsqueeze(1).to(x.dtype), self.rope_sin[p].unsqueeze(1).to(x.dtype))
+        for block in self.model.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, slots)
+        return self.model.norm(x)
+
+    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None):
+        """Logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden(idx, pos, mask, cache, slots))
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once (tied weights once). exclude_embeddings drops the lookup tables
+        (token embeddings unless tied to the head, and learned positions): the count that costs FLOPs."""
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_embeddings and (name.endswith("embed_positions.weight") or
+                                       (name.endswith("embed_tokens.weight") and not self.config.tie_embeddings)):
+                continue
+            n += p.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        c = self.config
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def state_dict_for_save(self) -> dict:
+        """Weights without duplicates (a tied head is stored once, as embed_tokens)."""
+        sd = self.state_dict()
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def resize_token_embeddings(self, new_size: int) -> None:
+        """Grow the vocabulary; new rows start at the mean of the existing ones (not random), so new
+        special tokens begin as an 'average' token instead of a large random vector."""
+        old = self.model.embed_tokens.weight
+        if new_size <= old.shape[0]:
+            return
+        with torch.no_grad():
+            emb = torch.cat([old, old.mean(0, keepdim=True).expand(new_size - old.shape[0], -1)])
+            self.model.embed_tokens = nn.Embedding.from_pretrained(emb.clone(), freeze=False)
+            if self.config.tie_embeddings:
+                self.lm_head = nn.Linear(self.config.n_embd, new_size, bias=False, device=old.device, dtype=old.dtype)
+                self.lm_head.weight = self.model.embed_tokens.weight
+            else:
+                head = self.lm_head.weight
+                w = torch.cat([head, head.mean(0, keepdim=True).expand(new_size - head.shape[0], -1)])
+                self.lm_head = nn.Linear(self.config.n_embd, new_size, bias=False, device=old.device, dtype=old.dtype)
+                self.lm_head.weight.copy_(w)
+        self.config.vocab_size = new_size
