@@ -28,7 +28,7 @@ def load_model_and_tokenizer(path, lora=(), device="cpu", dtype=None):
     if lora:
         from .lora import load_adapters
         specs = [(x, 1.0) if isinstance(x, (str, Path)) else tuple(x) for x in lora]
-        load_adapters(model, specs)
+        load_adapters(model, specs, tokenizer=tok)
         model.to(device)
     model.eval()
     return model, tok

@@ -27,7 +27,9 @@ is render(messages[:i+1]) minus render(messages[:i]), which must be a prefix (el
 is rejected as not prefix-stable); for an assistant turn, render(messages[:i],
 add_generation_prompt=True) is the untrained header and the rest is the reply. Text after the
 first end-of-turn marker following the reply (e.g. chatml's `\\n`) is untrained, matching the
-built-ins. Markers are found by rendering a probe conversation once.
+built-ins. Markers, the generation prompt and special-looking tokens (`<|...|>`, `</s>`, ...) are
+found by rendering a probe conversation once; a template that came with its tokenizer proposes
+no tokens to add (that vocabulary already decides what is special).
 """
 from __future__ import annotations
 
@@ -170,7 +172,10 @@ class JinjaTemplate(ChatTemplate):
     """A Jinja2 chat template (Hugging Face conventions); segments by incremental rendering."""
 
     def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None,
-                 name: str = "jinja"):
+                 name: str = "jinja", own_tokenizer: bool = False):
+        """`own_tokenizer`: the template came with the tokenizer, whose vocabulary already says
+        which strings are special; then nothing is proposed for adding (e.g. Zephyr's `<|user|>`
+        is plain text in its own tokenizer and must stay so)."""
         from jinja2.exceptions import TemplateSyntaxError
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -183,17 +188,21 @@ class JinjaTemplate(ChatTemplate):
         try:
             self._template = env.from_string(source)
         except TemplateSyntaxError as e:
-            raise UserError(f"chat template syntax error ({e.message}, line {e.lineno})", name) from None
+            raise UserError(f"chat template syntax error ({e.message}, line {e.lineno})",
+                            f"chat template {name}") from None
         self.name, self.source = name, source
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         self._probe()
+        if own_tokenizer:
+            self.special_tokens = []
 
     def _text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token)
         except Exception as e:  # template errors of any kind are the template author's message
-            raise UserError(f"chat template failed to render ({type(e).__name__}: {e})", self.name) from None
+            raise UserError(f"chat template failed to render ({type(e).__name__}: {e})",
+                            f"chat template {self.name}") from None
 
     def _probe(self) -> None:
         """Find the generation prompt, end-of-turn markers and special-looking tokens by
@@ -231,35 +240,44 @@ class JinjaTemplate(ChatTemplate):
         at, marker = min(hits)
         return part[:at + len(marker)], part[at + len(marker):]
 
-    def _grown(self, before: str, after: str, i: int, what: str) -> str:
+    def _grown(self, before: str, after: str, what: str) -> str:
         if not after.startswith(before):
-            raise UserError(f"chat template is not prefix-stable: {what} for message {i + 1} changes "
-                            "the text rendered before it", self.name,
+            raise UserError(f"chat template is not prefix-stable: {what} changes the text rendered "
+                            "before it", f"chat template {self.name}",
                             "use a built-in template (" + ", ".join(BUILTIN_TEMPLATES) + ") or a "
                             "template whose output only grows as messages are added")
         return after[len(before):]
 
+    def _empty_text(self, dicts: list[dict]) -> str:
+        """The text rendered for no messages, when it starts the real rendering. Many templates
+        index messages[0] and fail on an empty list; the empty conversation then counts as ""."""
+        try:
+            empty = self._text([], False)
+        except UserError:
+            return ""
+        first = self._text(dicts[:1], False) if dicts else empty
+        return empty if first.startswith(empty) else ""
+
     def render(self, messages, add_generation_prompt: bool = False) -> list[Segment]:
         msgs = _as_messages(messages)
         dicts = [{"role": m.role, "content": m.content} for m in msgs]
-        try:
-            prev = self._text([], False)
-        except UserError:  # many templates index messages[0]; an empty render then means ""
-            prev = ""
-        segs = []
+        prev = self._empty_text(dicts)
+        segs = [Segment(prev, False)]  # e.g. a BOS the template writes before any message
         for i, m in enumerate(msgs):
             full = self._text(dicts[:i + 1], False)
-            self._grown(prev, full, i, "rendering")
+            self._grown(prev, full, f"adding message {i + 1} ({m.role})")
             if m.role == "assistant":
                 head = self._text(dicts[:i], True)
-                segs.append(Segment(self._grown(prev, head, i, "the generation prompt"), False))
-                reply, rest = self._split_reply(self._grown(head, full, i, "the reply"), m.content)
+                header = self._grown(prev, head, f"the generation prompt before message {i + 1}")
+                turn = self._grown(head, full, f"the reply in message {i + 1}")
+                reply, rest = self._split_reply(turn, m.content)
+                segs.append(Segment(header, False))
                 segs += [Segment(reply, True), Segment(rest, False)]
             else:
                 segs.append(Segment(full[len(prev):], False))
             prev = full
         if add_generation_prompt:
-            segs.append(Segment(self._grown(prev, self._text(dicts, True), len(msgs), "the generation prompt"), False))
+            segs.append(Segment(self._grown(prev, self._text(dicts, True), "the generation prompt"), False))
         return _merge(segs)
 
     def prompt_text(self, messages) -> str:
@@ -277,13 +295,13 @@ def get_template(name_or_path=None, tokenizer=None) -> ChatTemplate:
     eos = getattr(tokenizer, "eos", None)
     own = getattr(tokenizer, "chat_template", None)
     if name_or_path is None:
-        return JinjaTemplate(own, bos, eos, "hf") if own else builtin_template("chatml", eos)
+        return JinjaTemplate(own, bos, eos, "hf", True) if own else builtin_template("chatml", eos)
     spec = str(name_or_path)
     if spec == "hf":
         if not own:
             raise UserError("the tokenizer has no chat_template", None,
                             f"pick a built-in template: {', '.join(BUILTIN_TEMPLATES)}")
-        return JinjaTemplate(own, bos, eos, "hf")
+        return JinjaTemplate(own, bos, eos, "hf", True)
     if spec in BUILTIN_TEMPLATES:
         return builtin_template(spec, eos)
     if spec.endswith((".jinja", ".j2")):

@@ -202,7 +202,52 @@ def run_data_synth(a):
         print(f"{name:10s} {path}")
 
 
-COMMANDS = [add_tokenizer, add_train, add_sample, add_data]
+# ---- evaluation -------------------------------------------------------------------------------------
+def add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a model on benchmark tasks")
+    p.add_argument("model", help=".tinygpt file or Hugging Face folder")
+    _lora_flags(p)
+    p.add_argument("--tasks", required=True, help="comma-separated: ppl, mmlu, arc, piqa, openbookqa, "
+                   "commonsenseqa, boolq, hellaswag, winogrande, lambada, gsm8k, ifeval, winrate, synth")
+    p.add_argument("--data", action="append", default=[], help="data file (or TASK=FILE, repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    p.add_argument("--out", help="results JSON")
+    p.add_argument("--template", help="chat template for generation tasks (default: the tokenizer's, else chatml)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot demonstrations")
+    p.add_argument("--fewshot-data", help="draw demonstrations from this file/folder (MMLU dev, GSM8K train)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per answer")
+    p.add_argument("--stride", type=int, default=None, help="ppl sliding-window stride (default half a context)")
+    p.add_argument("--against", help="winrate: the other model")
+    p.add_argument("--against-lora", action="append", default=[], help="winrate: the other model's adapters")
+    p.add_argument("--judge", help="winrate: reward model (.tinygpt) judging the answers")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="winrate: reward gap counted as a tie")
+    p.add_argument("--label", help="name of this model in reports (default: the file stem)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot selection")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(a):
+    import json
+    from .eval.harness import evaluate
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.tie_margin < 0:
+        raise UserError(f"--tie-margin must be >= 0, got {a.tie_margin}")
+    res = evaluate(a.model, a.tasks, lora=lora_specs(a), data=a.data, limit=a.limit, template=a.template,
+                   shots=a.shots, batch=a.batch, device=a.device, out=a.out, fewshot_data=a.fewshot_data,
+                   stride=a.stride, max_new_tokens=a.max_new_tokens, against=a.against,
+                   against_lora=[(p, 1.0) for p in a.against_lora], judge=a.judge, tie_margin=a.tie_margin,
+                   label=a.label, seed=a.seed, log=_log(a))
+    print(json.dumps({t: {k: v for k, v in m.items() if isinstance(v, (int, float))}
+                      for t, m in res["tasks"].items()}))
+    if a.out:
+        print(f"-> {a.out}")
+
+
+COMMANDS = [add_tokenizer, add_train, add_sample, add_data, add_eval]
 
 
 def build_parser() -> Parser:

@@ -27,6 +27,8 @@ Design choices:
   An empty chosen reply is a bad row; an empty rejected reply is kept (a real, bad answer).
 - Anthropic HH-RLHF transcripts: the prompt is the common prefix of `chosen` and `rejected` up to
   the last `\\n\\nAssistant:` inside it, parsed into turns so any chat template can render it.
+  The replies are the stripped rest of each transcript, kept whole even when it holds more turns.
+- Rows may carry an optional `system` text, which becomes the first (system) turn.
 """
 from __future__ import annotations
 
@@ -111,28 +113,35 @@ def read_rows(path) -> Iterator[tuple[int, dict]]:
     kind = _kind(path)
     if not path.is_file():
         raise DataError("file not found", path, fix="check the path")
+    opener = gzip.open if kind.endswith(".gz") else open
     if kind == ".parquet":
         rows = _parquet_rows(path)
+    elif kind in (".json", ".json.gz") and _starts_array(path, opener):
+        rows = _json_rows(path, opener)
     else:
-        opener = gzip.open if kind.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            head = f.read(4096).lstrip()
-        if kind.startswith(".json.") or kind == ".json":
-            rows = _json_rows(path, opener) if head.startswith(b"[") else _jsonl_rows(path, opener)
-        else:
-            rows = _jsonl_rows(path, opener)
+        rows = _jsonl_rows(path, opener)
     for line, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"row is a JSON {type(row).__name__}, not an object", path, line)
         yield line, row
 
 
+def _starts_array(path: Path, opener) -> bool:
+    """A `.json` file is an array unless it starts with an object (then it holds JSON lines)."""
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096)
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read file ({e})", path) from None
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
 def _jsonl_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
     try:
         with opener(path, "rb") as f:
             for line_no, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode("utf-8")
+                try:  # utf-8-sig: tolerate a byte-order mark (it can only start line 1)
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                 except UnicodeDecodeError:
                     raise DataError("invalid UTF-8", path, line_no) from None
                 if not text.strip():
@@ -149,7 +158,7 @@ def _json_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError("invalid UTF-8", path, line) from None
@@ -415,7 +424,8 @@ def _message_lists_row(row: dict) -> Preference:
 
 def _sharegpt_preference_row(row: dict) -> Preference:
     prompt = _check_prompt(_tidy(_system(row) + _messages(_get(row, "conversations"), "conversations")))
-    return Preference(prompt, _reply(_get(row, "chosen"), "chosen"), _reply(_get(row, "rejected"), "rejected"))
+    return Preference(prompt, _reply(_get(row, "chosen"), "chosen"),
+                      _reply(_get(row, "rejected"), "rejected"))
 
 
 _PREFERENCE_CONVERTERS: dict[str, Callable[[dict], Preference]] = {
@@ -485,7 +495,8 @@ def to_unpaired(row: dict, fmt: str) -> list[Unpaired]:
 
 def detect_unpaired_format(row: dict) -> str:
     if "label" in row:
-        return "messages_label" if ("messages" in row or "conversations" in row) else "prompt_completion_label"
+        has_list = "messages" in row or "conversations" in row
+        return "messages_label" if has_list else "prompt_completion_label"
     return detect_preference_format(row)
 
 

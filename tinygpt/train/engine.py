@@ -193,7 +193,9 @@ class Engine:
         self.step, self.tokens_seen = scalars["step"], scalars["tokens_seen"]
 
     # ---- one optimizer step ------------------------------------------------------------------
-    def train_step(self):
+    def accumulate(self):
+        """Forward/backward over `accum` micro-batches; leaves p.grad = d(total loss sum)/dp divided
+        by the total count (over micro-batches and ranks). Returns (mean loss tensor, metrics sums)."""
         cfg = self.cfg
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         total_count = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -201,8 +203,7 @@ class Engine:
         for micro in range(cfg.accum):
             batch = self.batches(self.step * cfg.accum + micro)
             sync = self.world == 1 or micro == cfg.accum - 1
-            ctx = nullcontext() if sync else self.wrapped.no_sync()
-            with ctx:
+            with (nullcontext() if sync else self.wrapped.no_sync()):
                 with self.autocast():
                     loss_sum, count, metrics = self.step_fn(self.wrapped, batch)
                 self.scaler.scale(loss_sum).backward()
@@ -218,12 +219,18 @@ class Engine:
         # DDP averaged the per-rank sums; turn that into the sum over ranks / global count.
         scale = self.world / total_count.clamp(min=1.0)
         torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
+        return total_loss / total_count.clamp(min=1.0), sums
+
+    def train_step(self):
+        cfg = self.cfg
+        loss_t, sums = self.accumulate()
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        loss = (total_loss / total_count.clamp(min=1.0)).item()   # one host sync per step
-        finite = math.isfinite(loss) and math.isfinite(norm.item())
+        loss = loss_t.item()                                   # one host sync per step
+        # with fp16 the GradScaler skips overflowing steps itself; count only a non-finite loss then
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm.item()))
         if finite:
             self.scaler.step(self.opt)
         self.scaler.update()

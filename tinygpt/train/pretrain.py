@@ -84,7 +84,8 @@ def pretrain(args: PretrainArgs, tcfg: TrainConfig, log=print) -> dict:
     model.to(device)
     out = Path(args.out)
     data = tokenize_corpus(args.corpus, tok, out.parent / ".tinygpt-cache", args.val_split, tcfg.seed, log)
-    train = TokenBatches(data["train"], ctx, tcfg.batch, tcfg.seed, device, rank, "the training split")
+    files = ", ".join(Path(f).name for f in data["meta"]["files"])
+    train = TokenBatches(data["train"], ctx, tcfg.batch, tcfg.seed, device, rank, f"the training split of {files}")
     val_fn = None
     if data["val"] is not None and len(data["val"]) > ctx + 1:
         val = TokenBatches(data["val"], ctx, tcfg.batch, tcfg.seed, device, name="the validation split")

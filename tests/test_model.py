@@ -1,0 +1,90 @@
+import torch
+
+from tinygpt.config import ModelConfig
+from tinygpt.model import GPT, KVCache, packed_mask
+
+VARIANTS = {
+    "modern": dict(),
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, qk_norm=False),
+    "llama_gqa": dict(mlp="swiglu", qk_norm=False, n_kv_head=1, n_head=4, n_embd=64),
+    "qwen2": dict(mlp="swiglu", qk_norm=False, qkv_bias=True, n_kv_head=1),
+}
+
+
+def _model(**over):
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.from_name("nano", vocab_size=97, **over))
+    with torch.no_grad():  # non-trivial weights everywhere (zero-init projections would hide bugs)
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m.eval()
+
+
+def test_presets_have_the_documented_shapes():
+    shapes = {"tiny": (4, 128), "huge": (12, 256), "mega": (24, 512), "behemoth": (32, 1024),
+              "titan": (48, 1536), "gpt2": (12, 768)}
+    for name, (layers, width) in shapes.items():
+        c = ModelConfig.from_name(name)
+        assert (c.n_layer, c.n_embd) == (layers, width)
+    assert ModelConfig.from_name("huge").block_size == 256
+    g = ModelConfig.from_name("gpt2", vocab_size=50257)
+    assert g.n_head == 12 and g.block_size == 1024
+    # GPT-2 small has 124,439,808 parameters with its 50257-token vocabulary
+    assert g.num_params() == 124_439_808
+    d = ModelConfig.from_depth(12)
+    assert (d.n_layer, d.n_embd, d.n_head) == (12, 768, 6)
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    for name, over in VARIANTS.items():
+        m = _model(**over)
+        x = torch.randint(0, 97, (2, 24))
+        full = m(x)
+        L = 32
+        cache = KVCache(m.config, 2, L)
+        keys = torch.arange(L)
+        slots = torch.arange(10)
+        mask = (keys[None, :] <= slots[:, None])[None, None].expand(2, 1, 10, L)
+        outs = [m(x[:, :10], mask=mask, cache=cache, slots=slots)]
+        for t in range(10, 24):
+            s = torch.tensor([t])
+            outs.append(m(x[:, t:t + 1], mask=(keys <= t).view(1, 1, 1, L).expand(2, 1, 1, L), cache=cache, slots=s))
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_packed_rows_equal_separate_sequences():
+    m = _model()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    row = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 7 + [1] * 5])
+    pos = torch.tensor([list(range(7)) + list(range(5))])
+    out = m(row, pos=pos, mask=packed_mask(doc))
+    torch.testing.assert_close(out[:, :7], m(a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 7:], m(b), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_storage_and_flops_formula():
+    m = _model(**VARIANTS["gpt2"])
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    c = m.config
+    n = m.num_params(exclude_embeddings=True)
+    assert n == m.num_params() - c.block_size * c.n_embd          # only positions excluded when tied
+    assert m.flops_per_token(64) == 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * 64
+
+
+def test_hf_llama_parameter_names():
+    names = set(_model(**VARIANTS["qwen2"]).state_dict())
+    for k in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+              "model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.gate_proj.weight",
+              "model.layers.1.post_attention_layernorm.weight", "model.norm.weight", "lm_head.weight"]:
+        assert k in names
+
+
+def test_resize_embeddings_uses_mean_rows():
+    m = _model()
+    old = m.model.embed_tokens.weight.detach().clone()
+    m.resize_token_embeddings(100)
+    new = m.model.embed_tokens.weight
+    assert new.shape[0] == 100 and m.lm_head.weight.shape[0] == 100
+    torch.testing.assert_close(new[:97], old)
+    torch.testing.assert_close(new[97], old.mean(0))

@@ -1,0 +1,245 @@
+"""The evaluation harness: a registry of tasks and `evaluate(...)`, which `tinygpt eval` calls.
+
+Design choices:
+- A task is a small function `(EvalContext, data path) -> metrics dict` registered under a name.
+  Loading, few-shot assembly and scoring live in the task-family modules (`ppl`, `choice`, `gen`);
+  the harness only loads the model once, picks each task's data, times it and writes results.
+- `--data` is either one path (used by every task asked for) or `task=path` pairs, so one call can
+  run several tasks on their own files. No task reads a default location: what was evaluated is
+  always on the command line and in the results.
+- `--limit N` keeps the first N items (deterministic). Few-shot demonstrations are drawn from the
+  whole file (or `--fewshot-data`), never from the item being scored.
+- The results JSON records, next to each task's metrics and item count, what was evaluated: the
+  model path, the base weights' fingerprint (`lora.base_fingerprint`), each adapter's path, weight
+  and SHA-256, and the settings (template, shots, limit), so a number can be traced to its inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+
+@dataclass
+class EvalContext:
+    model: object
+    tok: object
+    template: object = None
+    shots: int = 0
+    batch: int = 8
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    fewshot_data: str | None = None
+    stride: int | None = None
+    seed: int = 1234
+    options: dict = field(default_factory=dict)   # winrate: against, against_lora, judge, tie_margin, device
+
+    def cut(self, items):
+        return items[: self.limit] if self.limit else items
+
+
+TASKS: dict = {}
+
+
+def task(name: str, needs_data: bool = True):
+    def register(fn):
+        fn.needs_data = needs_data
+        TASKS[name] = fn
+        return fn
+    return register
+
+
+# ---- log-likelihood tasks ---------------------------------------------------------------------
+@task("ppl")
+def _ppl(ctx: EvalContext, path):
+    from .ppl import load_documents, perplexity
+    return perplexity(ctx.model, ctx.tok, load_documents(path, ctx.limit), ctx.stride, ctx.batch)
+
+
+def _choice_task(loader):
+    def run(ctx: EvalContext, path):
+        from .choice import add_shots, score_choices
+        items = loader(path)
+        pool = loader(ctx.fewshot_data) if ctx.fewshot_data and ctx.shots else None
+        scored = ctx.cut(items)
+        res = score_choices(ctx.model, ctx.tok, add_shots(scored, ctx.shots, pool, ctx.seed), ctx.batch)
+        return {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n}
+    return run
+
+
+def _register_choice_tasks():
+    from . import choice
+    for name in ("arc", "piqa", "openbookqa", "commonsenseqa", "boolq"):
+        task(name)(_choice_task(lambda p, n=name: choice.load_query_choices(p, n)))
+    task("hellaswag")(_choice_task(choice.load_hellaswag))
+    task("winogrande")(_choice_task(choice.load_winogrande))
+    task("mmlu")(_choice_task(choice.load_mmlu))
+
+
+_register_choice_tasks()
+
+
+@task("lambada")
+def _lambada(ctx: EvalContext, path):
+    from .choice import add_shots, load_lambada, score_lambada
+    items = ctx.cut(load_lambada(path))
+    return score_lambada(ctx.model, ctx.tok, add_shots(items, ctx.shots, seed=ctx.seed), ctx.batch)
+
+
+# ---- generation tasks -------------------------------------------------------------------------
+@task("gsm8k")
+def _gsm8k(ctx: EvalContext, path):
+    import random
+    from .gen import eval_gsm8k, load_gsm8k
+    rows = load_gsm8k(path)
+    pool = load_gsm8k(ctx.fewshot_data) if ctx.fewshot_data else rows
+    scored = ctx.cut(rows)
+    # one fixed set of shots, drawn from the pool minus the scored rows when the pool is the data
+    candidates = pool[len(scored):] if pool is rows and len(rows) > len(scored) else pool
+    shots = random.Random(ctx.seed).sample(candidates, min(ctx.shots, len(candidates)))
+    return eval_gsm8k(ctx.model, ctx.tok, scored, shots, ctx.template, ctx.batch, ctx.max_new_tokens or 256)
+
+
+@task("synth")
+def _synth(ctx: EvalContext, path):
+    from .gen import eval_synth, load_synth
+    return eval_synth(ctx.model, ctx.tok, ctx.cut(load_synth(path)), ctx.template or _chat(ctx),
+                      ctx.batch, ctx.max_new_tokens or 16)
+
+
+@task("ifeval")
+def _ifeval(ctx: EvalContext, path):
+    from .gen import eval_ifeval
+    from .ifeval import load_ifeval
+    return eval_ifeval(ctx.model, ctx.tok, ctx.cut(load_ifeval(path)), ctx.template or _chat(ctx),
+                       ctx.batch, ctx.max_new_tokens or 256)
+
+
+@task("winrate")
+def _winrate(ctx: EvalContext, path):
+    from .. import load_model_and_tokenizer
+    from ..chat import get_template
+    from .gen import eval_winrate, load_winrate_prompts
+    o = ctx.options
+    if not o.get("against") or not o.get("judge"):
+        raise UserError("task winrate needs --against MODEL2 and --judge RM", "--tasks winrate",
+                        "pass both (the reward model judges the two models' answers)")
+    other, other_tok = load_model_and_tokenizer(o["against"], lora=o.get("against_lora", ()), device=o["device"])
+    rm = _load_judge(o["judge"], o["device"])
+    prompts = ctx.cut(load_winrate_prompts(path))
+    res = eval_winrate(ctx.model, ctx.tok, other, other_tok, lambda ps, xs: reward_scores(rm, ps, xs, ctx.batch),
+                       prompts, ctx.template or _chat(ctx), get_template(None, other_tok), ctx.batch,
+                       ctx.max_new_tokens or 128, o.get("tie_margin", 0.0))
+    res["against"] = describe_model(o["against"], other, o.get("against_lora", ()))
+    return res
+
+
+def _load_judge(path, device):
+    try:
+        from ..reward import load_reward_model
+    except ImportError:
+        raise UserError("reward models are not available in this installation", "--judge") from None
+    return load_reward_model(path, device)
+
+
+def reward_scores(rm, prompts: list[str], answers: list[str], batch: int = 8) -> list[float]:
+    """Rewards of (prompt, answer) conversations under the reward model's own tokenizer/template."""
+    from ..data.formats import Message
+    convs = [[Message("user", p), Message("assistant", a)] for p, a in zip(prompts, answers)]
+    out: list[float] = []
+    for s in range(0, len(convs), batch):
+        out += [float(r) for r in rm.score(convs[s:s + batch])]
+    return out
+
+
+def _chat(ctx: EvalContext):
+    from ..chat import get_template
+    ctx.template = get_template(None, ctx.tok)
+    return ctx.template
+
+
+# ---- the entry point --------------------------------------------------------------------------
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_model(path, model, lora) -> dict:
+    from ..lora import base_fingerprint
+    specs = [(x, 1.0) if isinstance(x, (str, Path)) else tuple(x) for x in lora]
+    return {"path": str(path), "base_fingerprint": base_fingerprint(model),
+            "adapters": [{"path": str(p), "weight": w, "sha256": file_sha256(p)[:16]} for p, w in specs]}
+
+
+def resolve_data(tasks: list[str], data) -> dict:
+    """`data`: None, one path (for every task) or a {task: path} dict / list of 'task=path'."""
+    if isinstance(data, (list, tuple)):
+        plain = [d for d in data if "=" not in str(d) or str(d).split("=", 1)[0] not in TASKS]
+        pairs = dict(str(d).split("=", 1) for d in data if d not in plain)
+        if len(plain) > 1:
+            raise UserError("several --data files without task names", "--data", "write --data TASK=FILE")
+        data = {**{t: plain[0] for t in tasks}, **pairs} if plain else pairs
+    elif data is not None and not isinstance(data, dict):
+        data = {t: data for t in tasks}
+    data = dict(data or {})
+    for t in tasks:
+        if TASKS[t].needs_data and not data.get(t):
+            raise UserError(f"task {t} needs data", "--data", f"pass --data FILE or --data {t}=FILE")
+        if data.get(t) and not Path(data[t]).exists():
+            raise UserError(f"data file not found: {data[t]}", f"--data ({t})", "check the path")
+    return data
+
+
+def parse_tasks(spec) -> list[str]:
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if not names or unknown:
+        raise UserError(f"unknown task {unknown[0]!r}" if unknown else "no task given", "--tasks",
+                        f"choose from {', '.join(sorted(TASKS))}")
+    return names
+
+
+def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, template=None,
+             shots: int = 0, batch: int = 8, device: str = "auto", out=None, fewshot_data=None,
+             stride: int | None = None, max_new_tokens: int | None = None, against=None,
+             against_lora=(), judge=None, tie_margin: float = 0.0, label: str | None = None,
+             seed: int = 1234, log=print) -> dict:
+    """Evaluate a model (+ adapters) on tasks; returns (and writes to `out`) the results dict."""
+    from .. import load_model_and_tokenizer
+    from ..chat import get_template
+    from ..train.engine import setup_device
+    names = parse_tasks(tasks)
+    data = resolve_data(names, data)
+    for name, value in (("--limit", limit), ("--batch", batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if shots < 0:
+        raise UserError(f"--shots must be >= 0, got {shots}")
+    dev, _, _ = setup_device(device)
+    model, tok = load_model_and_tokenizer(model_path, lora=lora, device=dev)
+    ctx = EvalContext(model, tok, get_template(template, tok) if template else None, shots, batch, limit,
+                      max_new_tokens, fewshot_data, stride, seed,
+                      {"against": against, "against_lora": against_lora, "judge": judge,
+                       "tie_margin": tie_margin, "device": dev})
+    results = {"model": describe_model(model_path, model, lora), "label": label or Path(model_path).stem,
+               "device": str(dev), "settings": {"template": template, "shots": shots, "limit": limit,
+                                                "batch": batch, "seed": seed}, "tasks": {}}
+    for name in names:
+        t0 = time.perf_counter()
+        res = TASKS[name](ctx, data.get(name))
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+        res["data"] = str(data.get(name))
+        results["tasks"][name] = res
+        log(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in res.items() if k not in ("data", "against")))
+    if out:
+        from ..checkpoint import atomic_write_text
+        atomic_write_text(out, json.dumps(results, indent=1) + "\n")
+    return results

@@ -1,0 +1,67 @@
+"""Perplexity and bits-per-byte of a model on any text file.
+
+Design choices:
+- Documents come from the same reader as pretraining (`data.corpus.read_documents`: .txt split on
+  `<|endoftext|>` or blank lines, .jsonl/.json `text` fields, parquet), and each document is
+  scored after one EOS token, as pretraining places documents (EOS separates them).
+- Long documents use a sliding window: window w scores the `stride` tokens after the previous
+  window and sees up to `block_size` tokens before each of them, so every token is scored exactly
+  once with at least `block_size - stride` tokens of context (all of them near the start).
+  `stride = block_size` is plain non-overlapping chunking; the default is half a block.
+- Each window is a (context, continuation) request of the shared `loglikelihood` core, so
+  batching and padding are the same code multiple choice uses.
+- bits-per-byte = total NLL / ln 2 / UTF-8 bytes of the documents: unlike perplexity it does not
+  depend on the tokenizer, so models with different vocabularies can be compared.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..errors import DataError, UserError
+from .choice import loglikelihood
+
+
+def windows(ids: list[int], block: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) requests that score ids[1:] exactly once (ids[0] is the start token)."""
+    out, prev = [], 1
+    while prev < len(ids):
+        end = min(prev + stride, len(ids))
+        begin = max(0, end - block - 1)
+        out.append((ids[begin:prev], ids[prev:end]))
+        prev = end
+    return out
+
+
+def perplexity(model, tok, docs: list[str], stride: int | None = None, batch: int = 8) -> dict:
+    """{ppl, bpb, nll (nats per token), tokens, bytes, n (documents)} over `docs`."""
+    block = model.config.block_size
+    stride = stride or max(1, block // 2)
+    if not 1 <= stride <= block:
+        raise UserError(f"--stride must be in [1, {block}], got {stride}")
+    start = tok.eos_id if tok.eos_id is not None else 0
+    requests, n_bytes = [], 0
+    for doc in docs:
+        ids = [start] + tok.encode(doc)
+        requests += windows(ids, block, stride)
+        n_bytes += len(doc.encode("utf-8"))
+    if not requests:
+        raise UserError("no text to score")
+    scores = loglikelihood(model, requests, batch, vocab_limit=tok.vocab_size)
+    nll = -sum(s[0] for s in scores)
+    n_tok = sum(s[2] for s in scores)
+    return {"ppl": math.exp(nll / n_tok), "bpb": nll / math.log(2) / max(1, n_bytes),
+            "nll": nll / n_tok, "tokens": n_tok, "bytes": n_bytes, "n": len(docs)}
+
+
+def load_documents(path, limit: int | None = None) -> list[str]:
+    from ..data.corpus import TEXT_SUFFIXES, read_documents
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("text file not found", path, fix="pass --data FILE (.txt .jsonl .json .parquet)")
+    if path.suffix not in TEXT_SUFFIXES:
+        raise DataError(f"unsupported text file type '{path.suffix}'", path, fix=f"use one of {', '.join(TEXT_SUFFIXES)}")
+    docs = read_documents(path)
+    if not docs:
+        raise DataError("no documents in the file", path)
+    return docs[:limit] if limit else docs

@@ -1,0 +1,363 @@
+"""LoRA: low-rank adapters as a swap, not a parallel model tree.
+
+Design choices:
+- `apply_lora` replaces target `nn.Linear` modules by `LoRALinear`, which keeps the SAME weight and
+  bias parameters (so base names such as `...q_proj.weight` are unchanged) and adds any number of
+  named adapters: y = x W^T + b + sum_i w_i * (alpha_i / r_i) * (x A_i^T) B_i^T.
+  B starts at zero, so a fresh adapter leaves the model's outputs unchanged.
+- Several adapters stack with weights (SFT, then DPO on top, ...). `disable_lora()` turns every
+  adapter off at once: the model is then exactly the base, which DPO/PPO use as their frozen
+  reference without a second copy in memory.
+- `merge_lora` folds adapters into the weights (and `unmerge_lora` takes them out again);
+  `merge_and_unload` returns plain `nn.Linear` modules for export.
+- A `.lora` file holds only the adapter tensors (safetensors) plus metadata: rank, alpha,
+  targets, and a fingerprint of the base weights; an adapter is refused on any other base.
+  The fingerprint hashes the weights rounded to bfloat16, so the same base loaded in float32 or
+  bfloat16 matches.
+- Tokens a chat template adds to the vocabulary (e.g. `<|eot_id|>` on a model that lacks it) need
+  trained embedding (and output) rows, which a low-rank update cannot give. `train_token_rows`
+  swaps the embedding and the head for `TokenRows`, which reads those rows from a small trainable
+  (k, C) parameter and keeps the rest frozen (no weight decay or optimizer state on the frozen
+  rows). The adapter file then also holds `model.embed_tokens.token_rows` (and `lm_head.token_rows`
+  for an untied head) and lists the tokens in its `added_tokens` metadata; `load_adapters` adds
+  those tokens to the tokenizer, grows the embeddings if needed and writes the rows in. The rows
+  are written into the base weights, so `disable_lora` does not take them out: they only concern
+  tokens the base model never had.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_tensors, save_tensors
+from .errors import UserError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_FORMAT = "tinygpt-lora"
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with stackable low-rank adapters. Shares `weight`/`bias` with the layer it replaces."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.ParameterDict()      # name -> (r, in)
+        self.lora_B = nn.ParameterDict()      # name -> (out, r)
+        self.scale: dict[str, float] = {}     # name -> weight * alpha / r
+        self.dropout: dict[str, float] = {}
+        self.merged: set[str] = set()
+        self.disabled: set[str] = set()   # adapters switched off by `disable_lora(names=...)`
+        self.enabled = True
+
+    def add(self, name: str, rank: int, alpha: float, dropout: float = 0.0, weight: float = 1.0):
+        w = self.weight
+        a = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.scale[name] = weight * alpha / rank
+        self.dropout[name] = dropout
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The adapter's weight update (out, in), scale included."""
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scale[name]
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        for name, a in self.lora_A.items():
+            if name in self.merged or name in self.disabled:
+                continue
+            h = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] > 0 else x
+            y = y + F.linear(F.linear(h, a.to(h.dtype)), self.lora_B[name].to(h.dtype)) * self.scale[name]
+        return y
+
+
+class TokenRows(nn.Module):
+    """An embedding or output head whose rows `ids` come from a separate trainable parameter
+    `token_rows` (k, C); `weight` (the full table, shared with the wrapped module) stays frozen."""
+
+    def __init__(self, base: nn.Module, ids, rows: nn.Parameter | None = None):
+        super().__init__()
+        self.weight = base.weight
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.register_buffer("ids", torch.as_tensor(ids, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
+        self.token_rows = rows if rows is not None else nn.Parameter(base.weight.detach()[self.ids].clone())
+
+    def full_weight(self) -> torch.Tensor:
+        # out-of-place: gradients flow to token_rows only, the frozen table is never written
+        return self.weight.index_copy(0, self.ids, self.token_rows.to(self.weight.dtype))  # (V, C)
+
+    def forward(self, x):
+        if self.is_embedding:
+            return F.embedding(x, self.full_weight())                       # (B, T, C)
+        return F.linear(x, self.full_weight())                              # (B, T, V)
+
+
+def train_token_rows(model, ids) -> None:
+    """Make the embedding rows (and untied head rows) of token `ids` trainable through TokenRows."""
+    emb = TokenRows(model.model.embed_tokens, ids)
+    model.model.embed_tokens = emb
+    tied = model.lm_head.weight is emb.weight
+    model.lm_head = TokenRows(model.lm_head, ids, emb.token_rows if tied else None)
+
+
+def _token_rows_state(model) -> dict:
+    sd = {}
+    for name in ("model.embed_tokens", "lm_head"):
+        m = model.get_submodule(name)
+        if isinstance(m, TokenRows) and not (name == "lm_head" and m.token_rows is model.model.embed_tokens.token_rows):
+            sd[f"{name}.token_rows"] = m.token_rows.detach()
+    return sd
+
+
+@torch.no_grad()
+def _restore_token_rows(model, tokenizer, tokens: list[str], tensors: dict, path) -> None:
+    """Add `tokens` to the tokenizer, grow the embeddings if needed, write the saved rows."""
+    if tokenizer is None:
+        raise UserError("this adapter adds tokens to the vocabulary, but no tokenizer was given", str(path),
+                        "load it with load_model_and_tokenizer (or pass tokenizer=)")
+    tokenizer.add_special_tokens(tokens)
+    ids = torch.tensor([tokenizer.token_to_id(t) for t in tokens])
+    if int(ids.max()) >= model.config.vocab_size:
+        model.resize_token_embeddings(int(ids.max()) + 1)
+    emb = tensors.get("model.embed_tokens.token_rows")
+    if emb is None or emb.shape != (len(tokens), model.config.n_embd):
+        raise UserError("adapter lists added tokens but holds no matching embedding rows", str(path))
+    w = model.model.embed_tokens.weight
+    w[ids.to(w.device)] = emb.to(w.device, w.dtype)
+    head = tensors.get("lm_head.token_rows")
+    if head is not None and model.lm_head.weight is not w:
+        hw = model.lm_head.weight
+        hw[ids.to(hw.device)] = head.to(hw.device, hw.dtype)
+
+
+@torch.no_grad()
+def _fold_token_rows(model) -> None:
+    """Write TokenRows' rows into their tables and put plain modules back."""
+    emb, head = model.model.embed_tokens, model.lm_head
+    if isinstance(emb, TokenRows):
+        emb.weight[emb.ids] = emb.token_rows.to(emb.weight.dtype)
+        new = nn.Embedding(*emb.weight.shape, device=emb.weight.device, dtype=emb.weight.dtype)
+        new.weight = emb.weight
+        model.model.embed_tokens = new
+    if isinstance(head, TokenRows):
+        head.weight[head.ids] = head.token_rows.to(head.weight.dtype)
+        new = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False,
+                        device=head.weight.device, dtype=head.weight.dtype)
+        new.weight = head.weight
+        model.lm_head = new
+
+
+def lora_modules(model) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _swap(model, targets) -> dict[str, LoRALinear]:
+    """Replace every target nn.Linear (matched by the last name component) by a LoRALinear."""
+    out = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            if name.rsplit(".", 1)[-1] in targets:
+                out[name] = module
+            continue
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets and name != "lm_head":
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapped = LoRALinear(module)
+            setattr(parent, child, wrapped)
+            out[name] = wrapped
+    return out
+
+
+def base_fingerprint(model) -> str:
+    """Fingerprint of the base weights (adapters excluded), rounded to bf16 (dtype-independent)."""
+    import hashlib
+    cached = getattr(model, "_base_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    sd = model.state_dict_for_save() if hasattr(model, "state_dict_for_save") else model.state_dict()
+    for k in sorted(sd):
+        if ".lora_A." in k or ".lora_B." in k or k.endswith(".token_rows"):
+            continue
+        t = sd[k].detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(f"{k}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    fp = h.hexdigest()[:16]
+    model._base_fingerprint = fp
+    return fp
+
+
+def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, targets=DEFAULT_TARGETS,
+               name: str = "default", weight: float = 1.0, freeze: bool = True) -> int:
+    """Add a fresh trainable adapter `name` on every target linear; freeze everything else.
+    Returns the number of trainable parameters."""
+    if rank < 1:
+        raise UserError(f"--lora-rank must be >= 1, got {rank}")
+    fp = base_fingerprint(model)           # computed before any adapter exists
+    mods = _swap(model, set(targets))
+    if not mods:
+        raise UserError(f"no linear layers named {', '.join(targets)} in this model", None,
+                        f"choose targets among {', '.join(DEFAULT_TARGETS)}")
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for m in mods.values():
+        m.add(name, rank, alpha, dropout, weight)
+    model._lora_meta = getattr(model, "_lora_meta", {})
+    model._lora_meta[name] = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                              "base_fingerprint": fp}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@contextmanager
+def disable_lora(model, names=None):
+    """Within the block, every adapter is off: the model computes exactly its base function.
+    `names` switches off only those adapters (e.g. the one being trained), so the others stay on:
+    a DPO reference is then base + SFT adapter. Merged adapters live in the weights and stay on."""
+    mods = list(lora_modules(model).values())
+    if names is not None:
+        states = [set(m.disabled) for m in mods]
+        for m in mods:
+            m.disabled |= set(names)
+    else:
+        states = [m.enabled for m in mods]
+        for m in mods:
+            m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, states):
+            if names is not None:
+                m.disabled = s
+            else:
+                m.enabled = s
+
+
+@torch.no_grad()
+def merge_lora(model, names=None) -> None:
+    """Fold adapters into the base weights (W += delta); merged adapters are skipped in forward."""
+    for m in lora_modules(model).values():
+        for n in list(m.lora_A):
+            if (names is None or n in names) and n not in m.merged:
+                m.weight += m.delta(n).to(m.weight.dtype)
+                m.merged.add(n)
+    model._base_fingerprint = None   # the weights changed
+
+
+@torch.no_grad()
+def unmerge_lora(model) -> None:
+    for m in lora_modules(model).values():
+        for n in list(m.merged):
+            m.weight -= m.delta(n).to(m.weight.dtype)
+        m.merged.clear()
+    model._base_fingerprint = None
+
+
+def merge_and_unload(model):
+    """Merge every adapter and put plain nn.Linear modules back (for saving or export); rows of
+    added tokens being trained (TokenRows) are written into their tables too."""
+    merge_lora(model)
+    _fold_token_rows(model)
+    for name, m in lora_modules(model).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight = m.weight
+        if m.bias is not None:
+            lin.bias = m.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+    model._lora_meta = {}
+    return model
+
+
+# ---- .lora files ------------------------------------------------------------------------------------
+def adapter_state(model, name: str = "default") -> dict:
+    """The adapter's tensors: `{module}.lora_A` (r, in) and `{module}.lora_B` (out, r), plus the
+    rows of the tokens it added (`{module}.token_rows` (k, C)) when its metadata lists some."""
+    sd = _token_rows_state(model) if model._lora_meta.get(name, {}).get("added_tokens") else {}
+    for mod_name, m in lora_modules(model).items():
+        if name in m.lora_A:
+            sd[f"{mod_name}.lora_A"] = m.lora_A[name].detach()
+            sd[f"{mod_name}.lora_B"] = m.lora_B[name].detach()
+    return sd
+
+
+def save_adapter(model, path, name: str = "default", extra: dict | None = None) -> None:
+    meta = dict(model._lora_meta[name])
+    meta = {"format": LORA_FORMAT, "version": "1", **{k: json.dumps(v) for k, v in meta.items()}, **(extra or {})}
+    save_tensors(path, adapter_state(model, name), meta)
+
+
+def read_adapter(path) -> tuple[dict, dict]:
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != LORA_FORMAT:
+        raise UserError("not a tinygpt LoRA adapter file", str(path), "pass a .lora written by tinygpt")
+    try:
+        info = {k: json.loads(meta[k]) for k in ("rank", "alpha", "dropout", "targets", "base_fingerprint")}
+        info["added_tokens"] = json.loads(meta.get("added_tokens", "[]"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"adapter metadata is incomplete ({e})", str(path)) from None
+    info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
+    return tensors, info
+
+
+def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list[str]:
+    """Stack adapters from (path, weight) pairs onto the model; returns their names.
+    An adapter whose base fingerprint differs from this model's is refused. An adapter that added
+    tokens needs the tokenizer: the tokens are added to it and their rows written into the model."""
+    fp = base_fingerprint(model)
+    names = []
+    existing = {n for m in lora_modules(model).values() for n in m.lora_A}
+    for path, weight in specs:
+        tensors, info = read_adapter(path)
+        if info["base_fingerprint"] != fp:
+            raise UserError(f"adapter was trained on another base model (adapter base {info['base_fingerprint']}, "
+                            f"this model {fp})", str(path), "load the base model the adapter was trained on")
+        if info["added_tokens"]:
+            _restore_token_rows(model, tokenizer, info["added_tokens"], tensors, path)
+        name = f"a{len(existing) + len(names)}"
+        mods = _swap(model, set(info["targets"]))
+        for mod_name, m in mods.items():
+            a, b = tensors.get(f"{mod_name}.lora_A"), tensors.get(f"{mod_name}.lora_B")
+            if a is None:
+                continue
+            if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+                raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {mod_name}", str(path))
+            m.add(name, info["rank"], info["alpha"], 0.0, weight)
+            with torch.no_grad():
+                m.lora_A[name].copy_(a)
+                m.lora_B[name].copy_(b)
+            m.lora_A[name].requires_grad_(trainable)
+            m.lora_B[name].requires_grad_(trainable)
+        model._lora_meta = getattr(model, "_lora_meta", {})
+        model._lora_meta[name] = {k: info[k] for k in ("rank", "alpha", "dropout", "targets", "base_fingerprint")}
+        model._lora_meta[name]["added_tokens"] = info["added_tokens"]
+        names.append(name)
+    return names
+
+
+def merge_to_file(base, specs, out, device="cpu", log=print) -> dict:
+    """Load `base` (a .tinygpt or Hugging Face folder) with the adapters `specs` [(path, weight)],
+    fold them into the weights and write a plain `.tinygpt` to `out`. Returns a summary."""
+    from . import load_model_and_tokenizer
+    from .checkpoint import save_model
+    if not specs:
+        raise UserError("nothing to merge", None, "give at least one --lora FILE")
+    model, tok = load_model_and_tokenizer(base, lora=specs, device=device)
+    n_adapters = len(getattr(model, "_lora_meta", {}))
+    merge_and_unload(model)
+    model._base_fingerprint = None
+    save_model(out, model, tok, {"merged_adapters": json.dumps([[str(p), w] for p, w in specs])})
+    log(f"merged {n_adapters} adapter(s) into {base} -> {out}")
+    return {"out": str(out), "adapters": n_adapters, "vocab_size": model.config.vocab_size}

@@ -1,0 +1,180 @@
+"""Shared data path of the preference stages (reward model, DPO/SimPO, ORPO, KTO).
+
+Design choices:
+- Rows come from `data.formats` (`load_preferences` / `load_unpaired`) as canonical records, so
+  every published layout (prompt/chosen/rejected, UltraFeedback message lists, HH-RLHF
+  transcripts, ShareGPT pairs, KTO labels) is read once, elsewhere.
+- Tokenization goes through the chat template: the prompt messages plus the generation prompt
+  are rendered and encoded as untrained text; the reply is the trained segment of the rendered
+  full conversation (reply + end-of-turn marker). Both encode exactly as at sampling time.
+- Truncation: the prompt keeps its END (the question nearest the reply matters most), the reply
+  keeps its START; the prompt is cut to `max_prompt_length`, then the reply to what is left of
+  `max_length`. An item is a tuple of token lists, cheap to hash for the reference cache.
+- Batches are a pure function of their index (epoch = index // batches per epoch, shuffled by
+  seed + epoch; rank r of w takes global batch i * w + r), so `--resume` replays exactly.
+- Chosen and rejected (or completion and its mismatched KL partner) of all items of a batch go
+  through ONE forward as 2B sequences of one `TokenBatch`: the first B are the first members.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import torch
+
+from .chat import encode_segments, ensure_special_tokens, get_template
+from .data.formats import Message
+from .errors import UserError
+from .logprobs import make_batch
+
+# ---- tokenization -----------------------------------------------------------------------------
+
+
+def encode_prompt(tok, template, prompt) -> list[int]:
+    """Prompt messages + the assistant header, all untrained."""
+    ids, _ = encode_segments(tok, template.render(prompt, add_generation_prompt=True))
+    return ids
+
+
+def encode_reply(tok, template, prompt, reply: str) -> list[int]:
+    """The reply plus its end-of-turn marker: the last trained segment of the full rendering."""
+    segs = template.render(list(prompt) + [Message("assistant", reply)])
+    trained = [s for s in segs if s.train]
+    return tok.encode(trained[-1].text) if trained else []
+
+
+def truncate(prompt: list[int], replies: list[list[int]], max_length: int, max_prompt_length: int):
+    """Keep the prompt's end (cut to max_prompt_length only when prompt + longest reply exceeds
+    max_length) and each reply's start, so every prompt + reply fits max_length."""
+    if len(prompt) + max(map(len, replies)) > max_length:
+        prompt = prompt[-max_prompt_length:]
+    return prompt, [r[:max_length - len(prompt)] for r in replies]
+
+
+def prepare_template(tok, template_name, allow_new_tokens: bool):
+    """The chat template; tokens it needs that the tokenizer lacks are added only when the stage
+    may grow the embeddings (full fine-tuning), since that changes the base an adapter is tied to."""
+    template = get_template(template_name, tok)
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    missing = [t for t in template.special_tokens if t not in vocab]
+    if missing and not allow_new_tokens:
+        raise UserError(f"the tokenizer lacks the template's special tokens {missing}", f"--template {template.name}",
+                        "use the template the model was fine-tuned with, or --full to add them")
+    return template, ensure_special_tokens(tok, template) if missing else []
+
+
+def tokenize_pairs(prefs, tok, template, max_length: int, max_prompt_length: int) -> tuple[list[tuple], int]:
+    """Preference records -> ([(prompt_ids, chosen_ids, rejected_ids)], pairs dropped because
+    truncation made chosen and rejected identical)."""
+    items, dropped = [], 0
+    for p in prefs:
+        replies = [encode_reply(tok, template, p.prompt, x) for x in (p.chosen, p.rejected)]
+        prompt, (c, r) = truncate(encode_prompt(tok, template, p.prompt), replies, max_length, max_prompt_length)
+        if not c or c == r:
+            dropped += 1
+            continue
+        items.append((prompt, c, r))
+    return items, dropped
+
+
+def tokenize_unpaired(examples, tok, template, max_length: int, max_prompt_length: int,
+                      seed: int = 0) -> list[tuple]:
+    """KTO records -> [(prompt_ids, completion_ids, label, kl_prompt_ids, kl_completion_ids)].
+    The KL partner is a mismatched prompt/completion pair fixed once (next example of a seeded
+    shuffle), so its reference log-prob can be cached like any other."""
+    base = []
+    for e in examples:
+        prompt, (reply,) = truncate(encode_prompt(tok, template, e.prompt),
+                                    [encode_reply(tok, template, e.prompt, e.completion)], max_length, max_prompt_length)
+        base.append((prompt, reply, bool(e.label)))
+    order = list(range(len(base)))
+    random.Random(f"kto-kl/{seed}").shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    items = []
+    for i, (prompt, reply, label) in enumerate(base):
+        kp, (kc,) = truncate(prompt, [base[partner[i]][1]], max_length, max_prompt_length)
+        items.append((prompt, reply, label, kp, kc))
+    return items
+
+
+def item_sequences(items, kind: str) -> list[tuple[list[int], list[int]]]:
+    """The 2B scored sequences of a batch of items: first members, then second members.
+    pair: prompt+chosen ..., prompt+rejected ...; kto: prompt+completion ..., KL pairs ..."""
+    def seq(prompt, reply):
+        return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    if kind == "pair":
+        return [seq(p, c) for p, c, _ in items] + [seq(p, r) for p, _, r in items]
+    return [seq(p, c) for p, c, *_ in items] + [seq(kp, kc) for *_, kp, kc in items]
+
+
+def split_items(items: list, val_split: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split (at least one item held out when val_split > 0)."""
+    if val_split <= 0:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(f"split/{seed}").shuffle(order)
+    n_val = max(1, round(len(items) * val_split))
+    if n_val >= len(items):
+        raise UserError(f"--val-split {val_split} leaves no training data ({len(items)} items)")
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+# ---- batches ----------------------------------------------------------------------------------
+class ItemBatches:
+    """Callable index -> (TokenBatch, item ids (B,)), deterministic in the index.
+
+    Each epoch is a seeded shuffle cut into batches of `batch` items (the last partial batch is
+    dropped unless it is the only one)."""
+
+    def __init__(self, items, kind: str, batch: int, seed: int, device, pad_id: int, pack: bool,
+                 row_len: int | None = None, rank: int = 0, world: int = 1):
+        if not items:
+            raise UserError("no usable examples after tokenization", None, "check the data file and --max-length")
+        self.items, self.kind, self.batch, self.seed = items, kind, min(batch, len(items)), seed
+        self.device, self.pad_id, self.pack, self.row_len = device, pad_id, pack, row_len
+        self.rank, self.world = rank, world
+        self.per_epoch = max(1, len(items) // self.batch)
+
+    def ids(self, i: int) -> list[int]:
+        g = i * self.world + self.rank
+        epoch, k = divmod(g, self.per_epoch)
+        order = list(range(len(self.items)))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order[k * self.batch:(k + 1) * self.batch]
+
+    def collate(self, ids) -> tuple:
+        seqs = item_sequences([self.items[j] for j in ids], self.kind)
+        multiple = 128 if self.pack and torch.device(self.device).type == "cuda" else 1  # flex blocks
+        tb = make_batch(seqs, self.pad_id, self.device, self.pack, self.row_len, multiple)
+        return tb, torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def __call__(self, i: int):
+        return self.collate(self.ids(i))
+
+    def fixed(self):
+        """Every item once, in order (evaluation, reference precomputation)."""
+        for s in range(0, len(self.items), self.batch):
+            yield self.collate(list(range(s, min(s + self.batch, len(self.items)))))
+
+
+def steps_for_epochs(epochs: float, n_items: int, batch: int, accum: int, world: int) -> int:
+    return max(1, round(epochs * n_items / (batch * accum * world)))
+
+
+# ---- reference log-prob cache -----------------------------------------------------------------
+def cache_key(items, *parts) -> str:
+    """Hash of the tokenized data and whatever else the reference depends on (model, settings)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(repr(it).encode())
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
