@@ -114,11 +114,22 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
+    def _qkv(self, x):
+        """q, k, v projections. Plain linears run as ONE matmul over the concatenated weights
+        (one large GEMM is faster than three narrow ones); wrapped ones (LoRA) run separately."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear for p in projs):
+            return tuple(p(x) for p in projs)
+        w = torch.cat([p.weight for p in projs])
+        b = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        return F.linear(x, w, b).split([p.out_features for p in projs], dim=-1)
+
     def forward(self, x, rope, mask, cache, slots, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self._qkv(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)

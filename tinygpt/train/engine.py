@@ -228,9 +228,9 @@ class Engine:
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        loss = loss_t.item()                                   # one host sync per step
+        loss, norm = torch.stack([loss_t, norm.float()]).tolist()   # the one host sync per step
         # with fp16 the GradScaler skips overflowing steps itself; count only a non-finite loss then
-        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm.item()))
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm))
         if finite:
             self.scaler.step(self.opt)
         self.scaler.update()
