@@ -1,10 +1,21 @@
 """Batched generation: padding independence, log-probs, sampling filters, stops, stacked LoRA."""
+import pytest
 import torch
 
 from tinygpt.config import ModelConfig
 from tinygpt.generate import generate
 from tinygpt.lora import apply_lora, merge_lora
 from tinygpt.model import GPT
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """nano models run fastest on one thread (no thread hand-offs, no contention on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 V = 97
 
@@ -98,3 +109,26 @@ def test_stacked_lora_equals_merged_model():
     merged = generate(m, PROMPTS, max_new_tokens=10, temperature=0)
     assert merged.tokens == stacked.tokens
     torch.testing.assert_close(torch.tensor(merged.logprobs), torch.tensor(stacked.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_and_follows_weight_changes():
+    m = _model().cuda()
+    eager = generate(m, PROMPTS, max_new_tokens=12, temperature=0, cuda_graph=False)
+    graph = generate(m, PROMPTS, max_new_tokens=12, temperature=0)
+    assert m._decode_graph.state is not None and graph.tokens == eager.tokens
+    import copy
+    assert copy.deepcopy(m)._decode_graph.state is None   # copies do not share the graph
+    torch.testing.assert_close(torch.tensor(graph.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)
+    with torch.no_grad():   # an in-place update is seen by the kept graph
+        m.lm_head.weight.mul_(-1.0)
+    flipped = generate(m, PROMPTS, max_new_tokens=12, temperature=0)
+    assert flipped.tokens == generate(m, PROMPTS, max_new_tokens=12, temperature=0, cuda_graph=False).tokens
+    assert flipped.tokens != graph.tokens
+    apply_lora(m, rank=2, alpha=4, name="x")   # new adapters: a new graph
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    lora = generate(m, PROMPTS, max_new_tokens=12, temperature=0.8, seed=0)
+    assert lora.tokens == generate(m, PROMPTS, max_new_tokens=12, temperature=0.8, seed=0, cuda_graph=False).tokens

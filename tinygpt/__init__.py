@@ -22,6 +22,10 @@ def load_model_and_tokenizer(path, lora=(), device="cpu", dtype=None):
         from .interop.hf import load_hf
         model, tok = load_hf(p)
         model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    elif p.suffix == ".gguf":
+        from .interop.gguf import load_gguf
+        model, tok = load_gguf(p)
+        model.to(device=device, dtype=dtype) if dtype else model.to(device)
     else:
         from .checkpoint import load_model
         model, tok, _ = load_model(p, device=device, dtype=dtype)

@@ -123,6 +123,9 @@ def load_model(path, device="cpu", dtype=None):
     tensors, cfg, tok, meta = read_model_file(path)
     with torch.device("meta"):
         model = GPT(cfg)
+    if meta.get("quantization"):  # int8 files: swap in Int8Linear layers so the int8 tensors load as-is
+        from .quantize import swap_int8_modules
+        swap_int8_modules(model, tensors, meta["quantization"], path)
     # assign=True adopts the loaded tensors as they are (no copy, no re-initialisation)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]

@@ -247,7 +247,435 @@ def run_eval(a):
         print(f"-> {a.out}")
 
 
-COMMANDS = [add_tokenizer, add_train, add_sample, add_data, add_eval]
+# ---- supervised fine-tuning -------------------------------------------------------------------------
+def add_sft(sub):
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (LoRA by default)")
+    p.add_argument("model", help=".tinygpt file or Hugging Face folder")
+    p.add_argument("--data", required=True, help="SFT file (.jsonl .json .parquet): messages, sharegpt, alpaca, ...")
+    p.add_argument("--format", help="row format (default: detected from the first row)")
+    p.add_argument("--template", help="chatml, llama3, zephyr, alpaca, raw, hf or FILE.jinja "
+                   "(default: the tokenizer's own chat template, else chatml)")
+    p.add_argument("--epochs", type=float, default=0.0, help="train for this many epochs (instead of --steps)")
+    p.add_argument("--ctx", type=int, default=0, help="positions per packed row (default: the model's context)")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="longest example in tokens; prompts are cut from the left (default: ctx + 1)")
+    p.add_argument("--no-packing", action="store_true", help="one example per row, right-padded")
+    p.add_argument("--val-split", type=float, default=0.0, help="fraction of conversations held out")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
+    p.add_argument("--full", action="store_true", help="fine-tune every weight and write a .tinygpt")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated linear layer names")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory)")
+    _lora_flags(p)
+    _train_flags(p, steps=0, lr=None, batch=8, warmup=-1, wd=0.0)
+    for act in p._actions:  # defaults that depend on other flags, explained in --help
+        if act.dest == "steps":
+            act.help = "optimizer steps (default: one epoch)"
+        elif act.dest == "lr":
+            act.help = "learning rate (default 2e-4, or 2e-5 with --full)"
+        elif act.dest == "warmup":
+            act.help = "warmup steps (default 100, at most 10%% of the steps)"
+    p.set_defaults(func=run_sft)
+
+
+def run_sft(a):
+    from .sft import SFTOptions, run_sft as sft
+    if a.steps and a.epochs:
+        raise UserError("both --steps and --epochs given", None, "give one of them")
+    if a.steps < 0 or a.epochs < 0:
+        raise UserError("--steps and --epochs must be positive")
+    if not 0.0 <= a.val_split < 1.0:
+        raise UserError(f"--val-split must be in [0, 1), got {a.val_split}")
+    if a.ctx < 0 or a.max_length < 0 or a.lora_rank < 1 or a.lora_alpha <= 0 or not 0 <= a.lora_dropout < 1:
+        raise UserError("--ctx/--max-length must be >= 0, --lora-rank >= 1, --lora-alpha > 0, "
+                        "--lora-dropout in [0, 1)")
+    targets = tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
+    if not targets:
+        raise UserError("--lora-targets is empty", None, "name linear layers, e.g. q_proj,v_proj")
+    if a.lr is None:
+        a.lr = 2e-5 if a.full else 2e-4
+    steps = a.steps
+    a.steps = steps or 1  # validated here; with --epochs (or neither) run_sft derives the steps
+    tcfg = train_config(a)
+    tcfg.steps, tcfg.warmup = steps, a.warmup
+    opts = SFTOptions(format=a.format, template=a.template, ctx=a.ctx, max_length=a.max_length,
+                      packing=not a.no_packing, val_split=a.val_split, skip_bad_rows=a.skip_bad_rows,
+                      full=a.full, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                      lora_targets=targets, grad_checkpointing=a.grad_checkpointing, epochs=a.epochs,
+                      device=a.device)
+    last = sft(a.model, a.data, a.out, opts, tcfg, lora_specs(a), _log(a))
+    if last:
+        print(f"step {last['step']}: loss {last['loss']:.4f}" +
+              (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {a.out}")
+
+
+# ---- merging adapters ---------------------------------------------------------------------------------
+def add_merge(sub):
+    p = sub.add_parser("merge", help="fold LoRA adapters into a model and write a .tinygpt")
+    p.add_argument("model", help="base .tinygpt file or Hugging Face folder")
+    _lora_flags(p)
+    p.add_argument("--out", required=True, help="output .tinygpt")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run_merge)
+
+
+def run_merge(a):
+    from .lora import merge_to_file
+    if not a.lora:
+        raise UserError("no adapter to merge", None, "give --lora FILE (repeatable, with --lora-weight W)")
+    if Path(a.out).suffix != ".tinygpt":
+        raise UserError("merge writes a whole model", a.out, "use --out X.tinygpt")
+    merge_to_file(a.model, lora_specs(a), a.out, a.device, log=print)
+
+
+# ---- preference optimisation: reward model, DPO family, ORPO, KTO ---------------------------------
+def _pref_flags(p, method: str, lr: float, beta: float | None = None):
+    """Flags the preference stages share (data, template, lengths, adapter, reference)."""
+    p.add_argument("model", help=".tinygpt file or Hugging Face folder")
+    p.add_argument("--data", required=True, help="preference file (.jsonl .json .parquet, .gz): prompt/chosen/"
+                   "rejected, UltraFeedback, HH-RLHF, ShareGPT pairs" + (", or KTO label rows" if method == "kto" else ""))
+    p.add_argument("--format", help="row format (default: detected from the first row)")
+    p.add_argument("--template", help="chatml, llama3, zephyr, alpaca, raw, hf or FILE.jinja "
+                   "(default: the tokenizer's own chat template, else chatml)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
+    p.add_argument("--max-length", type=int, default=1024, help="prompt + reply tokens (replies cut at the end)")
+    p.add_argument("--max-prompt-length", type=int, default=512, help="prompt tokens kept (cut from the left)")
+    p.add_argument("--epochs", type=float, default=0.0, help="train for this many epochs (default 1; or --steps)")
+    p.add_argument("--val-split", type=float, default=0.05 if method == "reward" else 0.0,
+                   help="fraction of pairs held out for validation")
+    p.add_argument("--no-packing", action="store_true", help="one sequence per row, right-padded")
+    if method != "reward":
+        p.add_argument("--beta", type=float, default=beta, help="strength of the KL-like regulariser")
+        p.add_argument("--full", action="store_true", help="fine-tune every weight and write a .tinygpt")
+        p.add_argument("--lora-rank", type=int, default=16)
+        p.add_argument("--lora-alpha", type=float, default=32.0)
+        p.add_argument("--lora-dropout", type=float, default=0.0)
+        if method != "kto":
+            p.add_argument("--pack-rows", type=int, default=0, help="fill this many rows of --max-length per "
+                           "micro-batch with as many pairs as fit (static shapes; --batch then ignored)")
+        if method != "orpo":
+            p.add_argument("--precompute-ref", action="store_true",
+                           help="compute reference log-probs once and cache them in the run folder")
+    _lora_flags(p)
+    _train_flags(p, steps=0, lr=lr, batch=8, warmup=0, wd=0.0)
+    for act in p._actions:
+        if act.dest == "steps":
+            act.help = "optimizer steps (default: --epochs)"
+
+
+def _pref_common(a, kind: str):
+    """Validate the shared flags; return (args dataclass kwargs, TrainConfig)."""
+    if a.steps and a.epochs:
+        raise UserError("both --steps and --epochs given", None, "give one of them")
+    if a.steps < 0 or a.epochs < 0:
+        raise UserError("--steps and --epochs must be positive")
+    if not 0.0 <= a.val_split < 1.0:
+        raise UserError(f"--val-split must be in [0, 1), got {a.val_split}")
+    if a.max_length < 2 or not 0 < a.max_prompt_length < a.max_length:
+        raise UserError(f"need 0 < --max-prompt-length < --max-length, got {a.max_prompt_length} and {a.max_length}")
+    if kind != "reward" and (a.lora_rank < 1 or a.lora_alpha <= 0 or not 0 <= a.lora_dropout < 1):
+        raise UserError("--lora-rank must be >= 1, --lora-alpha > 0, --lora-dropout in [0, 1)")
+    steps = a.steps
+    a.steps = steps or 1      # validated here; with --epochs (or neither) the stage derives the steps
+    tcfg = train_config(a)
+    tcfg.steps, tcfg.warmup = steps, a.warmup
+    kw = dict(model=a.model, data=a.data, out=a.out, lora=tuple(lora_specs(a)), template=a.template, format=a.format,
+              skip_bad_rows=a.skip_bad_rows, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
+              val_split=a.val_split, epochs=a.epochs or None, device=a.device)
+    return kw, tcfg
+
+
+def _report(last, out):
+    if last:
+        acc = f", val accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""
+        margin = f", margin {last['rewards/margin']:.4f}" if "rewards/margin" in last else ""
+        print(f"step {last['step']}: loss {last['loss']:.4f}{margin}{acc} -> {out}")
+
+
+def add_reward(sub):
+    p = sub.add_parser("reward", help="train a reward model (scalar head, Bradley-Terry) on preference pairs")
+    _pref_flags(p, "reward", lr=1e-5)
+    p.set_defaults(func=run_reward)
+
+
+def run_reward(a):
+    from .reward import RewardArgs, train_reward
+    kw, tcfg = _pref_common(a, "reward")
+    _report(train_reward(RewardArgs(**kw), tcfg, _log(a)), a.out)
+
+
+def add_score(sub):
+    p = sub.add_parser("score", help="print the reward a reward model gives a text")
+    p.add_argument("model", help="reward model .tinygpt (from 'tinygpt reward')")
+    p.add_argument("--text", required=True, help="the reply (or whole text) to score")
+    p.add_argument("--prompt", help="user prompt: score --text as the reply to it, rendered with the template")
+    p.add_argument("--template", help="chat template used with --prompt (default: the tokenizer's, else chatml)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_score)
+
+
+def run_score(a):
+    from .reward import score_text
+    print(f"{score_text(a.model, a.text, a.prompt, a.template, a.device):.6f}")
+
+
+def _run_preference(a, method: str, **extra):
+    from .dpo import PreferenceArgs, PreferenceConfig, train_preference
+    kw, tcfg = _pref_common(a, method)
+    cfg = PreferenceConfig(method=method, beta=a.beta, full=a.full, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+                           lora_dropout=a.lora_dropout, precompute_ref=getattr(a, "precompute_ref", False),
+                           pack=not a.no_packing, pack_rows=getattr(a, "pack_rows", 0), **extra)
+    if cfg.pack_rows < 0:
+        raise UserError(f"--pack-rows must be >= 0, got {cfg.pack_rows}")
+    _report(train_preference(PreferenceArgs(**kw), cfg, tcfg, _log(a)), a.out)
+
+
+def add_dpo(sub):
+    p = sub.add_parser("dpo", help="direct preference optimisation (DPO, IPO, hinge, robust, SimPO); LoRA by default")
+    _pref_flags(p, "dpo", lr=5e-6, beta=None)
+    p.add_argument("--loss", default="sigmoid", help="sigmoid, ipo, hinge, robust or simpo")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="assumed label noise (sigmoid, robust, simpo)")
+    p.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO target reward margin")
+    for act in p._actions:
+        if act.dest == "beta":
+            act.help = "default 0.1 (2.0 for simpo)"
+        elif act.dest == "lr":
+            act.help = "learning rate (default 5e-6; 1e-6 is usual with --full)"
+    p.set_defaults(func=run_dpo)
+
+
+def run_dpo(a):
+    from .dpo import DPO_LOSSES
+    if a.loss not in DPO_LOSSES:
+        raise UserError(f"unknown --loss {a.loss!r}", None, f"choose one of {', '.join(DPO_LOSSES)}")
+    if not 0 <= a.label_smoothing <= 0.5 or (a.loss == "robust" and a.label_smoothing == 0.5):
+        raise UserError(f"--label-smoothing must be in [0, 0.5] ([0, 0.5) for robust), got {a.label_smoothing}")
+    _run_preference(a, "dpo", loss=a.loss, label_smoothing=a.label_smoothing, simpo_gamma=a.simpo_gamma)
+
+
+def add_orpo(sub):
+    p = sub.add_parser("orpo", help="ORPO: SFT + odds-ratio preference in one stage, no reference model")
+    _pref_flags(p, "orpo", lr=8e-6)
+    p.add_argument("--lambda", dest="orpo_lambda", type=float, default=0.1, help="weight of the odds-ratio term")
+    p.set_defaults(func=run_orpo)
+
+
+def run_orpo(a):
+    if a.orpo_lambda < 0:
+        raise UserError(f"--lambda must be >= 0, got {a.orpo_lambda}")
+    _run_preference(a, "orpo", orpo_lambda=a.orpo_lambda)
+
+
+def add_kto(sub):
+    p = sub.add_parser("kto", help="KTO on unpaired desirable/undesirable completions")
+    _pref_flags(p, "kto", lr=5e-6, beta=0.1)
+    p.add_argument("--desirable-weight", type=float, default=1.0)
+    p.add_argument("--undesirable-weight", type=float, default=1.0)
+    p.set_defaults(func=run_kto)
+
+
+def run_kto(a):
+    if a.desirable_weight <= 0 or a.undesirable_weight <= 0:
+        raise UserError("--desirable-weight and --undesirable-weight must be > 0")
+    _run_preference(a, "kto", desirable_weight=a.desirable_weight, undesirable_weight=a.undesirable_weight)
+
+
+# ---- interop ----------------------------------------------------------------------------------------
+def add_import(sub):
+    p = sub.add_parser("import", help="convert a local Hugging Face folder or a .gguf into a .tinygpt")
+    p.add_argument("src", help="Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3) or .gguf file")
+    p.add_argument("--out", required=True, help="output .tinygpt")
+    p.set_defaults(func=run_import)
+
+
+def run_import(a):
+    from .interop import import_model
+    info = import_model(a.src, a.out)
+    print(f"{a.src} -> {a.out} ({info['params'] / 1e6:.2f}M parameters, vocab {info['vocab']})")
+
+
+def add_export(sub):
+    p = sub.add_parser("export", help="export to a transformers folder, a PEFT adapter or GGUF")
+    p.add_argument("model", help=".tinygpt file, Hugging Face folder or .gguf")
+    p.add_argument("--format", required=True, choices=["hf", "peft", "gguf"])
+    p.add_argument("--out", required=True, help="output folder (hf, peft) or .gguf file")
+    p.add_argument("--dtype", default=None, help="hf: f32 (default), f16, bf16; gguf: f16 (default), f32, q8_0")
+    p.add_argument("--base-out", help="peft: also write the base model (earlier adapters merged) as an hf folder")
+    _lora_flags(p)
+    p.set_defaults(func=run_export)
+
+
+def run_export(a):
+    from .interop import export_model
+    if a.base_out and a.format != "peft":
+        raise UserError("--base-out only applies to --format peft")
+    info = export_model(a.model, a.out, a.format, lora_specs(a), a.dtype, a.base_out)
+    print(f"wrote {a.out} ({a.format}, {info['family']})" + (f"; {info['modelfile']}" if "modelfile" in info else ""))
+
+
+def add_quantize(sub):
+    p = sub.add_parser("quantize", help="weight-only int8 quantization (per-output-channel scales)")
+    p.add_argument("model", help=".tinygpt file or Hugging Face folder")
+    p.add_argument("--int8", action="store_true", required=True, help="int8 weights (the only scheme)")
+    p.add_argument("--out", required=True, help="output .tinygpt")
+    p.add_argument("--data", help="text file to measure perplexity before and after")
+    p.add_argument("--limit", type=int, default=100, help="documents of --data to score")
+    p.add_argument("--device", default="auto")
+    _lora_flags(p)
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(a):
+    from .quantize import quantize_file
+    from .train.engine import setup_device
+    if a.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {a.limit}")
+    device, _, _ = setup_device(a.device)
+    r = quantize_file(a.model, a.out, a.data, lora_specs(a), a.limit, device)
+    print(f"size {r['size_before'] / 2**20:.2f} MiB -> {r['size_after'] / 2**20:.2f} MiB "
+          f"({r['size_before'] / r['size_after']:.2f}x smaller, {r['layers']} linear layers int8)")
+    if "ppl_before" in r:
+        print(f"perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} "
+              f"({100 * (r['ppl_after'] / r['ppl_before'] - 1):+.2f}%) on {a.data}")
+
+
+# ---- pipeline and report ----------------------------------------------------------------------------
+def add_pipeline(sub):
+    p = sub.add_parser("pipeline", help="run the whole recipe from a YAML file (resumable)")
+    p.add_argument("config", nargs="?", help="pipeline YAML (stages and their options)")
+    p.add_argument("--preset", help="a built-in pipeline: demo, demo-rl")
+    p.add_argument("--out", help="run folder (default runs/<name>)")
+    p.add_argument("--force", action="store_true", help="re-run every stage, even those up to date")
+    p.add_argument("--device", help="device for every stage (default: the config's, else auto)")
+    p.set_defaults(func=run_pipeline)
+
+
+def run_pipeline(a):
+    from .pipeline import pipeline_command, preset_path
+    from .report import compare_line
+    if bool(a.config) == bool(a.preset):
+        raise UserError("give a pipeline CONFIG.yaml or --preset NAME (one of them)", "tinygpt pipeline",
+                        "e.g. 'tinygpt pipeline --preset demo'")
+    res = pipeline_command(preset_path(a.preset) if a.preset else a.config, a.out, a.force, a.device,
+                           log=lambda *m: print(*m, flush=True))
+    rep = res["report"]
+    print("\n" + rep["table"])
+    line = compare_line(rep["evals"], rep["compare"])
+    if line:
+        print(line)
+    print(f"report: {rep['html'].resolve()}")
+
+
+def add_report(sub):
+    p = sub.add_parser("report", help="(re)build report.md and report.html of a run folder")
+    p.add_argument("run", help="run folder (from 'tinygpt pipeline')")
+    p.set_defaults(func=run_report)
+
+
+def run_report(a):
+    from .report import build_report
+    rep = build_report(a.run)
+    print(rep["table"])
+    print(f"report: {rep['html'].resolve()}")
+
+
+# ---- online RL: PPO and GRPO ------------------------------------------------------------------------
+def _rl_flags(p, kind: str):
+    """Flags PPO and GRPO share; the training flags map onto the engine (--steps = iterations)."""
+    p.add_argument("model", help="base .tinygpt file or Hugging Face folder")
+    p.add_argument("--prompts", required=True, help="prompt file (SFT, preference, {prompt} or {question, answer} rows)")
+    p.add_argument("--reward", help="reward model .tinygpt (from 'tinygpt reward')")
+    p.add_argument("--reward-fn", help="verifiable reward: gsm8k, synth, format or module:function")
+    p.add_argument("--reward-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--template", help="chat template (default: the SFT adapter's, else the tokenizer's / chatml)")
+    p.add_argument("--full", action="store_true", help="train every weight (default: a fresh LoRA adapter)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--iterations", dest="steps", type=int, default=argparse.SUPPRESS,
+                   help="rollout + update rounds (same as --steps)")
+    p.add_argument("--group-size", type=int, default=4 if kind == "grpo" else 1, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--minibatch", type=int, default=8 if kind == "ppo" else 0,
+                   help="sequences per optimizer step (0: the whole rollout)")
+    p.add_argument("--ppo-epochs", type=int, default=4 if kind == "ppo" else 1, help="passes over each rollout")
+    p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL-to-reference coefficient (0: no reference)")
+    p.add_argument("--kl-target", type=float, default=0.0, help="adaptive KL controller target (0: fixed)")
+    p.add_argument("--max-kl", type=float, default=0.0, help="stop an iteration's epochs above this approx KL")
+    p.add_argument("--samples", type=int, default=4, help="completions per iteration written to samples.jsonl")
+    p.add_argument("--skip-bad-rows", action="store_true")
+    _lora_flags(p)
+    _train_flags(p, steps=100, lr=1e-5, batch=8, schedule="constant", wd=0.0)
+    p.set_defaults(lr=None)   # 1e-5 for LoRA, 1e-6 with --full
+
+
+def _rl_run(a, kind: str, **extra):
+    from .rlhf import RLArgs, RLConfig, run_rl
+    if a.lr is None:
+        a.lr = 1e-6 if a.full else 1e-5
+    tcfg = train_config(a)
+    for name in ("max_new_tokens", "ppo_epochs", "lora_rank"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.minibatch < 0 or a.group_size < 1 or a.kl_coef < 0 or a.clip <= 0:
+        raise UserError("--minibatch >= 0, --group-size >= 1, --kl-coef >= 0 and --clip > 0 are required")
+    if not 0 < a.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {a.top_p}")
+    n = a.batch * a.group_size
+    cfg = RLConfig(iterations=a.steps, batch=a.batch, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
+                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, minibatch=a.minibatch or n,
+                   epochs=a.ppo_epochs, clip=a.clip, kl_coef=a.kl_coef, kl_target=a.kl_target, max_kl=a.max_kl,
+                   n_samples=a.samples, save_every=a.save_every, **extra)
+    args = RLArgs(model=a.model, prompts=a.prompts, out=a.out, lora=tuple(lora_specs(a)), reward=a.reward,
+                  reward_fn=a.reward_fn, reward_dtype=a.reward_dtype, value_model=getattr(a, "value_model", None),
+                  template=a.template, full=a.full, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+                  device=a.device, skip_bad_rows=a.skip_bad_rows)
+    last = run_rl(kind, args, cfg, tcfg, _log(a))
+    print(f"iteration {last['iteration']}: reward {last['reward_mean']:.4f}, kl {last['kl']:.4f} -> {a.out}")
+
+
+def add_ppo(sub):
+    p = sub.add_parser("ppo", help="RLHF with PPO: policy LoRA, value head, reward model, KL to the SFT policy")
+    _rl_flags(p, "ppo")
+    p.add_argument("--value-model", help="separate value backbone (.tinygpt, same tokenizer); default: a head on the policy")
+    p.add_argument("--kl-kind", default="k1", choices=["k1", "k3"], help="per-token KL estimator in the reward")
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--vf-coef", type=float, default=0.1)
+    p.add_argument("--vf-clip", type=float, default=0.2)
+    p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
+    p.add_argument("--no-whiten", action="store_true", help="do not whiten advantages")
+    p.set_defaults(func=run_ppo)
+
+
+def run_ppo(a):
+    _rl_run(a, "ppo", kl_kind=a.kl_kind, gamma=a.gamma, lam=a.lam, vf_coef=a.vf_coef, vf_clip=a.vf_clip,
+            ent_coef=a.ent_coef, whiten=not a.no_whiten)
+
+
+def add_grpo(sub):
+    p = sub.add_parser("grpo", help="GRPO / RLOO with verifiable rewards: G completions per prompt, no value network")
+    _rl_flags(p, "grpo")
+    p.add_argument("--rloo", action="store_true", help="leave-one-out baseline (RLOO) instead of the group mean")
+    p.add_argument("--no-std", action="store_true", help="do not divide advantages by the group's std")
+    p.set_defaults(func=run_grpo)
+
+
+def run_grpo(a):
+    if a.group_size < 2:
+        raise UserError(f"--group-size must be >= 2 for grpo, got {a.group_size}")
+    _rl_run(a, "grpo", rloo=a.rloo, normalize_std=not a.no_std)
+
+
+COMMANDS = [add_tokenizer, add_train, add_sample, add_data, add_eval, add_sft, add_merge, add_reward, add_score,
+            add_dpo, add_orpo, add_kto,
+            add_import, add_export, add_quantize, add_pipeline, add_report, add_ppo, add_grpo]
 
 
 def build_parser() -> Parser:

@@ -145,28 +145,40 @@ def _structure_key(model) -> tuple:
     """What a captured decode graph depends on besides its inputs: parameter storage (an
     in-place update is fine, a replaced tensor is not) and the adapters' on/off/merge/scale state."""
     params = tuple(p.data_ptr() for p in model.parameters())
-    lora = tuple((m.enabled, tuple(m.lora_A), tuple(sorted(m.merged)), tuple(m.scale.values()))
+    lora = tuple((m.enabled, tuple(m.lora_A), tuple(sorted(m.merged)), tuple(m.scale.values()),
+                  tuple(sorted(getattr(m, "disabled", ()))))
                  for m in model.modules() if hasattr(m, "lora_A"))
     return params, lora
+
+
+class _GraphSlot:
+    """Holds the kept decode graph on the model; a copy of the model (deepcopy) starts empty."""
+
+    def __init__(self, key=None, state=None):
+        self.key, self.state = key, state
+
+    def __deepcopy__(self, memo):
+        return _GraphSlot()
 
 
 def _decode_state(model, B, total, vocab_limit, device, dtype, use_graph: bool) -> _DecodeState:
     if not use_graph:
         return _DecodeState(model, B, total, vocab_limit, device, dtype)
     key = (B, total, vocab_limit, str(device), dtype, _structure_key(model))
-    cached = getattr(model, "_decode_graph", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    slot = getattr(model, "_decode_graph", None)
+    if slot is not None and slot.key == key:
+        return slot.state
     release_graphs(model)                      # free the old cache before allocating a new one
     state = _DecodeState(model, B, total, vocab_limit, device, dtype)
     state.capture(first_slot=total - 1)
-    model._decode_graph = (key, state)
+    model._decode_graph = _GraphSlot(key, state)
     return state
 
 
 def release_graphs(model) -> None:
     """Free the CUDA graph, KV cache and buffers kept on `model` by the last generation."""
-    if getattr(model, "_decode_graph", None) is not None:
+    slot = getattr(model, "_decode_graph", None)
+    if slot is not None and slot.state is not None:
         model._decode_graph = None
         torch.cuda.empty_cache()
 

@@ -50,38 +50,62 @@ class TokenBatch:
     n_seqs: int
     max_scored: int
     n_tokens: int           # real (non-pad) tokens in the batch
+    _mask: object = None
 
     def attn_mask(self):
-        from .model import packed_mask
-        return None if self.doc is None else packed_mask(self.doc)
+        """Block-diagonal mask of the packed rows (built once: policy and reference share it)."""
+        if self.doc is not None and self._mask is None:
+            from .model import packed_mask
+            self._mask = packed_mask(self.doc)
+        return self._mask
+
+
+def first_fit(lengths, ids, row_len: int, room: list[int], rows: list[list[int]],
+              max_rows: int | None = None) -> bool:
+    """Place sequences `ids` (with `lengths`) first-fit into rows of free space `room`, opening
+    rows of `row_len` up to `max_rows`. All or nothing: returns False (rows untouched) when one
+    does not fit."""
+    new_room, new_rows = list(room), [list(r) for r in rows]
+    for i, n in zip(ids, lengths):
+        r = next((r for r, free in enumerate(new_room) if n <= free), None)
+        if r is None:
+            if max_rows is not None and len(new_rows) >= max_rows:
+                return False
+            new_room.append(row_len)
+            new_rows.append([])
+            r = len(new_rows) - 1
+        new_rows[r].append(i)
+        new_room[r] -= n
+    room[:], rows[:] = new_room, new_rows
+    return True
 
 
 def _pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     """First-fit decreasing: sequence indices per row, each row's lengths summing to <= row_len."""
-    rows: list[list[int]] = []
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(row_len - lengths[i])
+    rows: list[list[int]] = []
+    first_fit([lengths[i] for i in order], order, row_len, room, rows)
     return rows
 
 
 def make_batch(seqs, pad_id: int = 0, device="cpu", pack: bool = True, row_len: int | None = None,
-               multiple: int = 1) -> TokenBatch:
+               multiple: int = 1, layout: list[list[int]] | None = None, rows: int = 0,
+               pow2_rows: bool = False) -> TokenBatch:
     """Lay out sequences [(ids, mask), ...] into a TokenBatch. Position j is selected when
     mask[j + 1] == 1 (it predicts a scored token). pack=False: one sequence per row. Rows are
-    `row_len` long (default: the longest sequence), rounded up to `multiple`."""
+    `row_len` long (default: the longest sequence), rounded up to `multiple`; `layout` (sequence
+    indices per row) overrides the packing, and `rows` pads to at least that many rows, `pow2_rows`
+    to a power of two (static or few shapes for compiled kernels)."""
     lengths = [len(ids) for ids, _ in seqs]
     longest = max(lengths)
     T = max(row_len or longest, longest)
     T = -(-T // multiple) * multiple
-    layout = _pack_rows(lengths, T) if pack else [[i] for i in range(len(seqs))]
+    if layout is None:
+        layout = _pack_rows(lengths, T) if pack else [[i] for i in range(len(seqs))]
+    if pow2_rows:
+        rows = max(rows, 1 << max(len(layout) - 1, 0).bit_length())
+    layout = layout + [[] for _ in range(rows - len(layout))]
     R = len(layout)
     idx = torch.full((R, T), pad_id, dtype=torch.long)
     pos = torch.zeros((R, T), dtype=torch.long)

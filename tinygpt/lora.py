@@ -7,7 +7,8 @@ Design choices:
   B starts at zero, so a fresh adapter leaves the model's outputs unchanged.
 - Several adapters stack with weights (SFT, then DPO on top, ...). `disable_lora()` turns every
   adapter off at once: the model is then exactly the base, which DPO/PPO use as their frozen
-  reference without a second copy in memory.
+  reference without a second copy in memory; `disable_lora(model, names=[...])` turns off only
+  those adapters (the one being trained), so the reference keeps an SFT adapter underneath.
 - `merge_lora` folds adapters into the weights (and `unmerge_lora` takes them out again);
   `merge_and_unload` returns plain `nn.Linear` modules for export.
 - A `.lora` file holds only the adapter tensors (safetensors) plus metadata: rank, alpha,

@@ -25,7 +25,7 @@ import torch
 from .chat import encode_segments, ensure_special_tokens, get_template
 from .data.formats import Message
 from .errors import UserError
-from .logprobs import make_batch
+from .logprobs import first_fit, make_batch
 
 # ---- tokenization -----------------------------------------------------------------------------
 
@@ -84,8 +84,8 @@ def tokenize_unpaired(examples, tok, template, max_length: int, max_prompt_lengt
     shuffle), so its reference log-prob can be cached like any other."""
     base = []
     for e in examples:
-        prompt, (reply,) = truncate(encode_prompt(tok, template, e.prompt),
-                                    [encode_reply(tok, template, e.prompt, e.completion)], max_length, max_prompt_length)
+        reply = encode_reply(tok, template, e.prompt, e.completion)
+        prompt, (reply,) = truncate(encode_prompt(tok, template, e.prompt), [reply], max_length, max_prompt_length)
         base.append((prompt, reply, bool(e.label)))
     order = list(range(len(base)))
     random.Random(f"kto-kl/{seed}").shuffle(order)
@@ -121,40 +121,92 @@ def split_items(items: list, val_split: float, seed: int) -> tuple[list, list]:
 
 # ---- batches ----------------------------------------------------------------------------------
 class ItemBatches:
-    """Callable index -> (TokenBatch, item ids (B,)), deterministic in the index.
+    """Callable index -> (TokenBatches, item ids (B,)), deterministic in the index.
 
     Each epoch is a seeded shuffle cut into batches of `batch` items (the last partial batch is
-    dropped unless it is the only one)."""
+    dropped unless it is the only one). With `pack_rows` R (pairs only), a batch is instead as many
+    consecutive items as fit, first-fit, into R rows of `row_len` tokens: the shapes never change
+    (what compiled kernels want) and rows are nearly full; the engine's per-item counts keep the
+    loss exact although the number of items per batch varies."""
 
     def __init__(self, items, kind: str, batch: int, seed: int, device, pad_id: int, pack: bool,
-                 row_len: int | None = None, rank: int = 0, world: int = 1):
+                 row_len: int | None = None, rank: int = 0, world: int = 1, pack_rows: int = 0):
         if not items:
             raise UserError("no usable examples after tokenization", None, "check the data file and --max-length")
         self.items, self.kind, self.batch, self.seed = items, kind, min(batch, len(items)), seed
         self.device, self.pad_id, self.pack, self.row_len = device, pad_id, pack, row_len
-        self.rank, self.world = rank, world
-        self.per_epoch = max(1, len(items) // self.batch)
+        self.rank, self.world, self.pack_rows = rank, world, pack_rows if pack and kind == "pair" else 0
+        if self.pack_rows and not row_len:
+            raise ValueError("pack_rows needs row_len")
+        self._plans: list[list[list[int]]] = []     # per epoch: item ids per batch (token budget)
+        self.per_epoch = len(self._plan(0)) if self.pack_rows else max(1, len(items) // self.batch)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """Token-budget batches of one epoch (computed once, cached)."""
+        while len(self._plans) <= epoch:
+            self._plans.append(self._budget_batches(self._order(len(self._plans))))
+        return self._plans[epoch]
+
+    def _budget_batches(self, order) -> list[list[int]]:
+        """Cut `order` into runs of items whose sequences fit, first-fit, into pack_rows rows."""
+        plan, cur, room, rows = [], [], [], []
+        for j in order:
+            lengths = [len(ids) for ids, _ in item_sequences([self.items[j]], self.kind)]
+            if not first_fit(lengths, [0] * len(lengths), self.row_len, room, rows, self.pack_rows):
+                plan.append(cur)
+                cur, room, rows = [], [], []
+                first_fit(lengths, [0] * len(lengths), self.row_len, room, rows, self.pack_rows)
+            cur.append(j)
+        return plan + [cur] if cur else plan
 
     def ids(self, i: int) -> list[int]:
         g = i * self.world + self.rank
+        if self.pack_rows:
+            epoch = 0
+            while g >= len(self._plan(epoch)):
+                g -= len(self._plan(epoch))
+                epoch += 1
+            return self._plan(epoch)[g]
         epoch, k = divmod(g, self.per_epoch)
-        order = list(range(len(self.items)))
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order[k * self.batch:(k + 1) * self.batch]
+        return self._order(epoch)[k * self.batch:(k + 1) * self.batch]
 
-    def collate(self, ids) -> tuple:
+    def collate(self, ids, budget: bool = True) -> tuple:
+        """(TokenBatches, ids): pairs give ONE batch of 2B sequences (chosen..., rejected...);
+        KTO gives two of B (completions with gradient, KL partners without)."""
         seqs = item_sequences([self.items[j] for j in ids], self.kind)
         multiple = 128 if self.pack and torch.device(self.device).type == "cuda" else 1  # flex blocks
-        tb = make_batch(seqs, self.pad_id, self.device, self.pack, self.row_len, multiple)
-        return tb, torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self.pack_rows and budget:   # the plan's first-fit, in its order: fits in pack_rows rows
+            room, rows, order = [], [], self._interleaved(len(ids))
+            first_fit([len(seqs[i][0]) for i in order], order, self.row_len, room, rows)
+            tb = make_batch(seqs, self.pad_id, self.device, True, self.row_len, multiple, rows, self.pack_rows)
+            return [tb], torch.tensor(ids, dtype=torch.long, device=self.device)
+        groups = [seqs] if self.kind == "pair" else [seqs[:len(ids)], seqs[len(ids):]]
+        # on CUDA, row counts are padded to a power of two: compiled attention sees few shapes
+        tbs = [make_batch(g, self.pad_id, self.device, self.pack, self.row_len, multiple, pow2_rows=multiple > 1)
+               for g in groups]
+        return tbs, torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _interleaved(B: int) -> list[int]:
+        """Sequence indices in the order the plan placed them: chosen k, rejected k, ..."""
+        return [i for k in range(B) for i in (k, B + k)]
 
     def __call__(self, i: int):
         return self.collate(self.ids(i))
 
     def fixed(self):
         """Every item once, in order (evaluation, reference precomputation)."""
+        if self.pack_rows:
+            for ids in self._budget_batches(range(len(self.items))):
+                yield self.collate(ids)
+            return
         for s in range(0, len(self.items), self.batch):
-            yield self.collate(list(range(s, min(s + self.batch, len(self.items)))))
+            yield self.collate(list(range(s, min(s + self.batch, len(self.items)))), budget=False)
 
 
 def steps_for_epochs(epochs: float, n_items: int, batch: int, accum: int, world: int) -> int:

@@ -15,7 +15,7 @@ Design choices:
   choices without depending on the tokenizer.
 - Requests are sorted by length and right-padded into batches: under causal attention padding on
   the right never changes the logits of the real positions, and position ids stay 0..T-1.
-  Logits past the tokenizer's vocabulary (padding rows of the embedding) are masked out.
+  Logits past the tokenizer's vocabulary (padding rows of the embedding) are cut off.
 - Over-long requests keep their last `block_size + 1` tokens (the context is cut on the left).
 - k-shot: demonstrations are other items of the same file (same subject for MMLU), chosen by a
   generator seeded with the item's index, written as their gold context + gold continuation.
@@ -67,9 +67,7 @@ def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch: int
             x[b, :len(full) - 1] = torch.tensor(full[:-1])
             y[b, len(full) - 1 - n:len(full) - 1] = torch.tensor(full[-n:])
         x, y = x.to(device), y.to(device)
-        logits = model(x).float()                                        # (B, T, V)
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[..., vocab_limit:] = float("-inf")
+        logits = model(x).float()[..., :vocab_limit]                     # (B, T, V) real tokens only
         lp = token_logprobs(logits, y).sum(-1)                           # (B,)
         scored = y != -100
         greedy = ((logits.argmax(-1) == y) | ~scored).all(-1)            # (B,)

@@ -132,7 +132,8 @@ def _winrate(ctx: EvalContext, path):
     rm = _load_judge(o["judge"], o["device"])
     prompts = ctx.cut(load_winrate_prompts(path))
     res = eval_winrate(ctx.model, ctx.tok, other, other_tok, lambda ps, xs: reward_scores(rm, ps, xs, ctx.batch),
-                       prompts, ctx.template or _chat(ctx), get_template(None, other_tok), ctx.batch,
+                       prompts, ctx.template or _chat(ctx),
+                       get_template(adapter_template(o.get("against_lora", ())), other_tok), ctx.batch,
                        ctx.max_new_tokens or 128, o.get("tie_margin", 0.0))
     res["against"] = describe_model(o["against"], other, o.get("against_lora", ()))
     return res
@@ -147,13 +148,24 @@ def _load_judge(path, device):
 
 
 def reward_scores(rm, prompts: list[str], answers: list[str], batch: int = 8) -> list[float]:
-    """Rewards of (prompt, answer) conversations under the reward model's own tokenizer/template."""
-    from ..data.formats import Message
-    convs = [[Message("user", p), Message("assistant", a)] for p, a in zip(prompts, answers)]
+    """Rewards of (prompt, answer) conversations, rendered with the reward model's own tokenizer and
+    chat template (what it was trained on) and scored at the reply's last token."""
+    block = rm.config.block_size
+    seqs = [rm.encode_conversation(p, a)[-block:] for p, a in zip(prompts, answers)]
     out: list[float] = []
-    for s in range(0, len(convs), batch):
-        out += [float(r) for r in rm.score(convs[s:s + batch])]
+    for s in range(0, len(seqs), batch):
+        out += [float(r) for r in rm.score_texts(seqs[s:s + batch])]
     return out
+
+
+def adapter_template(lora) -> str | None:
+    """The chat template the last SFT adapter was trained with (recorded in its metadata)."""
+    from ..lora import read_adapter
+    name = None
+    for spec in lora:
+        path = spec if isinstance(spec, (str, Path)) else spec[0]
+        name = read_adapter(path)[1]["extra"].get("sft_template") or name
+    return name
 
 
 def _chat(ctx: EvalContext):
@@ -224,6 +236,7 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
         raise UserError(f"--shots must be >= 0, got {shots}")
     dev, _, _ = setup_device(device)
     model, tok = load_model_and_tokenizer(model_path, lora=lora, device=dev)
+    template = template or adapter_template(lora)
     ctx = EvalContext(model, tok, get_template(template, tok) if template else None, shots, batch, limit,
                       max_new_tokens, fewshot_data, stride, seed,
                       {"against": against, "against_lora": against_lora, "judge": judge,

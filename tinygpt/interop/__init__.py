@@ -84,30 +84,25 @@ def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out
     PEFT adapter folder at `out` (earlier adapters merged into the base), and the base is written
     as a transformers folder at `base_out` when given. Returns a summary dict."""
     from .. import load_model_and_tokenizer
-    from ..lora import load_adapters, merge_and_unload
+    from ..lora import merge_and_unload
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown --format {fmt!r}", None, f"choose one of {', '.join(EXPORT_FORMATS)}")
     allowed = GGUF_DTYPES if fmt == "gguf" else HF_DTYPES
     dtype = dtype or ("f16" if fmt == "gguf" else "f32")
     if dtype not in allowed:
         raise UserError(f"--dtype {dtype} is not available for --format {fmt}", None, f"choose one of {', '.join(allowed)}")
-    src = Path(src)
-    if src.suffix == ".gguf":
-        from .gguf import load_gguf
-        model, tok = load_gguf(src)
-    else:
-        model, tok = load_model_and_tokenizer(src)
+    if fmt == "peft" and not lora:
+        raise UserError("--format peft needs a --lora adapter", None, "pass --lora FILE.lora")
+    model, tok = load_model_and_tokenizer(src, lora=list(lora))   # adapters stacked, in order
+    from ..quantize import dequantize_model
+    dequantize_model(model)   # int8 files export their dequantized weights (formats hold floats)
     if fmt == "peft":
-        if not lora:
-            raise UserError("--format peft needs a --lora adapter", None, "pass --lora FILE.lora")
         from .hf import export_hf, export_peft
-        names = load_adapters(model, list(lora))
-        info = export_peft(model, names[-1], out, base_out=base_out)
-        if base_out:
+        info = export_peft(model, list(model._lora_meta)[-1], out, base_out=base_out)
+        if base_out:   # what remains: the base with the earlier adapters (and any tokens they added)
             export_hf(merge_and_unload(model), tok, base_out, dtype)
         return info
     if lora:
-        load_adapters(model, list(lora))
         merge_and_unload(model)
     if fmt == "hf":
         from .hf import export_hf

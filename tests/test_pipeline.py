@@ -1,0 +1,173 @@
+"""Pipeline: wiring, resumability after a failed stage, and the report built from the results."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tinygpt import pipeline, report
+from tinygpt.cli import main
+from tinygpt.errors import UserError
+
+STAGES = """
+name: t
+defaults: {{quiet: true, device: cpu, seed: 0}}
+stages:
+  - {{name: data, cmd: data synth, out: data, args: {{scale: 0.05}}}}
+  - {{name: tokenizer, cmd: tokenizer train, args: {{corpus: "${{data}}/corpus.txt", vocab-size: 300}}}}
+  - name: base
+    cmd: train
+    args: {{corpus: "${{data}}/{corpus}", tokenizer: "${{tokenizer}}", preset: nano, steps: 2, batch: 2, ctx: 32}}
+  - name: eval-base
+    cmd: eval
+    model: "${{base}}"
+    args: {{tasks: "synth,ppl", data: ["synth=${{data}}/eval.jsonl", "ppl=${{data}}/corpus.txt"], limit: 4,
+            label: base, max-new-tokens: 4}}
+"""
+
+
+def write(tmp_path, text, name="p.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_failed_stage_stops_the_run_and_a_rerun_skips_finished_stages(tmp_path, capsys):
+    run = tmp_path / "run"
+    bad = write(tmp_path, STAGES.format(corpus="missing.txt"), "bad.yaml")
+    assert main(["pipeline", str(bad), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinygpt: error: stage 'base' failed: corpus file not found") and err.count("\n") == 1
+    state = json.loads((run / "pipeline.json").read_text())
+    assert {k: v["status"] for k, v in state["stages"].items()} == {"data": "done", "tokenizer": "done",
+                                                                     "base": "failed"}
+    assert "corpus file not found" in state["stages"]["base"]["error"]
+    assert not (run / "base.tinygpt").exists()
+    before = {k: state["stages"][k]["finished"] for k in ("data", "tokenizer")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (run / "data" / "corpus.txt", run / "tokenizer.json")}
+
+    good = write(tmp_path, STAGES.format(corpus="corpus.txt"), "good.yaml")
+    lines = []
+    res = pipeline.pipeline_command(good, run, log=lines.append)
+    assert [ln for ln in lines if "skipped" in ln] == ["[1/4] data: up to date, skipped",
+                                                       "[2/4] tokenizer: up to date, skipped"]
+    state = res["state"]
+    assert all(state["stages"][k]["status"] == "done" for k in ("data", "tokenizer", "base", "eval-base"))
+    assert {k: state["stages"][k]["finished"] for k in ("data", "tokenizer")} == before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert state["stages"]["base"]["started"] > before["tokenizer"]
+
+    # a third run has nothing to do
+    lines.clear()
+    pipeline.run_pipeline(good, run, log=lines.append)
+    assert sum("skipped" in ln for ln in lines) == 4
+
+    # the report's table holds exactly the numbers of the results file
+    results = json.loads((run / "eval-base.json").read_text())
+    md = (run / "report.md").read_text()
+    head = next(ln for ln in md.splitlines() if ln.startswith("| model"))
+    row = next(ln for ln in md.splitlines() if ln.startswith("| base"))
+    cols = [c.strip() for c in head.strip("|").split("|")][1:]
+    vals = [c.strip().strip("*") for c in row.strip("|").split("|")][1:]
+    assert "synth/accuracy" in cols and "ppl/bpb" in cols and len(cols) == len(vals)
+    for c, v in zip(cols, vals):
+        task, metric = c.split("/", 1)
+        assert float(v) == pytest.approx(results["tasks"][task][metric], abs=1e-4)
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<td>base</td>" in html
+    assert (run / "report" / "base.png").stat().st_size > 1000
+    assert re.search(r"\| base \| train \| done \| [\d.]+ \| [\d,]+ \| 2 \| CPU", md)
+
+    # `tinygpt report` rebuilds it
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").exists()
+
+
+def test_changed_input_reruns_downstream_only(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("one")
+    k1 = pipeline.stage_key(["train", "--corpus", str(a)], tmp_path / "o")
+    a.write_text("two")
+    pipeline._HASHES.clear()
+    assert pipeline.stage_key(["train", "--corpus", str(a)], tmp_path / "o") != k1
+    # the stage's own output never enters its key
+    out = tmp_path / "o.json"
+    k2 = pipeline.stage_key(["eval", "--out", str(out)], out)
+    out.write_text("{}")
+    assert pipeline.stage_key(["eval", "--out", str(out)], out) == k2
+
+
+def test_argv_building(tmp_path):
+    cfg = write(tmp_path, """
+defaults: {quiet: true, device: cpu}
+stages:
+  - {name: tok, cmd: tokenizer train, args: {corpus: [a.txt, b.txt], vocab-size: 512}}
+  - {name: ev, cmd: eval, model: "${tok}", out: "${run}/x.json",
+     args: {lora: [l1.lora, l2.lora], tasks: synth, data: d.jsonl, quiet: false}}
+""")
+    pipe = pipeline.load_pipeline(cfg)
+    run = tmp_path / "run"
+    outs = {}
+    for st in pipe.stages:
+        outs[st.name] = pipeline.stage_out(st, run, outs)
+    tok_argv = pipeline.build_argv(pipe.stages[0], pipe, run, outs)
+    assert tok_argv == ["tokenizer", "train", "--corpus", "a.txt", "b.txt", "--vocab-size", "512",
+                        "--out", str(run / "tok.json")]          # nargs='+' filled once; no --quiet/--device here
+    ev = pipeline.build_argv(pipe.stages[1], pipe, run, outs)
+    assert ev == ["eval", str(run / "tok.json"), "--device", "cpu", "--lora", "l1.lora", "--lora", "l2.lora",
+                  "--tasks", "synth", "--data", "d.jsonl", "--out", str(run / "x.json")]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("stages:\n  - {name: a, cmd: nosuch}\n", "unknown command 'nosuch'"),
+    ("stages:\n  - {name: a, cmd: eval, model: '${b}'}\n  - {name: b, cmd: eval}\n", "not an earlier stage"),
+    ("stages:\n  - {name: a, cmd: eval}\n  - {name: a, cmd: eval}\n", "repeated stage name"),
+    ("stages: []\n", "non-empty 'stages'"),
+    ("stages:\n  - {name: a, cmd: eval, flags: {}}\n", "unknown stage key 'flags'"),
+])
+def test_bad_configs_fail_before_running(tmp_path, text, msg):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        pipeline.load_pipeline(write(tmp_path, text))
+
+
+def test_unknown_flag_names_the_stage(tmp_path):
+    cfg = write(tmp_path, "stages:\n  - {name: d, cmd: data synth, args: {nope: 1}}\n")
+    with pytest.raises(UserError, match="stage 'd': 'data synth' has no option --nope"):
+        pipeline.run_pipeline(cfg, tmp_path / "r")
+
+
+def test_presets_are_valid():
+    for name in ("demo", "demo-rl"):
+        try:
+            pipe = pipeline.load_pipeline(pipeline.preset_path(name))
+        except UserError as e:  # a stage command not in this installation yet
+            assert "unknown command" in str(e)
+            continue
+        assert [s.cmd for s in pipe.stages][:3] == ["data synth", "tokenizer train", "train"]
+
+
+def test_eval_table_marks_the_best_per_column():
+    evals = [{"label": "base", "model": {"path": "b"}, "tasks": {"synth": {"accuracy": 0.1, "n": 9},
+                                                                   "ppl": {"ppl": 9.0, "bpb": 2.0}}},
+             {"label": "SFT", "model": {"path": "s"}, "tasks": {"synth": {"accuracy": 0.5, "n": 9},
+                                                                  "ppl": {"ppl": 7.0, "bpb": 2.5}}},
+             {"label": "DPO", "model": {"path": "d"}, "tasks": {"synth": {"accuracy": 0.5, "n": 9}}}]
+    labels, cols, values, best = report.eval_table(evals)
+    assert labels == ["base", "SFT", "DPO"] and cols == ["synth/accuracy", "ppl/ppl", "ppl/bpb"]
+    assert values[2] == [0.5, None, None]
+    assert best == [{1, 2}, {1}, {0}]     # ties share the mark; ppl and bpb: lower is better
+    text = report.table_text(evals)
+    assert "0.5000*" in text and "7.0000*" in text and "2.0000*" in text and "9.0000*" not in text
+    assert report.compare_line(evals, ["base", "SFT"]).startswith("synth/accuracy: base 0.1000 -> SFT 0.5000")
+    same = [dict(e, tasks={"synth": {"accuracy": 0.0}}) for e in evals]
+    assert report.eval_table(same)[3] == [set()]      # nobody is best when all are equal
+
+
+def test_metric_groups():
+    rows = [{"step": i, "loss": 2.0 - i, "val_loss": 2.1 - i, "lr": 1e-3 * i, "rewards/chosen": 0.1 * i,
+             "rewards/margin": i, "tokens_seen": 10 * i, "tokens_per_s": 5.0 + i, "kl": 0.01 * i, "kl_coef": 0.05,
+             "approx_kl": i, "grad_norm": i, "logps/chosen": -i} for i in (1, 2)]
+    assert report.metric_groups(rows) == {"loss": ["loss", "val_loss"], "lr": ["lr"], "logps": ["logps/chosen"],
+                                          "reward": ["rewards/chosen", "rewards/margin"], "kl": ["kl", "approx_kl"],
+                                          "tokens_per_s": ["tokens_per_s"], "grad_norm": ["grad_norm"]}

@@ -1,0 +1,207 @@
+"""SFT end to end on CPU with `nano`: encoding, loss going down, packed == padded, --full,
+bad rows, resume, epochs/warmup arithmetic, validation, and (slow) exact-match gains."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tinygpt import load_model_and_tokenizer
+from tinygpt.chat import encode_conversation, get_template
+from tinygpt.checkpoint import load_model, save_model
+from tinygpt.cli import main
+from tinygpt.config import ModelConfig, pad_vocab
+from tinygpt.data.formats import load_sft
+from tinygpt.lora import lora_modules
+from tinygpt.model import GPT
+from tinygpt.sft import (SFTOptions, SFTTrainer, encode_conversations, format_instruction, sft_loss_step,
+                         sft_train_config)
+from tinygpt.tokenizer import Tokenizer
+
+ROWS = [{"messages": [{"role": "user", "content": f"Add {a} and {b}."},
+                      {"role": "assistant", "content": f"{a + b}"}]} for a in range(8) for b in range(6)]
+
+
+def _write(path, rows, extra_lines=()):
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size)))
+    with torch.no_grad():   # every block active; a sharp head so a few LoRA steps can move the loss
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 if name.startswith("lm_head") else 0.05)
+    save_model(tmp_path / "base.tinygpt", model, tok)
+    return tmp_path / "base.tinygpt", _write(tmp_path / "chat.jsonl", ROWS)
+
+
+def _cli(base, data, out, *extra):
+    return main(["sft", str(base), "--data", str(data), "--out", str(out), "--batch", "4", "--ctx", "64",
+                 "--dtype", "float32", "--device", "cpu", "--quiet", *extra])
+
+
+def _metrics(out):
+    return [json.loads(x) for x in (out.parent / (out.stem + ".run") / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_encode_conversations_equals_chat_encoding(tmp_path):
+    tok = Tokenizer.byte_level()
+    rows = ROWS[:5] + [{"instruction": "Say hi", "input": "to Bo", "output": "hi Bo"},
+                       {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                          {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}]
+    convs = []
+    for i, r in enumerate(rows):
+        convs += load_sft(_write(tmp_path / f"r{i}.jsonl", [r]))[0]
+    for name in ("chatml", "alpaca", "raw", "llama3"):
+        tmpl = get_template(name, tok)
+        assert encode_conversations(tok, tmpl, convs) == [encode_conversation(tok, tmpl, c) for c in convs]
+    assert format_instruction("Do it.", "data") == "Do it.\n\ndata"
+
+
+def test_lora_sft_loss_goes_down_and_writes_an_adapter(setup):
+    base, data = setup
+    out = base.parent / "a.lora"
+    assert _cli(base, data, out, "--steps", "30", "--lr", "1e-2", "--val-split", "0.2", "--val-every", "15") == 0
+    m = _metrics(out)
+    assert len(m) == 30
+    assert sum(r["loss"] for r in m[-5:]) / 5 < 0.7 * sum(r["loss"] for r in m[:5]) / 5
+    assert "val_loss" in m[14] and "val_loss" in m[29] and m[29]["val_loss"] < m[14]["val_loss"] * 1.05
+    assert all(r["tokens"] > 0 for r in m)
+    model, _ = load_model_and_tokenizer(base, lora=[out])
+    assert len(lora_modules(model)) == 6 * model.config.n_layer
+
+
+def test_packed_and_padded_data_give_the_same_total_loss(setup):
+    base, data = setup
+    totals = {}
+    for packing in (True, False):
+        model, tok = load_model_and_tokenizer(base)
+        t = SFTTrainer(model, tok, data, base.parent / "x.lora",
+                       SFTOptions(device="cpu", ctx=128, packing=packing, max_length=40),
+                       sft_train_config(steps=1, batch=4, dtype="float32", quiet=True), log=lambda *a: None)
+        rows = t.train_rows
+        with torch.no_grad():
+            loss, count, m = sft_loss_step(model, rows.batch(list(range(len(rows)))))
+        totals[packing] = (float(loss), int(count), int(m["tokens"]))
+        if packing:
+            assert len(rows) < len(ROWS)
+    (lp, cp, tp), (lu, cu, tu) = totals[True], totals[False]
+    assert cp == cu and tp == tu                     # same trained and real tokens
+    assert lp == pytest.approx(lu, rel=1e-5)
+
+
+def test_full_fine_tuning_writes_a_tinygpt(setup):
+    base, data = setup
+    out = base.parent / "full.tinygpt"
+    assert _cli(base, data, out, "--steps", "3", "--full") == 0
+    tuned, _, meta = load_model(out)
+    orig, _, _ = load_model(base)
+    assert meta["sft_template"] == "chatml"
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), orig.state_dict().values())]
+    assert all(changed[:1]) and sum(changed) > len(changed) // 2
+    assert _cli(base, data, base.parent / "bad.lora", "--steps", "1", "--full") == 2
+
+
+def test_bad_rows_stop_with_file_and_line_or_are_skipped(setup, capsys):
+    base, _ = setup
+    bad = _write(base.parent / "bad.jsonl", ROWS[:6], ['{"messages": [{"role": "user"}]}', "{not json"])
+    out = base.parent / "b.lora"
+    assert _cli(base, bad, out, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinygpt: error:") and f"{bad}:7" in err and "Traceback" not in err
+    assert not out.exists()
+    bad2 = _write(base.parent / "bad2.jsonl", ROWS[:6], ["{not json"])
+    assert _cli(base, bad2, out, "--steps", "1") == 2
+    assert f"{bad2}:7" in capsys.readouterr().err
+    bad3 = _write(base.parent / "bad3.jsonl", ROWS[:6] + [{"messages": "oops"}, {"text": "no format"}])
+    assert main(["sft", str(base), "--data", str(bad3), "--out", str(out), "--steps", "1", "--batch", "2",
+                 "--ctx", "64", "--device", "cpu", "--skip-bad-rows"]) == 0
+    assert "skipped 2 bad row(s)" in capsys.readouterr().err
+    assert _cli(base, base.parent / "missing.jsonl", out, "--steps", "1") == 2
+
+
+def test_flag_errors_exit_2(setup, capsys):
+    base, data = setup
+    assert _cli(base, data, base.parent / "a.tinygpt", "--steps", "1") == 2       # LoRA needs .lora
+    assert _cli(base, data, base.parent / "a.lora", "--steps", "2", "--epochs", "1") == 2
+    assert _cli(base, data, base.parent / "a.lora", "--ctx", "4096") == 2
+    assert _cli(base, data, base.parent / "a.lora", "--template", "nope") == 2
+    assert _cli(base, data, base.parent / "a.lora", "--max-length", "3", "--steps", "1") == 2   # nothing fits
+    err = capsys.readouterr().err
+    assert err.count("tinygpt: error:") == 5 and "Traceback" not in err
+
+
+def test_epochs_warmup_and_truncation_arithmetic(setup):
+    base, _ = setup
+    long = [{"messages": [{"role": "user", "content": "Spell it."}, {"role": "assistant", "content": "x" * 30}]}]
+    data = _write(base.parent / "mixed.jsonl", ROWS + long * 3)
+    model, tok = load_model_and_tokenizer(base)
+    logs = []
+    t = SFTTrainer(model, tok, data, base.parent / "e.lora",
+                   SFTOptions(device="cpu", ctx=64, packing=False, epochs=2.5, max_length=18),
+                   sft_train_config(batch=4, accum=2, dtype="float32", quiet=True), log=logs.append)
+    enc = encode_conversations(tok, t.template, load_sft(data)[0])
+    fits = sum(1 for ids, mask in enc if len(ids) <= 18 or (len(ids) - mask.index(1) + 1) <= 18)
+    assert fits == len(ROWS) and t.stats["train_dropped"] == 3   # long prompts were cut, not dropped
+    assert len(t.train_rows) == fits and t.train_rows.x.shape[1] <= 17
+    assert t.tcfg.steps == math.ceil(2.5 * fits / 8)
+    assert t.tcfg.warmup == min(100, t.tcfg.steps // 10)
+    assert any("3 dropped" in m for m in logs)
+
+
+def test_resume_equals_uninterrupted(setup):
+    base, data = setup
+    a, b = base.parent / "a.lora", base.parent / "b.lora"
+    common = ["--lr", "5e-3", "--lr-schedule", "constant", "--warmup", "0", "--seed", "3"]
+    assert _cli(base, data, a, "--steps", "6", *common) == 0
+    assert _cli(base, data, b, "--steps", "3", *common) == 0
+    assert _cli(base, data, b, "--steps", "6", "--resume", *common) == 0
+    from tinygpt.checkpoint import load_tensors
+    ta, tb = load_tensors(a)[0], load_tensors(b)[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert _cli(base, data, b, "--steps", "6", "--resume", "--ctx", "32", *common) == 2   # settings differ
+
+
+def test_stacked_adapter_trains_on_top_of_a_frozen_one(setup):
+    base, data = setup
+    first, second = base.parent / "first.lora", base.parent / "second.lora"
+    assert _cli(base, data, first, "--steps", "3", "--lr", "1e-2") == 0
+    assert _cli(base, data, second, "--steps", "3", "--lr", "1e-2", "--lora", str(first), "--lora-rank", "2") == 0
+    from tinygpt.checkpoint import load_tensors
+    t1, t2 = load_tensors(first), load_tensors(second)
+    assert {v.shape[0] for k, v in t2[0].items() if k.endswith("lora_A")} == {2}
+    assert json.loads(t2[1]["stacked_on"])[0][0] == str(first)
+    both, _ = load_model_and_tokenizer(base, lora=[first, (second, 0.5)])
+    assert len(both._lora_meta) == 2
+
+
+@pytest.mark.slow
+def test_sft_improves_exact_match_on_the_synthetic_eval(tmp_path):
+    from tinygpt.data.synth import exact_match, generate as synth
+    from tinygpt.generate import generate
+    paths = synth(tmp_path / "syn", seed=0)
+    base = tmp_path / "base.tinygpt"
+    assert main(["train", "--corpus", str(paths["corpus"]), "--preset", "tiny", "--steps", "300", "--batch", "16",
+                 "--ctx", "256", "--out", str(base), "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "sft.lora"
+    assert main(["sft", str(base), "--data", str(paths["sft"]), "--steps", "150", "--batch", "16", "--lr", "2e-3",
+                 "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    rows = [json.loads(x) for x in paths["eval"].read_text().splitlines()][:200]
+
+    def score(lora):
+        model, tok = load_model_and_tokenizer(base, lora=lora)
+        tmpl = get_template("chatml", tok)
+        prompts = [tok.encode(tmpl.prompt_text([{"role": "user", "content": r["prompt"]}])) for r in rows]
+        gen = generate(model, prompts, 8, temperature=0, stop_ids=tok.stop_ids(), pad_id=tok.pad_id)
+        texts = [tok.decode(t, skip_special=True) for t in gen.tokens]
+        return sum(exact_match(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
+    before, after = score([]), score([out])
+    assert after > before + 0.1, (before, after)

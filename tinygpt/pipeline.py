@@ -1,0 +1,318 @@
+"""`tinygpt pipeline`: the whole recipe as one resumable command, driven by a small YAML file.
+
+    name: demo
+    defaults: {quiet: true, device: auto}      # given to every stage whose command has the flag
+    stages:
+      - {name: data, cmd: data synth, out: data}
+      - {name: base, cmd: train, args: {corpus: "${data}/corpus.txt", preset: tiny, steps: 200}}
+      - {name: sft,  cmd: sft, model: "${base}", args: {data: "${data}/sft.jsonl"}}
+      - {name: eval-sft, cmd: eval, model: "${base}", args: {lora: "${sft}", tasks: synth, label: SFT}}
+
+Design choices:
+- A stage IS a `tinygpt` subcommand invocation: the pipeline only builds its argument list
+  (`args` keys become flags, lists repeat the flag or fill an nargs='+' option, `true` is a bare
+  switch, `model` is the positional argument) and calls the same parser and function the command
+  line does, in-process (torch is imported once). There is no second implementation of any stage.
+- Wiring: every stage writes one artifact, `out` (default `<run>/<name><ext>`, the extension
+  chosen by the command). `${name}` in any value is that stage's artifact, `${run}` the run folder.
+  Stages run in the order listed; a reference to a later stage is an error.
+- Resumable: each stage's key hashes its command, its resolved arguments and the CONTENT of every
+  existing file or folder its arguments name (its own output excluded). A stage whose key matches
+  the state file (`pipeline.json` in the run folder) and whose artifact exists is skipped; a change
+  anywhere upstream changes the bytes of an input and so re-runs everything after it.
+- A stage that fails (a user error, or a bug) is recorded with its error and stops the run;
+  everything finished stays recorded and is skipped next time. The state file is written
+  atomically after every transition, so an interrupted run never loses a finished stage.
+- `extends: demo` reuses another config's stages and adds more (demo-rl = demo + GRPO), so one
+  run folder serves both and the shared stages run once.
+- Commands are checked against this installation before anything runs (a typo, or a command not
+  available here, fails at once, not after an hour of pretraining).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+STATE_FILE = "pipeline.json"
+EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
+              "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",
+              "ppo": ".lora", "grpo": ".lora", "eval": ".json"}
+_REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_STAGE_KEYS = {"name", "cmd", "model", "out", "args"}
+
+
+@dataclass
+class Stage:
+    name: str
+    cmd: str
+    model: str | None = None
+    out: str | None = None
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    name: str
+    stages: list
+    defaults: dict = field(default_factory=dict)
+    compare: list = field(default_factory=list)     # eval labels to print side by side at the end
+    source: str = ""
+
+
+# ---- loading and validation -------------------------------------------------------------------
+def preset_path(name: str) -> Path:
+    from importlib import resources
+    p = Path(str(resources.files("tinygpt") / "presets" / f"{name}.yaml"))
+    if not p.exists():
+        avail = sorted(q.stem for q in p.parent.glob("*.yaml"))
+        raise UserError(f"unknown pipeline preset {name!r}", "--preset", f"choose one of {', '.join(avail)}")
+    return p
+
+
+def load_pipeline(path) -> Pipeline:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pipeline config not found: {path}", None, "pass a YAML file or --preset demo")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"invalid YAML ({str(e).splitlines()[0]})", str(path)) from None
+    if isinstance(raw, dict) and raw.get("extends"):
+        raw = _extend(raw, path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise UserError("a pipeline config needs a non-empty 'stages' list", str(path))
+    unknown = set(raw) - {"name", "stages", "defaults", "compare"}
+    if unknown:
+        raise UserError(f"unknown top-level key {sorted(unknown)[0]!r}", str(path),
+                        "use name, extends, defaults, stages, compare")
+    stages, seen = [], set()
+    for i, s in enumerate(raw["stages"], 1):
+        where = f"{path} (stage {i})"
+        if not isinstance(s, dict) or not {"name", "cmd"} <= set(s):
+            raise UserError("a stage needs 'name' and 'cmd'", where)
+        if set(s) - _STAGE_KEYS:
+            raise UserError(f"unknown stage key {sorted(set(s) - _STAGE_KEYS)[0]!r}", where,
+                            f"use {', '.join(sorted(_STAGE_KEYS))}")
+        name = str(s["name"])
+        if not _NAME.match(name) or name in seen or name == "run":
+            raise UserError(f"bad or repeated stage name {name!r}", where, "use unique names of letters, digits, _ . -")
+        if not isinstance(s.get("args", {}), dict):
+            raise UserError("'args' must be a mapping of flag: value", where)
+        for ref in _REF.findall(json.dumps([s.get("model"), s.get("out"), s.get("args", {})])):
+            if ref != "run" and ref not in seen:
+                raise UserError(f"stage {name!r} refers to ${{{ref}}}, which is not an earlier stage", where)
+        seen.add(name)
+        stages.append(Stage(name, str(s["cmd"]), s.get("model"), s.get("out"), dict(s.get("args") or {})))
+    pipe = Pipeline(str(raw.get("name") or path.stem), stages, dict(raw.get("defaults") or {}),
+                    list(raw.get("compare") or []), str(path))
+    for st in pipe.stages:
+        subparser(st.cmd, f"{path} (stage {st.name})")
+    return pipe
+
+
+def _extend(raw: dict, path: Path) -> dict:
+    """`extends: demo` (a preset) or `extends: other.yaml` (beside this file): the parent's stages
+    come first, then this file's; defaults merge (this file wins); name/compare are this file's."""
+    import yaml
+    ref = str(raw.pop("extends"))
+    parent_path = path.parent / ref if ref.endswith((".yaml", ".yml")) else preset_path(ref)
+    if not parent_path.is_file():
+        raise UserError(f"extended config not found: {parent_path}", str(path))
+    parent = yaml.safe_load(parent_path.read_text(encoding="utf-8")) or {}
+    if parent.get("extends"):
+        parent = _extend(parent, parent_path)
+    return {"name": raw.get("name", parent.get("name")),
+            "defaults": {**(parent.get("defaults") or {}), **(raw.get("defaults") or {})},
+            "compare": raw.get("compare", parent.get("compare")),
+            "stages": list(parent.get("stages") or []) + list(raw.get("stages") or []),
+            **{k: v for k, v in raw.items() if k not in ("name", "defaults", "compare", "stages")}}
+
+
+def subparser(cmd: str, where: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of a (possibly two-word) tinygpt command, e.g. 'data synth'."""
+    from .cli import build_parser
+    p = build_parser()
+    for word in cmd.split():
+        sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or word not in sub.choices:
+            have = sorted(sub.choices) if sub else []
+            raise UserError(f"unknown command '{cmd}'", where,
+                            f"this installation has: {', '.join(have)}" if have else None)
+        p = sub.choices[word]
+    return p
+
+
+# ---- argument lists ---------------------------------------------------------------------------
+def _subst(value, outs: dict, run: Path):
+    if isinstance(value, list):
+        return [_subst(v, outs, run) for v in value]
+    if not isinstance(value, str):
+        return value
+    return _REF.sub(lambda m: str(run) if m.group(1) == "run" else str(outs[m.group(1)]), value)
+
+
+def stage_out(stage: Stage, run: Path, outs: dict) -> Path:
+    if stage.out:
+        p = Path(_subst(stage.out, outs, run))
+        return p if p.is_absolute() else run / p
+    return run / f"{stage.name}{EXTENSIONS.get(stage.cmd, '.out')}"
+
+
+def build_argv(stage: Stage, pipe: Pipeline, run: Path, outs: dict) -> list[str]:
+    parser = subparser(stage.cmd)
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    argv = stage.cmd.split()
+    if stage.model is not None:
+        argv.append(str(_subst(stage.model, outs, run)))
+    args = {str(k).replace("_", "-"): v for k, v in pipe.defaults.items() if f"--{str(k).replace('_', '-')}" in flags}
+    args.update({str(k).replace("_", "-"): v for k, v in stage.args.items()})
+    args["out"] = str(outs[stage.name])
+    for key, value in args.items():
+        flag = f"--{key}"
+        if flag not in flags:
+            raise UserError(f"stage {stage.name!r}: '{stage.cmd}' has no option {flag}", pipe.source,
+                            f"see 'tinygpt {stage.cmd} --help'")
+        value = _subst(value, outs, run)
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            if flags[flag].nargs in ("+", "*"):
+                argv += [flag] + [str(v) for v in value]
+            else:
+                for v in value:
+                    argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+# ---- content hashes ---------------------------------------------------------------------------
+_HASHES: dict = {}
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (names and bytes); memoised by mtime."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo in _HASHES:
+        return _HASHES[memo]
+    h = hashlib.sha256()
+    files = sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else "").encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
+
+
+def stage_key(argv: list[str], out: Path, run: Path | None = None) -> str:
+    """Hash of the command line plus the content of every existing path it names (out excluded).
+    Paths inside the run folder enter as `${run}/...`, so a moved or copied run folder resumes."""
+    shown = [a.replace(str(run), "${run}") for a in argv] if run is not None else argv
+    h = hashlib.sha256(json.dumps(shown).encode())
+    for tok in argv:
+        for part in [tok] + ([tok.split("=", 1)[1]] if "=" in tok else []):
+            p = Path(part)
+            if part and p.resolve() != out.resolve() and p.exists():
+                h.update(content_hash(p).encode())
+    return h.hexdigest()[:20]
+
+
+# ---- running ----------------------------------------------------------------------------------
+def hardware() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def read_state(run: Path) -> dict:
+    f = Path(run) / STATE_FILE
+    if not f.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError("the pipeline state file is damaged", str(f), "delete it to start the run again") from None
+
+
+def _write_state(run: Path, state: dict) -> None:
+    from .checkpoint import atomic_write_text
+    atomic_write_text(run / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+def invoke(argv: list[str]) -> None:
+    """Run one tinygpt command in-process exactly as the command line would (UserError propagates)."""
+    from .cli import build_parser
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+def run_pipeline(config, out=None, force: bool = False, log=print, device: str | None = None) -> dict:
+    """Run (or resume) a pipeline; returns the final state. `config`: a YAML path; `device`
+    overrides the config's default device for every stage that takes one."""
+    pipe = load_pipeline(config)
+    if device:
+        pipe.defaults["device"] = device
+    run = Path(out) if out else Path("runs") / pipe.name
+    run.mkdir(parents=True, exist_ok=True)
+    state = read_state(run)
+    state.update({"name": pipe.name, "config": str(pipe.source), "hardware": hardware(),
+                  "order": [s.name for s in pipe.stages], "compare": pipe.compare})
+    outs: dict = {}
+    for i, st in enumerate(pipe.stages, 1):
+        outs[st.name] = stage_out(st, run, outs)
+        argv = build_argv(st, pipe, run, outs)
+        key = stage_key(argv, outs[st.name], run)
+        rec = state["stages"].get(st.name, {})
+        head = f"[{i}/{len(pipe.stages)}] {st.name}"
+        if not force and rec.get("status") == "done" and rec.get("key") == key and outs[st.name].exists():
+            log(f"{head}: up to date, skipped")
+            continue
+        log(f"{head}: tinygpt {' '.join(argv)}")
+        rec = {"cmd": st.cmd, "argv": argv, "key": key, "out": str(outs[st.name]), "status": "running",
+               "started": time.time(), "hardware": state["hardware"]}
+        state["stages"][st.name] = rec
+        _write_state(run, state)
+        t0 = time.perf_counter()
+        try:
+            invoke(argv)
+        except Exception as e:
+            rec.update(status="failed", error=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
+                       seconds=round(time.perf_counter() - t0, 2), finished=time.time())
+            _write_state(run, state)
+            if isinstance(e, UserError):
+                raise UserError(f"stage '{st.name}' failed: {e}", str(run / STATE_FILE),
+                                "fix it and run the same command again (finished stages are kept)") from None
+            raise
+        except KeyboardInterrupt:
+            rec.update(status="interrupted", finished=time.time())
+            _write_state(run, state)
+            raise
+        rec.update(status="done", seconds=round(time.perf_counter() - t0, 2), finished=time.time())
+        _write_state(run, state)
+        log(f"{head}: done in {rec['seconds']:.1f}s")
+    return state
+
+
+def pipeline_command(config, out=None, force: bool = False, device: str | None = None, log=print) -> dict:
+    """`tinygpt pipeline`: run or resume the stages, then write the report; returns
+    {"state", "run", "report"} where report holds the paths and the terminal table."""
+    from .report import build_report
+    pipe_state = run_pipeline(config, out, force, log, device)
+    run = Path(out) if out else Path("runs") / pipe_state["name"]
+    return {"state": pipe_state, "run": run, "report": build_report(run)}

@@ -1,0 +1,270 @@
+"""The run report: `report.md` and a self-contained `report.html` in a run folder.
+
+Design choices:
+- Inputs are only files the stages already write: the pipeline state (`pipeline.json`: order,
+  commands, times, hardware), each artifact's `<stem>.run/metrics.jsonl`, and each eval stage's
+  results JSON. A folder without a pipeline state still gets a report: its `*.run/metrics.jsonl`
+  folders and results files are found by scanning. `tinygpt report RUN_DIR` rebuilds it any time.
+- Plots (matplotlib, Agg backend, no display needed): one figure per training stage, one panel per
+  group of numeric metrics against the step. Keys containing "loss" share a panel (loss, val_loss,
+  policy_loss), as do those containing "reward", "accuracy", "kl", "time", ...; other keys group by
+  their prefix before "/". Bookkeeping keys (step, token counters) and constant series are not
+  plotted. The HTML embeds the PNGs as base64, so
+  the one file can be mailed or opened offline; the markdown links the same PNGs on disk.
+- The eval table has one row per evaluated model (its label: base, SFT, DPO, ...) and one column
+  per task metric; the best value of each column is marked (bold in md/html, `*` in the terminal).
+  Lower is better for perplexity, bits-per-byte, NLL and losses; higher for everything else.
+  Counts (n, seconds) are not metrics and are left out.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+LOWER_IS_BETTER = ("ppl", "bpb", "nll", "loss")
+NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions"}
+BOOKKEEPING = {"step", "iteration", "epoch", "tokens_seen", "tokens", "skipped", "updates", "early_stop"}
+# substring -> panel: keys containing it share one panel (checked in this order)
+PANELS = ("loss", "reward", "accuracy", "kl", "time", "logps", "entropy")
+
+
+# ---- gathering --------------------------------------------------------------------------------
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash; the rest is still worth plotting
+    return rows
+
+
+def _run_dir_for(out: Path) -> Path:
+    from .train.engine import run_dir_for
+    return run_dir_for(out)
+
+
+def collect(run: Path) -> dict:
+    """{stages: [{name, cmd, status, seconds, hardware, out, metrics: [...]}], evals: [results]}."""
+    from .pipeline import read_state
+    run = Path(run)
+    state = read_state(run)
+    stages = []
+    if state["stages"]:
+        for name in state.get("order") or list(state["stages"]):
+            rec = state["stages"].get(name)
+            if rec:
+                stages.append({"name": name, **rec})
+    else:  # a folder of runs made by hand: find what there is
+        for d in sorted(run.glob("*.run"), key=lambda p: p.stat().st_mtime):
+            stages.append({"name": d.name[:-4], "cmd": "?", "status": "done", "out": str(d.with_suffix(""))})
+        for f in sorted(run.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            stages.append({"name": f.stem, "cmd": "eval", "status": "done", "out": str(f)})
+    evals = []
+    for s in stages:
+        out = Path(s.get("out", ""))
+        s["metrics"] = read_metrics(_run_dir_for(out) / "metrics.jsonl") if s.get("out") else []
+        if s.get("cmd") == "eval" and out.is_file():
+            try:
+                res = json.loads(out.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                continue
+            if isinstance(res, dict) and "tasks" in res:
+                evals.append(res)
+    return {"name": state.get("name", run.name), "hardware": state.get("hardware", ""),
+            "compare": state.get("compare", []), "stages": stages, "evals": evals}
+
+
+# ---- the eval table ---------------------------------------------------------------------------
+def eval_table(evals: list[dict]) -> tuple[list[str], list[str], list[list], list[set]]:
+    """(row labels, column names 'task/metric', values (None where missing), best row index set
+    per column)."""
+    cols: list[str] = []
+    for res in evals:
+        for t, m in res["tasks"].items():
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS:
+                    if f"{t}/{k}" not in cols:
+                        cols.append(f"{t}/{k}")
+    labels = [str(r.get("label") or Path(r["model"]["path"]).stem) for r in evals]
+    values = [[r["tasks"].get(c.split("/", 1)[0], {}).get(c.split("/", 1)[1]) for c in cols] for r in evals]
+    best = []
+    for j, c in enumerate(cols):
+        col = [(v[j], i) for i, v in enumerate(values) if isinstance(v[j], (int, float)) and math.isfinite(v[j])]
+        if not col:
+            best.append(set())
+            continue
+        lower = any(c.split("/", 1)[1].startswith(p) for p in LOWER_IS_BETTER)
+        target = min(col)[0] if lower else max(col)[0]
+        marked = {i for v, i in col if v == target}
+        best.append(marked if len(col) > 1 and len(marked) < len(col) else set())   # all equal: no best
+    return labels, cols, values, best
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def table_text(evals: list[dict]) -> str:
+    """The eval table for the terminal; the best value of each column carries a '*'."""
+    labels, cols, values, best = eval_table(evals)
+    if not cols:
+        return "(no evaluation results)"
+    cells = [["model"] + cols] + [[lab] + [_fmt(v) + ("*" if i in best[j] else "") for j, v in enumerate(row)]
+                                  for i, (lab, row) in enumerate(zip(labels, values))]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _eval_rows(evals, bold_md: bool):
+    labels, cols, values, best = eval_table(evals)
+    rows = []
+    for i, (lab, row) in enumerate(zip(labels, values)):
+        cells = [html.escape(lab) if not bold_md else lab]
+        for j, v in enumerate(row):
+            s = _fmt(v)
+            cells.append((f"**{s}**" if bold_md else f"<b>{s}</b>") if i in best[j] else s)
+        rows.append(cells)
+    return ["model"] + cols, rows
+
+
+def _stage_rows(stages) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for s in stages:
+        m = s["metrics"][-1] if s["metrics"] else {}
+        tokens = m.get("tokens_seen")
+        rows.append([s["name"], s.get("cmd", ""), s.get("status", ""),
+                     f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
+                     f"{int(tokens):,}" if tokens else "-", str(m.get("step", "-")), s.get("hardware", "-")])
+    return ["stage", "command", "status", "seconds", "tokens seen", "steps", "hardware"], rows
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def metric_groups(rows: list[dict]) -> dict[str, list[str]]:
+    """Panel name -> metric keys. Constant series (a fixed lr, a fixed coefficient) are left out."""
+    values: dict[str, set] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in BOOKKEEPING and isinstance(v, (int, float)) and not isinstance(v, bool):
+                values.setdefault(k, set()).add(v)
+    groups: dict[str, list[str]] = {}
+    for k, vs in values.items():
+        if len(vs) < 2 and len(rows) > 1:
+            continue
+        g = next((p for p in PANELS if p in k), k.split("/", 1)[0])
+        groups.setdefault(g, []).append(k)
+    return groups
+
+
+def plot_stage(stage: dict) -> bytes | None:
+    """A PNG of the stage's metrics (one panel per group), or None when it logged nothing."""
+    rows = stage["metrics"]
+    groups = metric_groups(rows)
+    if not groups:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(groups)
+    ncols = min(3, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, (g, keys) in zip(axes.flat, groups.items()):
+        for k in keys:
+            pts = [(r.get("step", i + 1), r[k]) for i, r in enumerate(rows)
+                   if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title(g, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{stage['name']} ({stage.get('cmd', '')})", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---- writing ----------------------------------------------------------------------------------
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+
+
+def build_report(run) -> dict:
+    """Write report.md, report.html and the plots (report/*.png) into the run folder.
+    Returns {"md", "html", "table"} (paths and the terminal table)."""
+    from .checkpoint import atomic_write_bytes, atomic_write_text
+    run = Path(run)
+    if not run.is_dir():
+        from .errors import UserError
+        raise UserError(f"run folder not found: {run}", None, "pass the folder given to 'tinygpt pipeline --out'")
+    info = collect(run)
+    shead, srows = _stage_rows(info["stages"])
+    md = [f"# Run report: {info['name']}", "", f"Hardware: {info['hardware'] or 'unknown'}", "",
+          "## Evaluation", ""]
+    ht = [f"<h1>Run report: {html.escape(info['name'])}</h1>",
+          f"<p>Hardware: {html.escape(info['hardware'] or 'unknown')}</p>", "<h2>Evaluation</h2>"]
+    if info["evals"]:
+        head, rows = _eval_rows(info["evals"], bold_md=True)
+        md += [_md_table(head, rows), "", "Best value per column in bold.", ""]
+        head, rows = _eval_rows(info["evals"], bold_md=False)
+        ht += [_html_table(head, rows), "<p>Best value per column in bold.</p>"]
+    else:
+        md += ["(no evaluation results)", ""]
+        ht.append("<p>(no evaluation results)</p>")
+    md += ["## Stages", "", _md_table(shead, srows), "", "## Training curves", ""]
+    ht += ["<h2>Stages</h2>", _html_table(shead, [[html.escape(c) for c in r] for r in srows]),
+           "<h2>Training curves</h2>"]
+    for s in info["stages"]:
+        png = plot_stage(s)
+        if png is None:
+            continue
+        rel = f"report/{s['name']}.png"
+        atomic_write_bytes(run / rel, png)
+        md += [f"### {s['name']}", "", f"![{s['name']}]({rel})", ""]
+        ht.append(f"<h3>{html.escape(s['name'])}</h3><img alt='{html.escape(s['name'])}' "
+                  f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(info['name'])}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(ht)}</body></html>\n")
+    atomic_write_text(run / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(run / "report.html", page)
+    return {"md": run / "report.md", "html": run / "report.html", "table": table_text(info["evals"]),
+            "evals": info["evals"], "compare": info["compare"]}
+
+
+def compare_line(evals: list[dict], labels: list[str]) -> str | None:
+    """'synth/accuracy: SFT 0.41 -> GRPO 0.55' for the first metric both labelled rows have."""
+    by = {str(r.get("label")): r for r in evals}
+    if len(labels) < 2 or not all(lab in by for lab in labels):
+        return None
+    rows, cols, values, _ = eval_table([by[lab] for lab in labels])
+    parts = []
+    for j, c in enumerate(cols):
+        if all(isinstance(v[j], (int, float)) for v in values):
+            parts.append(f"{c}: " + " -> ".join(f"{lab} {_fmt(v[j])}" for lab, v in zip(rows, values)))
+    return "; ".join(parts[:3]) or None
