@@ -7,6 +7,7 @@ import torch
 
 from tinygpt.checkpoint import load_model, save_model
 from tinygpt.config import ModelConfig
+from tinygpt.errors import UserError
 from tinygpt.data.corpus import TokenBatches, read_documents, tokenize_corpus
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
@@ -160,3 +161,37 @@ def test_trains_on_tinystories(shared_data, tmp_path):
 
 def test_run_dir_sits_beside_the_output():
     assert str(run_dir_for("out/base.tinygpt")) == "out/base.run"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])                 # cuda: fused AdamW skips on device
+def test_non_finite_step_is_skipped_and_repeated_ones_stop_training(device, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("nano", vocab_size=97)).to(device)
+    data = torch.randint(0, 97, (4, 17), device=device)
+    poisoned = {1}                                          # step 1's loss is NaN
+
+    def step(m, i):
+        loss = torch.nn.functional.cross_entropy(m(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten(), reduction="sum")
+        return loss * (float("nan") if i in poisoned else 1.0), data[:, 1:].numel(), {}
+
+    eng = Engine(model, TrainConfig(steps=10, dtype="float32", quiet=True, max_bad_steps=3), step, lambda i: i,
+                 out=tmp_path / "m.x", log=lambda *a: None)
+
+    def snapshot():
+        moments = [t.clone() for s in eng.opt.state.values() for t in s.values()]
+        return [p.detach().clone() for p in eng.params], moments
+    eng.train_step()
+    eng.step += 1
+    before = snapshot()
+    *_, finite, _ = eng.train_step()
+    assert not finite
+    for a, b in zip(before[0] + before[1], snapshot()[0] + snapshot()[1]):
+        assert torch.equal(a, b)                              # weights, moments and step counts untouched
+    eng.step += 1
+    *_, finite, _ = eng.train_step()
+    assert finite and not torch.equal(before[0][0], eng.params[0])
+    poisoned.update(range(3, 10))
+    with pytest.raises(UserError, match="diverged"):
+        eng.step += 1
+        eng.fit()

@@ -228,12 +228,11 @@ class _RLTrainer:
         steps = cfg.iterations * cfg.epochs * math.ceil(n_seq / self.minibatch)
         # one micro-batch per optimizer step: the minibatch size is the memory knob
         self.tcfg = replace(tcfg, steps=steps, accum=1)
-        self.engine = Engine(self.net, self.tcfg, self.loss_step, lambda i: self._micro, out, None, None,
-                             self.device, rank, world, log)
+        self.engine = Engine(self.net, self.tcfg, self.loss_step, None, out, None, None,
+                             self.device, rank, world, log)       # minibatches come from the buffer
         self.run_dir = run_dir_for(out)
         g = torch.Generator().manual_seed(tcfg.seed)
         self.order = torch.randperm(len(prompts), generator=g).tolist()
-        self._micro = None
 
     # ---- rollout and scoring -------------------------------------------------------------------
     def rollout(self, it: int) -> list[Episode]:
@@ -300,15 +299,13 @@ class _RLTrainer:
         n = 0
         for epoch in range(self.cfg.epochs):
             for idx in buf.minibatches(self.minibatch, gen):
-                self._micro = buf.gather(idx, self.pad, self.device)
-                loss, norm, lr, finite, m = self.engine.train_step()
+                loss, norm, lr, finite, m = self.engine.train_step([buf.gather(idx, self.pad, self.device)])
                 self.engine.step += 1
                 n += 1
                 for k, v in {**m, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": float(not finite)}.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if self.cfg.max_kl > 0 and m.get("approx_kl", 0.0) > self.cfg.max_kl:
                     return {**{k: v / n for k, v in sums.items()}, "updates": n, "early_stop": 1}
-        self._micro = None
         return {**{k: v / max(n, 1) for k, v in sums.items()}, "updates": n, "early_stop": 0}
 
     def _policy_terms(self, model, mb, values: bool):

@@ -9,7 +9,11 @@ The engine owns everything else, once:
 - gradient clipping, the learning-rate schedule (a pure function of the step), mixed precision
   (bf16 autocast, or fp16 with a GradScaler), torch.compile of the loss step, DDP under torchrun;
 - a NaN guard: a step with a non-finite loss or gradient norm is skipped (optimizer untouched),
-  and training stops after `max_bad_steps` in a row;
+  and training stops after `max_bad_steps` in a row. With the fused CUDA AdamW the skip is decided
+  on the device (the `found_inf` flag GradScaler also uses), so the step is queued before the host
+  waits for the loss: the host syncs once per step, after the update, as nanoGPT does;
+- the next micro-batch is fetched while the GPU runs the current one (batch i is a pure function
+  of i, so fetching early changes nothing but the overlap);
 - logging (progress bar with loss, lr, tokens/s and ETA; every step to `metrics.jsonl`), validation
   every `val_every` steps, checkpoints every `save_every` steps, and a final save on Ctrl-C;
 - resume: the run folder holds the trainable weights, the optimizer moments, the step, the RNG
@@ -128,6 +132,10 @@ class Engine:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = torch.compile(loss_step) if cfg.compile else loss_step
+        # skip non-finite steps on the device: fused AdamW honours `found_inf` (GradScaler's protocol)
+        self.device_skip = self.device.type == "cuda" and not self.scaler.is_enabled() and \
+            all(g.get("fused") for g in self.opt.param_groups)
+        self._ahead = None          # (index, batch) fetched early
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
@@ -193,19 +201,31 @@ class Engine:
         self.step, self.tokens_seen = scalars["step"], scalars["tokens_seen"]
 
     # ---- one optimizer step ------------------------------------------------------------------
-    def accumulate(self):
-        """Forward/backward over `accum` micro-batches; leaves p.grad = d(total loss sum)/dp divided
-        by the total count (over micro-batches and ranks). Returns (mean loss tensor, metrics sums)."""
+    def _fetch(self, i: int):
+        """Batch i, taken from the early fetch when it is there."""
+        if self._ahead is not None and self._ahead[0] == i:
+            batch, self._ahead = self._ahead[1], None
+            return batch
+        return self.batches(i)
+
+    def accumulate(self, micro_batches=None):
+        """Forward/backward over `accum` micro-batches (`micro_batches` when given, else drawn from
+        `batches`); leaves p.grad = d(total loss sum)/dp divided by the total count (over
+        micro-batches and ranks). Returns (mean loss tensor, metrics sums)."""
         cfg = self.cfg
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         total_count = torch.zeros((), device=self.device, dtype=torch.float32)
         sums: dict = {}
-        for micro in range(cfg.accum):
-            batch = self.batches(self.step * cfg.accum + micro)
-            sync = self.world == 1 or micro == cfg.accum - 1
+        n_micro = cfg.accum if micro_batches is None else len(micro_batches)
+        for micro in range(n_micro):
+            i = self.step * cfg.accum + micro
+            batch = self._fetch(i) if micro_batches is None else micro_batches[micro]
+            sync = self.world == 1 or micro == n_micro - 1
             with (nullcontext() if sync else self.wrapped.no_sync()):
                 with self.autocast():
                     loss_sum, count, metrics = self.step_fn(self.wrapped, batch)
+                if micro_batches is None and i + 1 < cfg.steps * cfg.accum:
+                    self._ahead = (i + 1, self.batches(i + 1))   # host work overlaps the GPU's
                 self.scaler.scale(loss_sum).backward()
             total_loss += loss_sum.detach().float()
             total_count += count if torch.is_tensor(count) else float(count)
@@ -221,17 +241,22 @@ class Engine:
         torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
         return total_loss / total_count.clamp(min=1.0), sums
 
-    def train_step(self):
+    def train_step(self, micro_batches=None):
+        """One optimizer step. Returns (loss, grad norm, lr, finite, metrics averaged per micro-batch)."""
         cfg = self.cfg
-        loss_t, sums = self.accumulate()
+        loss_t, sums = self.accumulate(micro_batches)
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
         for g in self.opt.param_groups:
             g["lr"] = lr
+        if self.device_skip:        # the kernel skips the update (and its step count) when found_inf
+            self.opt.found_inf = (~(torch.isfinite(loss_t) & torch.isfinite(norm))).float()
+            self.opt.step()
+            del self.opt.found_inf
         loss, norm = torch.stack([loss_t, norm.float()]).tolist()   # the one host sync per step
         # with fp16 the GradScaler skips overflowing steps itself; count only a non-finite loss then
         finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm))
-        if finite:
+        if finite and not self.device_skip:
             self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
