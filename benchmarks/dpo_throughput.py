@@ -58,6 +58,7 @@ def parse():
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--modes", default="live,precompute")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps after the timed ones")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
 
@@ -98,9 +99,29 @@ def run_mode(mode, base, tok, items, a, device) -> dict:
                 tokens += int(m["tokens"] * tcfg.accum)
         total = sum(times)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        if a.profile:
+            profile_steps(eng, mode, cuda)
     return {"mode": mode, "pairs_per_s": pairs / total, "tokens_per_s": tokens / total,
             "median_step_s": statistics.median(times), "pairs_per_step": pairs / len(times),
             "peak_gib": round(peak, 3), "setup_s": round(setup_s, 1), "final_loss": loss}
+
+
+def profile_steps(eng, mode, cuda, n=3):
+    """Where a step's time goes: the top kernels/ops by device time, and device-busy vs wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            eng.train_step()
+            eng.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if cuda else float("nan")
+    print(f"--- profile {mode}: {n} steps, wall {wall:.3f}s, device busy {busy:.3f}s", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
 
 
 def main():

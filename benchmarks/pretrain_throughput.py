@@ -74,8 +74,13 @@ def make_shard(args, workdir: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+def model_config(args) -> ModelConfig:
+    extra = {} if args.bias is None else {"bias": args.bias == "on"}
+    return ModelConfig.from_name(args.preset, vocab_size=pad_vocab(50257), block_size=max(args.ctx, 1024), **extra)
+
+
 def run_ours(args, tokens, device, workdir: Path) -> dict:
-    cfg = ModelConfig.from_name(args.preset, vocab_size=pad_vocab(50257), block_size=max(args.ctx, 1024))
+    cfg = model_config(args)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     tcfg = TrainConfig(steps=args.warmup_steps + args.steps, batch=args.batch, lr=6e-4, warmup=10,
@@ -107,7 +112,7 @@ def run_nanogpt(args, tokens_path: Path, nanogpt: Path) -> dict:
         target.unlink()
     target.symlink_to(tokens_path.resolve())
     cmd = [sys.executable, "bench.py", f"--batch_size={args.batch}", f"--block_size={args.ctx}",
-           "--real_data=True", f"--compile={args.compile}"]
+           "--real_data=True", f"--compile={args.compile}", f"--bias={model_config(args).bias}"]
     out = subprocess.run(cmd, cwd=nanogpt, capture_output=True, text=True)
     times = [float(m) for m in re.findall(r"time per iteration: ([0-9.]+)ms", out.stdout)]
     if out.returncode != 0 or not times:
@@ -128,7 +133,8 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--data", help="text corpus to tokenize (default: random tokens)")
     ap.add_argument("--tokenizer-vocab", type=int, default=16384)
-    ap.add_argument("--nanogpt", help="path to a nanoGPT checkout to run beside ours")
+    ap.add_argument("--nanogpt", help="path to a nanoGPT checkout to run beside ours (same bias setting)")
+    ap.add_argument("--bias", choices=["on", "off"], help="override the preset's biases (gpt2: on, as GPT-2)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -142,7 +148,7 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in DATASHEET_BF16.items() if k in name), float("nan"))
     achieved = ours["tokens_per_s"] * ours["flops_per_token"]
-    result = {"device": name, "preset": args.preset, "batch": args.batch, "ctx": args.ctx, "compile": args.compile,
+    result = {"device": name, "preset": args.preset, "bias": model_config(args).bias, "batch": args.batch, "ctx": args.ctx, "compile": args.compile,
               "dtype": args.dtype, "torch": torch.__version__, **ours,
               "tflops": achieved / 1e12, "matmul_ceiling_tflops": ceiling / 1e12,
               "mfu_datasheet": achieved / peak, "mfu_measured_ceiling": achieved / ceiling}

@@ -195,3 +195,21 @@ def test_non_finite_step_is_skipped_and_repeated_ones_stop_training(device, tmp_
     with pytest.raises(UserError, match="diverged"):
         eng.step += 1
         eng.fit()
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5, 1e6])
+def test_one_pass_normalize_and_clip_equals_scale_then_clip_grad_norm(clip, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("nano", vocab_size=97))
+    eng = Engine(model, TrainConfig(steps=1, dtype="float32", quiet=True, grad_clip=clip), None, None,
+                 out=tmp_path / "m.x")
+    for p in eng.params:
+        p.grad = torch.randn_like(p)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in eng.params]
+    for r, p in zip(ref, eng.params):
+        r.grad = p.grad * 0.25
+    want_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip > 0 else float("inf"))
+    norm = eng._normalize_and_clip(torch.tensor(0.25))
+    torch.testing.assert_close(norm, want_norm)
+    for p, r in zip(eng.params, ref):
+        torch.testing.assert_close(p.grad, r.grad)

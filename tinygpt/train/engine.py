@@ -208,10 +208,11 @@ class Engine:
             return batch
         return self.batches(i)
 
-    def accumulate(self, micro_batches=None):
+    def accumulate(self, micro_batches=None, normalize: bool = True):
         """Forward/backward over `accum` micro-batches (`micro_batches` when given, else drawn from
         `batches`); leaves p.grad = d(total loss sum)/dp divided by the total count (over
-        micro-batches and ranks). Returns (mean loss tensor, metrics sums)."""
+        micro-batches and ranks). Returns (mean loss tensor, metrics sums, that divisor's inverse).
+        normalize=False leaves the division to the caller (`train_step` folds it into clipping)."""
         cfg = self.cfg
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         total_count = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -238,14 +239,28 @@ class Engine:
         self.scaler.unscale_(self.opt)
         # DDP averaged the per-rank sums; turn that into the sum over ranks / global count.
         scale = self.world / total_count.clamp(min=1.0)
-        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
-        return total_loss / total_count.clamp(min=1.0), sums
+        if normalize:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
+        return total_loss / total_count.clamp(min=1.0), sums, scale
+
+    def _normalize_and_clip(self, scale):
+        """p.grad *= scale, then clip to `grad_clip` by total norm, in ONE pass over the gradients.
+        Returns the total norm after scaling, before clipping (what clip_grad_norm_ reports)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * scale
+        coef = scale
+        if self.cfg.grad_clip > 0:
+            coef = scale * (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef)
+        return norm
 
     def train_step(self, micro_batches=None):
         """One optimizer step. Returns (loss, grad norm, lr, finite, metrics averaged per micro-batch)."""
         cfg = self.cfg
-        loss_t, sums = self.accumulate(micro_batches)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_t, sums, scale = self.accumulate(micro_batches, normalize=False)
+        norm = self._normalize_and_clip(scale)
         lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
         for g in self.opt.param_groups:
             g["lr"] = lr
