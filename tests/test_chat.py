@@ -65,8 +65,16 @@ def runs(ids, mask):
     return out + ([cur] if cur else [])
 
 
+# Qwen2-Instruct's published chat_template (tokenizer_config.json), verbatim: a default system turn
+# when the conversation has none.
+QWEN2_JINJA = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+               "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+               "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 @pytest.mark.parametrize("fmt", sorted(SFT_ROWS))
-@pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, pytest.param(QWEN2_JINJA, id="qwen2-jinja")])
 def test_mask_trains_exactly_assistant_replies_and_end_markers(tok, name, fmt):
     row = SFT_ROWS[fmt]
     assert detect_format(row) == fmt
@@ -89,6 +97,16 @@ def test_mask_trains_exactly_assistant_replies_and_end_markers(tok, name, fmt):
             assert m.content in untrained
     # the segments are the whole rendering
     assert tok.decode(ids) == "".join(s.text for s in template.render(conv.messages))
+
+
+def test_qwen2_jinja_default_system_turn_is_not_trained(tok):
+    template = get_template(QWEN2_JINJA, tok)
+    ensure_special_tokens(tok, template)
+    msgs = [Message("user", "USER-Q1 hi"), Message("assistant", "Ahoy!"), Message("user", "USER-Q2 and?"),
+            Message("assistant", "Arr.")]
+    ids, mask = encode_conversation(tok, template, msgs)
+    assert [tok.decode(r) for r in runs(ids, mask)] == ["Ahoy!<|im_end|>", "Arr.<|im_end|>"]
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
 
 
 @pytest.mark.parametrize("name", BUILTIN_TEMPLATES)

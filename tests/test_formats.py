@@ -11,7 +11,7 @@ import pytest
 from tinygpt.data.formats import (Conversation, Message, Preference, Unpaired, detect_format,
                                   detect_preference_format, format_instruction, load_preferences,
                                   load_prompts, load_sft, load_unpaired, read_rows, to_conversation,
-                                  to_preference)
+                                  to_preference, SkippedRowsWarning)
 from tinygpt.errors import DataError, UserError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -228,8 +228,45 @@ def test_load_sft_bad_row_raises_with_file_and_line(tmp_path, bad_line, reason):
 
 def test_load_sft_skip_bad_rows_counts(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", BAD_FILE_ROWS)
-    convs, skipped = load_sft(path, skip_bad_rows=True)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 3 bad row\(s\) .*line 2: bad row \(missing field"):
+        convs, skipped = load_sft(path, skip_bad_rows=True)
     assert skipped == 3 and [c.messages[-1].content for c in convs] == ["ok", "ok2"]
+
+
+UNREADABLE = (b'{"instruction": "a", "output": "1"}\n'
+              b'{"instruction": oops}\n'                       # invalid JSON
+              b'{"instruction": "\xff\xfe", "output": "x"}\n'  # invalid UTF-8
+              b'[1, 2]\n'                                      # not an object
+              b'"just text"\n'                                 # not an object
+              b'{"instruction": "b", "output": "2"}\n')
+
+
+def test_unreadable_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(UNREADABLE)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 4 bad row\(s\) .*line 2: invalid JSON"):
+        convs, skipped = load_sft(path, skip_bad_rows=True)
+    assert skipped == 4 and [c.messages[-1].content for c in convs] == ["1", "2"]
+    with pytest.warns(SkippedRowsWarning):
+        assert len(load_prompts(path, skip_bad_rows=True)) == 2
+    bad = []
+    assert [n for n, _ in read_rows(path, on_bad=bad.append)] == [1, 6]
+    assert [(e.line, e.what.split(" (")[0]) for e in bad] == [
+        (2, "invalid JSON"), (3, "invalid UTF-8"), (4, "row is a JSON list, not an object"),
+        (5, "row is a JSON str, not an object")]
+    for line, what in [(2, "invalid JSON"), (3, "invalid UTF-8"), (4, "not an object")]:
+        path.write_bytes(b"\n".join(UNREADABLE.split(b"\n")[i] for i in (0, line - 1)) + b"\n")
+        with pytest.raises(DataError, match=what) as info:
+            load_sft(path)
+        assert f"{path}:2" in str(info.value) and "skip bad rows" in str(info.value)
+
+
+def test_unreadable_rows_of_a_json_array_are_skipped(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"instruction": "q", "output": "a"}, "text", 3]', encoding="utf-8")
+    with pytest.warns(SkippedRowsWarning, match="line 2"):
+        convs, skipped = load_sft(path, skip_bad_rows=True)
+    assert (len(convs), skipped) == (1, 2)
 
 
 def test_format_override_and_unknown_format(tmp_path):
@@ -301,7 +338,8 @@ def test_identical_pairs_skipped_and_bad_pairs(tmp_path):
     with pytest.raises(DataError, match="chosen reply is empty") as info:
         load_preferences(path)
     assert f"{path}:3" in str(info.value)
-    prefs, skipped = load_preferences(path, skip_bad_rows=True)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 1 bad row\(s\)"):   # the identical pair is not bad
+        prefs, skipped = load_preferences(path, skip_bad_rows=True)
     assert skipped == 2 and [p.rejected for p in prefs] == ["5", ""]
 
 
@@ -365,7 +403,8 @@ def test_real_sharegpt_has_rows_without_a_reply():
     with pytest.raises(DataError, match="no assistant reply") as info:
         load_sft(path)
     assert f"{path}:46" in str(info.value)  # a conversation holding only a gpt turn
-    convs, skipped = load_sft(path, skip_bad_rows=True)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 9 bad row\(s\)"):
+        convs, skipped = load_sft(path, skip_bad_rows=True)
     assert (len(convs), skipped) == (991, 9)
     assert all(c.messages[0].role in (U, S) for c in convs)
 
@@ -397,7 +436,8 @@ def test_real_preference_files():
     path = real("preference/ultrafeedback_1k.jsonl")
     with pytest.raises(DataError, match="chosen reply is empty"):
         load_preferences(path)
-    prefs, skipped = load_preferences(path, skip_bad_rows=True)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 1 bad row\(s\)"):
+        prefs, skipped = load_preferences(path, skip_bad_rows=True)
     assert (len(prefs), skipped) == (995, 5)  # 1 empty chosen, 4 identical pairs
 
 

@@ -188,9 +188,16 @@ def test_trainable_share_is_reported(tie, tmp_path):
     logs = []
     tcfg = sft_train_config(steps=1, batch=2, dtype="float32", quiet=True)
     t = SFTTrainer(model, tok, CONVS[:4], tmp_path / "x.lora", SFTOptions(device="cpu", ctx=64), tcfg, log=logs.append)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert t.trainable_share == pytest.approx(n / (model.num_params() - n))   # share of the base
-    assert any(f"{n:,} trainable parameters" in m for m in logs)
+    # nano: C = 64, MLP width 256, 2 layers, no gate; rank 16 adds r * (in + out) per linear:
+    # q, k, v, o: 4 * 16 * (64 + 64) = 8192; up, down: 2 * 16 * (64 + 256) = 10240 -> 18432 a layer.
+    n = 2 * 18432
+    # the base: embeddings 320 * 64 (twice when untied), per layer 4 * 64 * 64 + 2 * 64 * 256 weights
+    # + 2 * 64 + 2 * 32 norm gains, and a final norm of 64.
+    base = 320 * 64 * (1 if tie else 2) + 2 * (4 * 64 * 64 + 2 * 64 * 256 + 2 * 64 + 2 * 32) + 64
+    assert base == (119232 if tie else 139712)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n
+    assert t.trainable_share == pytest.approx(n / base)   # share of the base
+    assert any(f"{n:,} trainable parameters ({100 * n / base:.2f}% of {base / 1e6:.2f}M)" in m for m in logs)
     assert set(DEFAULT_TARGETS) >= {k.rsplit(".", 1)[-1] for k in lora_modules(model)}
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from tinygpt import load_model_and_tokenizer
 from tinygpt.chat import encode_conversation, get_template
@@ -14,6 +16,7 @@ from tinygpt.checkpoint import load_model, save_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import load_sft
+from tinygpt.data.packing import RowOrder
 from tinygpt.lora import lora_modules
 from tinygpt.model import GPT
 from tinygpt.sft import (SFTOptions, SFTTrainer, encode_conversations, format_instruction, sft_loss_step,
@@ -181,6 +184,65 @@ def test_stacked_adapter_trains_on_top_of_a_frozen_one(setup):
     assert json.loads(t2[1]["stacked_on"])[0][0] == str(first)
     both, _ = load_model_and_tokenizer(base, lora=[first, (second, 0.5)])
     assert len(both._lora_meta) == 2
+    # in memory: the frozen adapter and the base never move, and step 1 starts exactly at base + first
+    model, tok = load_model_and_tokenizer(base, lora=[first])
+    ref, _ = load_model_and_tokenizer(base, lora=[first])
+    third = base.parent / "third.lora"
+    t = SFTTrainer(model, tok, data, third, SFTOptions(ctx=64, lora_rank=2, device="cpu", stacked_on=[(first, 1.0)]),
+                   sft_train_config(steps=3, batch=4, lr=1e-2, dtype="float32", quiet=True), log=lambda *m: None)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".default" not in k}
+    assert sum(".lora_A.a0" in k for k in frozen) == 6 * model.config.n_layer
+    with torch.no_grad():
+        s, c, _ = sft_loss_step(ref.train(), t.train_rows.batch(RowOrder(len(t.train_rows), 0).take(0, 4)))
+    t.train()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert all(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if k.endswith("lora_B.default"))
+    assert _metrics(third)[0]["loss"] == pytest.approx(float(s) / float(c), rel=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(setup, monkeypatch):
+    import tinygpt.model as model_module
+    base, data = setup
+    calls = []
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    grads = {}
+    for on in (False, True):
+        model, tok = load_model_and_tokenizer(base)
+        t = SFTTrainer(model, tok, data, base.parent / "g.tinygpt",
+                       SFTOptions(ctx=64, full=True, device="cpu", grad_checkpointing=on),
+                       sft_train_config(full=True, steps=1, batch=4, dtype="float32", quiet=True), log=lambda *m: None)
+        assert model.grad_checkpointing is on
+        model.train()
+        s, _, _ = sft_loss_step(model, t.train_rows.batch(np.arange(4)))   # a packed batch (block mask)
+        s.backward()
+        grads[on] = {n: p.grad for n, p in model.named_parameters()}
+    assert len(calls) == model.config.n_layer                               # only the second pass recomputed
+    assert grads[True].keys() == grads[False].keys() and all(g is not None for g in grads[True].values())
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie,full", [(False, True), (True, True), (False, False)])
+def test_added_template_tokens_start_at_the_mean_of_the_real_rows(tmp_path, tie, full):
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), tie_embeddings=tie))
+    n_old = tok.vocab_size
+    emb_mean = model.model.embed_tokens.weight[:n_old].detach().mean(0)
+    head_mean = model.lm_head.weight[:n_old].detach().mean(0)
+    assert not torch.allclose(emb_mean, model.model.embed_tokens.weight[n_old:].detach().mean(0))   # padding rows
+    t = SFTTrainer(model, tok, [r["messages"] for r in ROWS[:8]], tmp_path / ("x.tinygpt" if full else "x.lora"),
+                   SFTOptions(ctx=64, template="llama3", full=full, device="cpu"),
+                   sft_train_config(full=full, steps=1, batch=2, dtype="float32", quiet=True), log=lambda *m: None)
+    ids = torch.tensor([tok.token_to_id(x) for x in t.added])
+    assert len(ids) == 4 and ids.tolist() == list(range(n_old, n_old + 4))
+    with torch.no_grad():
+        rows = model.model.embed_tokens(ids[None])[0]                       # (4, C)
+        h = torch.randn(3, model.config.n_embd)
+        logits = model.lm_head(h)[:, ids]                                   # (3, 4)
+    torch.testing.assert_close(rows, emb_mean.expand(4, -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, (h @ head_mean)[:, None].expand(-1, 4), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -96,6 +96,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(out, tmp_path):
     assert (tmp_path / "b" / "eval.jsonl").read_bytes() != (d0 / "eval.jsonl").read_bytes()
 
 
+@pytest.mark.slow   # a wall-clock bound: meaningful on an idle machine only
 def test_generation_is_fast(tmp_path):
     synth.generate(tmp_path / "warm", seed=3, scale=0.05)  # imports done
     t = time.perf_counter()

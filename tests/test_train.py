@@ -213,3 +213,23 @@ def test_one_pass_normalize_and_clip_equals_scale_then_clip_grad_norm(clip, tmp_
     torch.testing.assert_close(norm, want_norm)
     for p, r in zip(eng.params, ref):
         torch.testing.assert_close(p.grad, r.grad)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_mode_the_umask_allows(tmp_path, umask):
+    import os
+    from tinygpt.checkpoint import atomic_write_text
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        _pretrain(tmp_path, 1)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.txt", tmp_path / "m.tinygpt", tmp_path / "m.run" / "metrics.jsonl"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_default_warmup_is_short_for_short_runs():
+    from tinygpt.train.optim import default_warmup
+    assert [default_warmup(s, 50) for s in (1, 9, 10, 20, 499, 500, 10_000)] == [0, 0, 1, 2, 49, 50, 50]
+    assert default_warmup(3000, 100) == 100 and default_warmup(30, 100) == 3

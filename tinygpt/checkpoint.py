@@ -28,6 +28,21 @@ FORMAT_VERSION = "1"
 
 
 # ---- atomic writes ----------------------------------------------------------------------------
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it is read by setting it and
+    putting it back (os.umask can only set)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temp path in the target's folder; on success fsync it and rename it over `path`."""
@@ -36,6 +51,7 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the mode a plain open() would
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

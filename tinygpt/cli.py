@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
+from .data.formats import SkippedRowsWarning
 from .errors import UserError
 
 
@@ -54,6 +56,10 @@ def train_config(a):
             raise UserError(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.lr <= 0:
         raise UserError(f"--lr must be > 0, got {a.lr}")
+    if a.save_every < 0 or a.val_every < 0:
+        raise UserError("--save-every and --val-every must be >= 0 (0 = off)")
+    if Path(a.out).is_dir():  # caught before training, not when the result is written
+        raise UserError("--out is a folder; training writes one file", a.out, "give a file path, e.g. model.tinygpt")
     return TrainConfig(steps=a.steps, batch=a.batch, accum=a.accum, lr=a.lr,
                        min_lr=a.lr / 10 if a.min_lr is None else a.min_lr, lr_schedule=a.lr_schedule,
                        warmup=min(a.warmup, a.steps), weight_decay=a.weight_decay, beta1=a.beta1,
@@ -99,8 +105,13 @@ def add_train(sub):
     p.add_argument("--byte-tokenizer", action="store_true", help="use 256 bytes + specials, no BPE")
     p.add_argument("--ctx", type=int, default=0, help="context length (default: the preset's)")
     p.add_argument("--val-split", type=float, default=0.0, help="fraction of documents held out")
-    p.add_argument("--init", help="continue pretraining from this .tinygpt")
-    _train_flags(p, steps=1000, lr=1e-3, batch=16, warmup=50)
+    p.add_argument("--init", help="continue pretraining from this .tinygpt or Hugging Face folder")
+    _train_flags(p, steps=1000, lr=1e-3, batch=16, warmup=-1)
+    for act in p._actions:  # defaults that depend on other flags, explained in --help
+        if act.dest == "warmup":
+            act.help = "warmup steps (default 50, at most 10%% of the steps)"
+        elif act.dest == "val_every":
+            act.help = "validation loss every N steps (default with --val-split: at the end)"
     p.set_defaults(func=run_train)
 
 
@@ -146,14 +157,23 @@ def lora_specs(a) -> list[tuple[str, float]]:
     return [(path, a.lora_weight[i] if i < len(a.lora_weight) else 1.0) for i, path in enumerate(a.lora)]
 
 
+def check_sampling(a) -> None:
+    """--temperature >= 0 (0 = greedy), --top-k >= 0 (0 = off), --top-p in (0, 1]."""
+    if a.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {a.temperature}", None, "use 0 for greedy decoding")
+    if a.top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {a.top_k}", None, "use 0 to turn it off")
+    if not 0 < a.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {a.top_p}", None, "use 1 to turn it off")
+
+
 def run_sample(a):
     from . import load_model_and_tokenizer
     from .generate import generate
     from .train.engine import setup_device
     if a.max_new_tokens < 1 or a.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be >= 1")
-    if not 0 < a.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {a.top_p}")
+    check_sampling(a)
     device, _, _ = setup_device(a.device)
     model, tok = load_model_and_tokenizer(a.model, lora=lora_specs(a), device=device)
     prompt = tok.encode(a.prompt) if a.prompt else [tok.bos_id if tok.bos_id is not None else tok.eos_id]
@@ -686,48 +706,114 @@ def build_parser() -> Parser:
     return p
 
 
-def _apply_config_file(parser: Parser, argv: list[str]) -> None:
-    """`--config FILE.yaml`: its keys become defaults of the chosen subcommand (flags still win)."""
-    if "--config" not in argv:
-        return
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
-        raise UserError("--config needs a file", None, "pass --config FILE.yaml")
-    path = Path(argv[i + 1])
-    if not path.exists():
-        raise UserError(f"config file not found: {path}", "--config")
+def _subcommands(p):
+    return next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _with_config_file(parser: Parser, argv: list[str]) -> list[str]:
+    """`--config FILE.yaml`: the file's `option: value` pairs become `--option=value` tokens placed
+    right after the subcommand, before the user's own flags, so argparse checks their types and
+    choices as it does a flag's. A list gives one token per item for a repeatable flag (--lora) or
+    the values of a many-valued one (--corpus); `true` gives a bare switch. An option that is also
+    on the command line is taken from the command line only: flags win."""
+    if not any(t == "--config" or t.startswith("--config=") for t in argv):
+        return argv
+    sp, at = parser, 0
+    while (sub := _subcommands(sp)) is not None:  # descend to the (sub)command the options belong to
+        if at >= len(argv) or argv[at] not in sub.choices:
+            return argv                           # argparse reports the missing command
+        sp, at = sub.choices[argv[at]], at + 1
+    if "--config" not in sp._option_string_actions:
+        return argv                               # argparse reports --config as unrecognized
+    rest, path, i = [], None, at
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a file", None, "pass --config FILE.yaml")
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest, i = rest + [argv[i]], i + 1
+    given = {sp._option_string_actions[t.split("=", 1)[0]].dest for t in rest
+             if t.split("=", 1)[0] in sp._option_string_actions}
+    tokens = []
+    for key, value in _read_config(Path(path)).items():
+        tokens += _config_tokens(sp, str(key), value, given, path)
+    return argv[:at] + tokens + [f"--config={path}"] + rest
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}", "--config", "check the path")
     import yaml
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"invalid YAML ({str(e).splitlines()[0]})", str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"invalid YAML ({str(e).splitlines()[0]})", str(path), "fix the file") from None
     if not isinstance(data, dict):
         raise UserError("a --config file must be a mapping of option: value", str(path))
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    cmd = next((x for x in argv if x in sub.choices), None)
-    if cmd is None:
-        return
-    sp = sub.choices[cmd]
-    known = {a.dest for a in sp._actions}
-    defaults = {}
-    for k, v in data.items():
-        dest = str(k).replace("-", "_")
-        if dest not in known:
-            raise UserError(f"unknown option '{k}'", str(path), f"see 'tinygpt {cmd} --help'")
-        defaults[dest] = v
-    for act in sp._actions:  # an option the file supplies is no longer required on the command line
-        if act.dest in defaults:
-            act.required = False
-    sp.set_defaults(**defaults)
+    return data
+
+
+def _config_tokens(sp, key: str, value, given: set, path) -> list[str]:
+    """Command-line tokens for one `key: value` of a --config file; [] when the command line gives
+    the option, or the value is empty or false."""
+    act = sp._option_string_actions.get("--" + key.replace("_", "-"))
+    act = act or next((a for a in sp._actions if a.dest == key.replace("-", "_")), None)
+    if act is None or isinstance(act, argparse._HelpAction) or act.dest == "config":
+        raise UserError(f"unknown option '{key}'", str(path), f"see '{sp.prog} --help'")
+
+    def bad(what):
+        return UserError(f"option '{key}' {what}", str(path), f"see '{sp.prog} --help'")
+    if value is None or value == []:
+        return []
+    if not act.option_strings:   # a positional (the model): a default that the command line replaces
+        if isinstance(value, (list, dict, bool)):
+            raise bad(f"takes one path, got {value!r}")
+        act.nargs, act.default, act.required = "?", str(value), False
+        return []
+    opt = max(act.option_strings, key=len)
+    if act.nargs == 0:           # a switch
+        if not isinstance(value, bool):
+            raise bad(f"is a switch: give true or false, got {value!r}")
+        tokens = [opt] if value else []
+    else:
+        variadic = act.nargs in ("+", "*")
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not (variadic or isinstance(act, argparse._AppendAction)):
+            raise bad(f"takes one value, got a list {value!r}")
+        if any(isinstance(v, (list, dict, bool)) for v in values):
+            raise bad(f"takes a number or text, got {value!r}")
+        strings = [str(v) for v in values]
+        try:                     # argparse's own type and choices checks, so the error names the file
+            for group in ([strings] if variadic else [[s] for s in strings]):
+                sp._get_values(act, list(group))
+        except argparse.ArgumentError as e:
+            raise UserError(str(e), str(path), f"fix '{key}'") from None
+        tokens = [opt, *strings] if variadic else [f"{opt}={s}" for s in strings]
+    return [] if act.dest in given else tokens   # checked all the same: the file must be right
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(f"tinygpt: warning: {message}\n" if issubclass(category, SkippedRowsWarning)
+                     else warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The options of a command line, `--config FILE.yaml` included (raises UserError)."""
+    parser = build_parser()
+    return parser.parse_args(_with_config_file(parser, list(argv)))
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
-        _apply_config_file(parser, argv)
-        args = parser.parse_args(argv)
-        args.func(args)
+        args = parse_args(argv)
+        with warnings.catch_warnings():    # skipped data rows are reported even with --quiet
+            warnings.simplefilter("always", SkippedRowsWarning)
+            warnings.showwarning = _show_warning
+            args.func(args)
         return 0
     except UserError as e:
         print(f"tinygpt: error: {e}", file=sys.stderr)

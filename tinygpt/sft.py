@@ -41,6 +41,7 @@ from .lora import (DEFAULT_TARGETS, apply_lora, base_fingerprint, lora_modules, 
                    save_adapter, train_token_rows)
 from .model import packed_mask
 from .train.engine import Engine, TrainConfig, setup_device
+from .train.optim import default_warmup
 
 __all__ = ["SFTOptions", "SFTTrainer", "run_sft", "sft_loss_step", "encode_conversations",
            "format_instruction", "sft_train_config"]
@@ -182,9 +183,7 @@ class SFTTrainer:
             raise UserError(f"--max-length {max_len} does not fit the row length {ctx} (+1)", None,
                             "lower --max-length or raise --ctx")
         if isinstance(data, (str, Path)):
-            convs, skipped = load_sft(data, opts.format, opts.skip_bad_rows)
-            if skipped:
-                log(f"skipped {skipped} bad row(s) in {data}")
+            convs, skipped = load_sft(data, opts.format, opts.skip_bad_rows)   # warns of skipped rows
         else:
             convs, skipped = [c if isinstance(c, Conversation) else Conversation(list(c)) for c in data], 0
         if not convs:
@@ -249,7 +248,7 @@ class SFTTrainer:
         if epochs:
             t.steps = max(1, math.ceil(epochs * len(self.train_rows) / per_step))
         if t.warmup < 0:
-            t.warmup = min(100, t.steps // 10)
+            t.warmup = default_warmup(t.steps, 100)
         if self.val_rows is not None and not t.val_every:
             t.val_every = t.steps                   # a held-out split is at least scored at the end
         t.resume_key = {"model": self.model.config.to_json(), "data": self.data_name, "ctx": self.ctx,

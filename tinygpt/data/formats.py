@@ -8,6 +8,9 @@ Design choices:
 - Files: `.jsonl`, `.json` (a top-level array; a `.json` file holding JSON lines is also read),
   `.parquet` and gzipped `.jsonl.gz`/`.json.gz`. Errors carry `path:line`; for `.json` arrays and
   parquet files the "line" is the 1-based row index, since one row may span many lines.
+  With `skip_bad_rows`, every row-level problem is skipped alike: a JSONL line that is not UTF-8
+  or not JSON, a row that is not an object, a row that does not convert. The count is returned
+  and one `SkippedRowsWarning` names the file and the first such line.
 - The format is detected from the fields of the first row that converts (or named with
   `format=`) and then used for the whole file, so a later malformed row is reported as
   "missing field 'output'" rather than as an unknown format.
@@ -36,6 +39,7 @@ import gzip
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,6 +67,10 @@ _ROLE_ALIASES = {
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _HH_ASSISTANT = "\n\nAssistant:"
 _SKIP_FIX = "fix or delete the row, or skip bad rows"
+
+
+class SkippedRowsWarning(UserWarning):
+    """Rows left out of a data file because skipping bad rows was asked for."""
 
 
 @dataclass
@@ -106,9 +114,13 @@ def _kind(path: Path) -> str:
                     fix=f"use one of: {', '.join(EXTENSIONS)}")
 
 
-def read_rows(path) -> Iterator[tuple[int, dict]]:
+def read_rows(path, on_bad: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line_no, row) for every row of a data file. Line numbers are 1-based; for `.json`
-    arrays and parquet files they are row numbers. Blank JSONL lines are skipped."""
+    arrays and parquet files they are row numbers. Blank JSONL lines are skipped.
+
+    A row that cannot be read (a JSONL line that is not UTF-8 or not JSON, a row that is not an
+    object) raises a DataError naming file and line, or, with `on_bad`, is handed to it and
+    left out. Errors of the whole file (missing, unreadable, a broken `.json` array) always raise."""
     path = Path(path)
     kind = _kind(path)
     if not path.is_file():
@@ -121,8 +133,13 @@ def read_rows(path) -> Iterator[tuple[int, dict]]:
     else:
         rows = _jsonl_rows(path, opener)
     for line, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"row is a JSON {type(row).__name__}, not an object", path, line)
+        if not isinstance(row, (dict, DataError)):
+            row = DataError(f"row is a JSON {type(row).__name__}, not an object", path, line)
+        if isinstance(row, DataError):  # the readers hand back unreadable lines as errors
+            if on_bad is None:
+                raise row
+            on_bad(row)
+            continue
         yield line, row
 
 
@@ -143,13 +160,15 @@ def _jsonl_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
                 try:  # utf-8-sig: tolerate a byte-order mark (it can only start line 1)
                     text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                 except UnicodeDecodeError:
-                    raise DataError("invalid UTF-8", path, line_no) from None
+                    yield line_no, DataError("invalid UTF-8", path, line_no)
+                    continue
                 if not text.strip():
                     continue
                 try:
-                    yield line_no, json.loads(text)
+                    row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path, line_no) from None
+                    row = DataError(f"invalid JSON ({e.msg} at column {e.colno})", path, line_no)
+                yield line_no, row
     except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip `.gz` file
         raise DataError(f"cannot read file ({e})", path) from None
 
@@ -528,22 +547,34 @@ def to_prompt(row: dict) -> tuple[list[Message], str | None]:
 # ---- loaders ----------------------------------------------------------------------------------
 def _load(path, fmt: str | None, detect, convert, skip_bad_rows: bool):
     """Convert every row of a file. `convert(row, fmt)` returns a list of records (empty: an
-    uninformative row, counted as skipped). The format is fixed by the first row that converts."""
-    out, skipped = [], 0
-    for line, row in read_rows(path):
+    uninformative row, counted as skipped). The format is fixed by the first row that converts.
+    With `skip_bad_rows`, unreadable and malformed rows are counted and reported once as a
+    `SkippedRowsWarning` (the command line prints it even with --quiet)."""
+    out, uninformative, bad = [], 0, []
+
+    def unreadable(e: DataError):
+        if not skip_bad_rows:
+            raise DataError(e.what, e.path, e.line, _SKIP_FIX)
+        bad.append(e)
+
+    for line, row in read_rows(path, unreadable):
         try:
             row_fmt = fmt or detect(row)
             records = convert(row, row_fmt)
         except ValueError as e:
             if not skip_bad_rows:
                 raise DataError(f"bad row ({e})", path, line, _SKIP_FIX) from None
-            skipped += 1
+            bad.append(DataError(f"bad row ({e})", path, line))
             continue
         fmt = row_fmt
         if not records:
-            skipped += 1
+            uninformative += 1
         out.extend(records)
-    return out, skipped
+    if bad:
+        first = bad[0]
+        warnings.warn(f"skipped {len(bad)} bad row(s) in {path} (the first at line {first.line}: {first.what})",
+                      SkippedRowsWarning, stacklevel=3)
+    return out, uninformative + len(bad)
 
 
 def _check_format(fmt: str | None, known: tuple[str, ...], kind: str) -> None:

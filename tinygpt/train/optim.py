@@ -29,6 +29,12 @@ def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95), de
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
+def default_warmup(steps: int, cap: int) -> int:
+    """A stage's default warmup: `cap` steps, but at most 10% of the run, so a short run still
+    spends most of its steps decaying instead of warming up."""
+    return min(cap, steps // 10)
+
+
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int, schedule: str,
           decay_frac: float = 0.2) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total`."""

@@ -17,6 +17,7 @@ from ..losses import token_cross_entropy
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from .engine import Engine, TrainConfig, setup_device
+from .optim import default_warmup
 
 
 def lm_loss_step(model, batch):
@@ -40,7 +41,7 @@ class PretrainArgs:
     ctx: int = 0
     val_split: float = 0.0
     device: str = "auto"
-    init: str | None = None         # continue pretraining from this .tinygpt
+    init: str | None = None         # continue pretraining from this .tinygpt or Hugging Face folder
 
 
 def build_tokenizer(args: PretrainArgs, log=print) -> Tokenizer:
@@ -69,9 +70,9 @@ def build_model_config(args: PretrainArgs, tok: Tokenizer) -> ModelConfig:
 def pretrain(args: PretrainArgs, tcfg: TrainConfig, log=print) -> dict:
     """Train (or continue training) a GPT on a corpus and write `args.out` (.tinygpt)."""
     device, rank, world = setup_device(args.device)
-    if args.init:
-        from ..checkpoint import load_model
-        model, tok, _ = load_model(args.init)
+    if args.init:   # a .tinygpt, a Hugging Face folder or a .gguf, as every other stage reads them
+        from .. import load_model_and_tokenizer
+        model, tok = load_model_and_tokenizer(args.init)
         cfg = model.config
     else:
         tok = build_tokenizer(args, log)
@@ -96,6 +97,10 @@ def pretrain(args: PretrainArgs, tcfg: TrainConfig, log=print) -> dict:
                 tot += token_cross_entropy(m(x), y, reduction="sum").item()
                 cnt += y.numel()
             return {"val_loss": tot / cnt}
+        if not tcfg.val_every:
+            tcfg.val_every = tcfg.steps             # a held-out split is at least scored at the end
+    if tcfg.warmup < 0:
+        tcfg.warmup = default_warmup(tcfg.steps, 50)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}, "
         f"context {ctx}, vocab {tok.vocab_size} (padded {cfg.vocab_size}), device {device}")
     tcfg.resume_key = {"model": cfg.to_json(), "ctx": ctx, "batch": tcfg.batch, "accum": tcfg.accum,
