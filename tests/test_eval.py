@@ -245,23 +245,126 @@ def nano_file(tmp_path_factory, tok):
     return path
 
 
-def test_evaluate_writes_results_with_fingerprints(tmp_path, nano_file):
+def chain_model(tok, links: dict, block: str = "nano"):
+    """A GPT whose greedy next token depends only on the last one: links {prev: next} (token strings).
+    The blocks' output projections are zero (the default init), so the final hidden state is the
+    normalised embedding of the last token; each `prev` gets its own axis, and the head row of its
+    `next` reads that axis. Every other token predicts uniform logits (greedy: id 0)."""
+    from tinygpt.config import ModelConfig, pad_vocab
+    from tinygpt.model import GPT
+    tid = (lambda s: tok.token_to_id(s) if s.startswith("<|") else ids(tok, s)[0])
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.from_name(block, vocab_size=pad_vocab(tok.vocab_size)))
+    with torch.no_grad():
+        emb, head = m.model.embed_tokens.weight, m.lm_head.weight
+        emb.zero_()
+        emb[:, 0] = 1.0
+        head.zero_()
+        for axis, (prev, nxt) in enumerate(links.items(), start=1):
+            emb[tid(prev)].zero_()
+            emb[tid(prev), axis] = 1.0
+            head[tid(nxt), axis] = 10.0
+    return m
+
+
+def saved(path, model, tok):
+    from tinygpt.checkpoint import save_model
+    save_model(path, model, tok)
+    return path
+
+
+def test_evaluate_writes_results_with_fingerprints(tmp_path, tok):
     from tinygpt.cli import main
-    (tmp_path / "t.txt").write_text("some text here\n\nand another document\n")
+    model = chain_model(tok, {})      # uniform over the tokenizer's vocabulary everywhere
+    path = saved(tmp_path / "uniform.tinygpt", model, tok)
+    (tmp_path / "t.txt").write_text("some text here\n\nand another document\n\nnot scored (--limit)\n")
     (tmp_path / "e.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1),
                                                           "task": "arithmetic"}) + "\n" for i in range(3)))
-    (tmp_path / "arc.jsonl").write_text('{"query": "Question: x?", "choices": ["a", "bb"], "gold": 1}\n' * 3)
+    # uniform logits: the shorter choice has the higher log-likelihood, so rows 1 and 3 are right
+    (tmp_path / "arc.jsonl").write_text("".join(json.dumps({"query": "Question: x?", "choices": ["a", "bb"],
+                                                            "gold": g}) + "\n" for g in (0, 1, 0)))
     out = tmp_path / "r.json"
-    rc = main(["eval", str(nano_file), "--tasks", "ppl,synth,arc", "--data", f"ppl={tmp_path / 't.txt'}",
+    rc = main(["eval", str(path), "--tasks", "ppl,synth,arc", "--data", f"ppl={tmp_path / 't.txt'}",
                "--data", f"synth={tmp_path / 'e.jsonl'}", "--data", f"arc={tmp_path / 'arc.jsonl'}",
                "--limit", "2", "--out", str(out), "--device", "cpu", "--quiet"])
     assert rc == 0
     res = json.loads(out.read_text())
-    from tinygpt.checkpoint import load_model
     from tinygpt.lora import base_fingerprint
-    assert res["model"]["base_fingerprint"] == base_fingerprint(load_model(nano_file)[0])
-    assert res["tasks"]["synth"]["n"] == 2 and res["tasks"]["arc"]["n"] == 2 and res["tasks"]["ppl"]["n"] == 2
-    assert 1 < res["tasks"]["ppl"]["ppl"] < 1000 and res["tasks"]["arc"]["acc"] in (0.0, 1.0)
+    assert res["model"]["base_fingerprint"] == base_fingerprint(model)
+    assert res["settings"]["limit"] == 2 and res["label"] == "uniform"
+    V = tok.vocab_size
+    p = res["tasks"]["ppl"]
+    assert p["n"] == 2 and p["tokens"] == p["bytes"] == len("some text here") + len("and another document")
+    assert p["ppl"] == pytest.approx(V, rel=1e-5) and p["bpb"] == pytest.approx(math.log2(V), rel=1e-5)
+    assert res["tasks"]["arc"]["acc"] == 0.5 and res["tasks"]["arc"]["n"] == 2
+    assert res["tasks"]["synth"]["accuracy"] == 0.0 and res["tasks"]["synth"]["n"] == 2
+
+
+def test_shots_come_from_the_whole_file_not_the_limited_items(tmp_path, tok, monkeypatch):
+    rows = [{"query": f"Question: q{i}?", "choices": ["yes", "no"], "gold": i % 2} for i in range(3)]
+    (tmp_path / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"context": f"story {i} ends with",
+                                                                "continuation": f"w{i}"}) + "\n" for i in range(3)))
+    seen = {}
+
+    def fake_choices(model, tk, items, batch=8):
+        seen["arc"] = items
+        return choice.ChoiceResult(0.0, 0.0, len(items))
+
+    def fake_lambada(model, tk, items, batch=8):
+        seen["lambada"] = items
+        return {"acc": 0.0, "n": len(items)}
+    monkeypatch.setattr(choice, "score_choices", fake_choices)
+    monkeypatch.setattr(choice, "score_lambada", fake_lambada)
+    path = saved(tmp_path / "m.tinygpt", chain_model(tok, {}), tok)
+    harness.evaluate(path, "arc,lambada", data=[f"arc={tmp_path / 'arc.jsonl'}",
+                                                f"lambada={tmp_path / 'lambada.jsonl'}"],
+                     limit=1, shots=2, device="cpu", log=lambda *a: None)
+    (arc,), (lam,) = seen["arc"], seen["lambada"]
+    assert arc.contexts[0].endswith("Question: q0?\nAnswer:") and arc.contexts[0].count("q0") == 1
+    assert "Question: q1?\nAnswer: no\n\n" in arc.contexts[0] and "Question: q2?\nAnswer: yes\n\n" in arc.contexts[0]
+    assert "story 1 ends with w1\n\n" in lam.contexts[0] and "story 2 ends with w2\n\n" in lam.contexts[0]
+    assert lam.contexts[0].endswith("story 0 ends with") and lam.contexts[0].count("story 0") == 1
+
+
+def test_gsm8k_and_ifeval_end_to_end(tmp_path, tok):
+    # plain-text GSM8K prompts end in "Answer:", so the model answers " 72"; chat prompts end in
+    # "\n", so it answers "hi"
+    model = chain_model(tok, {":": " ", " ": "7", "7": "2", "2": "<|endoftext|>",
+                              "\n": "h", "h": "i", "i": "<|im_end|>"})
+    path = saved(tmp_path / "m.tinygpt", model, tok)
+    (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "What is 70 + 2?", "answer": "70 + 2 = <<70+2=72>>72\n#### 72"},
+        {"question": "What is 2 + 3?", "answer": "#### 5"}]))
+    (tmp_path / "ifeval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"key": 1, "prompt": "Say hi without commas.", "instruction_id_list":
+         ["punctuation:no_comma", "keywords:existence"], "kwargs": [{}, {"keywords": ["hi"]}]},
+        {"key": 2, "prompt": "Give it a title.", "instruction_id_list":
+         ["detectable_format:title", "punctuation:no_comma"], "kwargs": [{}, {}]}]))
+    data = [f"gsm8k={tmp_path / 'gsm.jsonl'}", f"ifeval={tmp_path / 'ifeval.jsonl'}"]
+    # no --max-new-tokens: the defaults (256) must shrink to fit the context of 128
+    res = harness.evaluate(path, "gsm8k,ifeval", data=data, device="cpu", log=lambda *a: None)["tasks"]
+    assert (res["gsm8k"]["exact_match"], res["gsm8k"]["n"]) == (0.5, 2)
+    assert {k: res["ifeval"][k] for k in ("prompt_level_strict", "prompt_level_loose", "inst_level_strict",
+                                          "inst_level_loose", "n")} == {
+        "prompt_level_strict": 0.5, "prompt_level_loose": 0.5, "inst_level_strict": 0.75,
+        "inst_level_loose": 0.75, "n": 2}
+    # an explicit budget still wins: two new tokens give " 7", not 72
+    res = harness.evaluate(path, "gsm8k", data=data, max_new_tokens=2, device="cpu", log=lambda *a: None)
+    assert res["tasks"]["gsm8k"]["exact_match"] == 0.0
+
+
+def test_hellaswag_original_format_equals_the_joined_ctx(tmp_path):
+    common = {"activity_label": "Removing ice from car", "endings": [", the man [step] scrapes it.", "then sings.",
+                                                                      "he drives.", "It melts."], "label": "2"}
+    (tmp_path / "orig.jsonl").write_text(json.dumps({**common, "ctx_a": "Then, the man writes over the snow.",
+                                                     "ctx_b": "then"}) + "\n")
+    (tmp_path / "hf.jsonl").write_text(json.dumps({**common, "ctx": "Then, the man writes over the snow. Then"}) + "\n")
+    (orig,), (hf,) = choice.load_hellaswag(tmp_path / "orig.jsonl"), choice.load_hellaswag(tmp_path / "hf.jsonl")
+    assert orig.contexts == hf.contexts == ["Removing ice from car: Then, the man writes over the snow. Then"] * 4
+    assert orig.continuations == hf.continuations == [" , the man scrapes it.", " then sings.", " he drives.",
+                                                      " It melts."]
+    assert orig.gold == hf.gold == 2
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -318,7 +421,7 @@ def test_other_loaders_on_real_files():
     assert len(mt) == 80 and mt[0].startswith("Compose an engaging travel blog")
 
 
-def test_winrate_task_end_to_end_identical_models_tie(tmp_path, nano_file, tok):
+def test_winrate_task_end_to_end_with_a_fixed_judge(tmp_path, nano_file, tok, monkeypatch):
     from tinygpt.checkpoint import load_model
     from tinygpt.reward import RewardModel, load_reward_model
     backbone, _, _ = load_model(nano_file)
@@ -326,10 +429,28 @@ def test_winrate_task_end_to_end_identical_models_tie(tmp_path, nano_file, tok):
     RewardModel(backbone, tok).save(tmp_path / "rm.tinygpt")
     (tmp_path / "mt.jsonl").write_text("".join(json.dumps({"question_id": i, "turns": [f"Tell me about {w}.", "More."]})
                                                + "\n" for i, w in enumerate(["cats", "rain", "boats"])))
-    res = harness.evaluate(nano_file, "winrate", data=str(tmp_path / "mt.jsonl"), against=str(nano_file),
-                           judge=str(tmp_path / "rm.tinygpt"), max_new_tokens=4, device="cpu", log=lambda *a: None)
-    w = res["tasks"]["winrate"]
-    assert (w["win"], w["tie"], w["loss"], w["n"]) == (0.0, 1.0, 0.0, 3) and w["reward_a"] == w["reward_b"]
+    # two models that answer every chat prompt (which ends in "\n") with "hi" / "yo", then <|im_end|>
+    hi = saved(tmp_path / "hi.tinygpt", chain_model(tok, {"\n": "h", "h": "i", "i": "<|im_end|>"}), tok)
+    yo = saved(tmp_path / "yo.tinygpt", chain_model(tok, {"\n": "y", "y": "o", "o": "<|im_end|>"}), tok)
+    fixed = {"hi": 1.0, "yo": 0.0}
+    calls = []
+
+    def judge(rm, prompts, answers, batch=8):
+        calls.append((prompts, answers))
+        return [fixed[a] for a in answers]
+    monkeypatch.setattr(harness, "reward_scores", judge)
+    for model, other, expect in ((hi, yo, (3, 0, 0)), (yo, hi, (0, 0, 3))):
+        # no --max-new-tokens: the default (128) must shrink to fit the context of 128
+        res = harness.evaluate(model, "winrate", data=str(tmp_path / "mt.jsonl"), against=str(other),
+                               judge=str(tmp_path / "rm.tinygpt"), device="cpu", log=lambda *a: None)
+        w = res["tasks"]["winrate"]
+        assert (w["win"] * 3, w["tie"] * 3, w["loss"] * 3) == expect and w["n"] == 3
+        assert (w["reward_a"], w["reward_b"]) == ((1.0, 0.0) if model == hi else (0.0, 1.0))
+        assert w["against"]["path"] == str(other)
+        assert w["judge"] == {"path": str(tmp_path / "rm.tinygpt"),
+                              "sha256": harness.file_sha256(tmp_path / "rm.tinygpt")[:16]}
+    assert calls[0][0] == ["Tell me about cats.", "Tell me about rain.", "Tell me about boats."]
+    monkeypatch.undo()
     rm = load_reward_model(tmp_path / "rm.tinygpt")
     got = harness.reward_scores(rm, ["Tell me about cats."], ["Nice."])
     assert got[0] == pytest.approx(rm.score_conversation("Tell me about cats.", "Nice."), abs=1e-5)

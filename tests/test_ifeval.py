@@ -129,13 +129,93 @@ LOOSE_CASES = [
     ("length_constraints:nth_paragraph_first_word",
      {"num_paragraphs": 1, "nth_paragraph": 1, "first_word": "realising"},
      "Here you go:\nRealising the truth, he left."),
+    ("keywords:existence", {"keywords": ["zelda"]}, "I love *Zel*da"),
+    ("keywords:frequency", {"keyword": "fake", "frequency": 2, "relation": "less than"},
+     "Fake intro\nfake news only"),
+    ("keywords:forbidden_words", {"forbidden_words": ["bark"]}, "Sure, no bark here:\nThe dog slept."),
+    ("keywords:letter_frequency", {"letter": "o", "let_frequency": 3, "let_relation": "less than"},
+     "Oooo look:\nhi there"),
+    ("change_case:english_capital", {}, "Sure, here it is:\nTHE QUICK BROWN FOX JUMPS OVER THE LAZY DOG."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* intro bullet\n* one\n* two"),
+    ("detectable_format:constrained_response", {}, "My answer is *yes*."),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hello.\n**P.S.** see you"),
+    ("combination:two_responses", {}, "******\n******\nA\n******\nB"),
+    ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": 2},
+     "Sure. Here it is.\nOne sentence only."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "***\n***\nPara one.\n***\nPara two."),
 ]
+
+# Checkers whose count only grows with more text or markup (or a language): no loose variant can
+# pass where the response fails, so their loose pass is also a strict pass.
+LOOSE_AND_STRICT = [
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "Intro\n*one* and *two*\nend"),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1 a\nSECTION 2 b"),
+    ("detectable_format:title", {}, "<<Title>>\nbody"),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name]\nat [address]"),
+    ("language:response_language", {"language": "de"},
+     "Hallo, wie geht es dir heute? Ich hoffe, es geht dir gut."),
+]
+
+# (instruction id, kwargs, response failing loosely: no variant passes)
+LOOSE_FAILS = [
+    ("punctuation:no_comma", {}, "a, b\nc, d\ne, f"),
+    ("length_constraints:number_words", {"relation": "less than", "num_words": 4},
+     "one two three four\nfive six seven eight\nnine ten eleven twelve"),
+    ("keywords:existence", {"keywords": ["zelda"]}, "Link\nGanon\nHyrule"),
+    ("keywords:frequency", {"keyword": "fake", "frequency": 2, "relation": "less than"},
+     "fake fake\nfake fake\nfake fake"),
+    ("keywords:forbidden_words", {"forbidden_words": ["bark"]}, "bark\nbark bark\nbark"),
+    ("keywords:letter_frequency", {"letter": "o", "let_frequency": 3, "let_relation": "less than"},
+     "oooo\noooo\noooo"),
+    ("change_case:english_capital", {}, "the quick brown fox\njumps over\nthe lazy dog"),
+    ("change_case:english_lowercase", {}, "THE CAT\nTHE DOG\nTHE BIRD"),
+    ("change_case:capital_word_frequency", {"capital_frequency": 1, "capital_relation": "less than"},
+     "OK GO\nNOW YES\nUP UP"),
+    ("detectable_format:json_format", {}, "not json\nstill not\nnope"),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "plain\ntext\nonly"),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "only *one*\nplain\nnothing"),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\nSection 2\nsection 3"),
+    ("detectable_format:title", {}, "<< >>\nno title\n<<>>"),
+    ("detectable_format:constrained_response", {}, "My answer is sure.\nOK\nbye"),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name]\nno more\n[ ]"),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hello\nI wrote P.S. inline\nbye"),
+    ("language:response_language", {"language": "de"},
+     "Good morning everyone.\nThe weather is lovely today and we are going to the park.\nSee you there, my friends."),
+    ("combination:repeat_prompt", {"prompt_to_repeat": CATS}, "Once upon a time.\nCats.\nThe end."),
+    ("combination:two_responses", {}, "Same\n******\nSame"),
+    ("startend:end_checker", {"end_phrase": "Peace!"}, "Peace! first\nmiddle\nlast line"),
+    ("startend:quotation", {}, "x\ny\nz"),
+    ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": 2},
+     "One. Two.\nThree. Four.\nFive. Six."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "just one paragraph\nwith lines\nand more"),
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 1, "nth_paragraph": 1, "first_word": "realising"}, "Knowing.\nMore.\nEnd."),
+]
+
+
+def test_every_checker_has_loose_cases():
+    assert {c[0] for c in LOOSE_CASES + LOOSE_AND_STRICT} == ALL_IDS
+    assert {c[0] for c in LOOSE_FAILS} == ALL_IDS
 
 
 @pytest.mark.parametrize("instruction_id,kwargs,response", LOOSE_CASES)
 def test_loose_passes_where_strict_fails(instruction_id, kwargs, response):
     assert check_instruction(instruction_id, response, CATS, kwargs) is False
     assert check_instruction_loose(instruction_id, response, CATS, kwargs) is True
+
+
+@pytest.mark.parametrize("instruction_id,kwargs,response", LOOSE_AND_STRICT)
+def test_loose_passes_with_strict(instruction_id, kwargs, response):
+    assert check_instruction(instruction_id, response, CATS, kwargs) is True
+    assert check_instruction_loose(instruction_id, response, CATS, kwargs) is True
+
+
+@pytest.mark.parametrize("instruction_id,kwargs,response", LOOSE_FAILS)
+def test_loose_fails_when_no_variant_passes(instruction_id, kwargs, response):
+    assert check_instruction_loose(instruction_id, response, CATS, kwargs) is False
+    assert check_instruction(instruction_id, response, CATS, kwargs) is False
 
 
 def test_loose_still_fails_when_no_variant_passes():
@@ -241,8 +321,18 @@ def test_load_real_sample():
     ids = {i for row in rows for i in row["instruction_id_list"]}
     assert ids <= set(CHECKERS)
     assert ids == ALL_IDS and len(ids) == 25
-    scores = score_ifeval(rows, [row["prompt"] for row in rows])
-    for name in ("prompt_level_strict", "prompt_level_loose", "inst_level_strict", "inst_level_loose"):
-        assert 0.0 <= scores[name] <= 1.0
-    assert scores["prompt_level_strict"] <= scores["prompt_level_loose"]
-    assert scores["n_prompts"] == len(rows)
+    assert len(rows) == 100 and sum(len(r["instruction_id_list"]) for r in rows) == 157
+    # known responses to six rows (per instruction: strict / loose); the others answer nothing
+    known = {
+        1566: "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.",                 # capital: T / T
+        2853: "<<FLOOD SONG>>\nTHE RIVER ROSE IN Donnell",                   # >= 3 capital words, title: TT / TT
+        1348: "Brilliant Le Hou was *born* in *Paris* and *loves* art.",     # no comma, 3 highlights, keywords
+        1174: "Too cool: *hello* world.",                                    # o < 6, sentences < 6, 2 highlights: FTF
+        3724: "Robbed again *again* and *again*\nSo what is next?\nThanks for reading",   # end phrase: F / T
+        2215: "Realising his talent he sold clutches.\n\nHe thrived.",      # first word of paragraph 1 of 2: T / T
+    }
+    assert known.keys() <= {r["key"] for r in rows}
+    scores = score_ifeval(rows, [known.get(r["key"], "") for r in rows])
+    assert scores == {"prompt_level_strict": 4 / 100, "prompt_level_loose": 5 / 100,
+                      "inst_level_strict": 10 / 157, "inst_level_loose": 11 / 157,
+                      "n_prompts": 100, "n_instructions": 157}

@@ -137,14 +137,16 @@ def test_unknown_flag_names_the_stage(tmp_path):
         pipeline.run_pipeline(cfg, tmp_path / "r")
 
 
-def test_presets_are_valid():
-    for name in ("demo", "demo-rl"):
-        try:
-            pipe = pipeline.load_pipeline(pipeline.preset_path(name))
-        except UserError as e:  # a stage command not in this installation yet
-            assert "unknown command" in str(e)
-            continue
-        assert [s.cmd for s in pipe.stages][:3] == ["data synth", "tokenizer train", "train"]
+@pytest.mark.parametrize("name", ["demo", "demo-rl"])
+def test_presets_are_valid(name, tmp_path):
+    from tinygpt.cli import build_parser
+    pipe = pipeline.load_pipeline(pipeline.preset_path(name))
+    assert [s.cmd for s in pipe.stages][:3] == ["data synth", "tokenizer train", "train"]
+    outs = {}
+    for st in pipe.stages:   # every stage's flags exist and its values parse
+        outs[st.name] = pipeline.stage_out(st, tmp_path, outs)
+        args = build_parser().parse_args(pipeline.build_argv(st, pipe, tmp_path, outs))
+        assert callable(args.func)
 
 
 def test_eval_table_marks_the_best_per_column():
@@ -167,7 +169,53 @@ def test_eval_table_marks_the_best_per_column():
 def test_metric_groups():
     rows = [{"step": i, "loss": 2.0 - i, "val_loss": 2.1 - i, "lr": 1e-3 * i, "rewards/chosen": 0.1 * i,
              "rewards/margin": i, "tokens_seen": 10 * i, "tokens_per_s": 5.0 + i, "kl": 0.01 * i, "kl_coef": 0.05,
-             "approx_kl": i, "grad_norm": i, "logps/chosen": -i} for i in (1, 2)]
+             "approx_kl": i, "grad_norm": i, "logps/chosen": -i, "rewards/accuracy": 0.5 * i} for i in (1, 2)]
     assert report.metric_groups(rows) == {"loss": ["loss", "val_loss"], "lr": ["lr"], "logps": ["logps/chosen"],
                                           "reward": ["rewards/chosen", "rewards/margin"], "kl": ["kl", "approx_kl"],
-                                          "tokens_per_s": ["tokens_per_s"], "grad_norm": ["grad_norm"]}
+                                          "tokens_per_s": ["tokens_per_s"], "grad_norm": ["grad_norm"],
+                                          "accuracy": ["rewards/accuracy"]}
+
+
+def test_sample_reward_and_rl_stages(tmp_path, capsys):
+    import torch
+    from tinygpt.checkpoint import save_model
+    from tinygpt.config import ModelConfig, pad_vocab
+    from tinygpt.model import GPT
+    from tinygpt.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    base = tmp_path / "base.tinygpt"
+    save_model(base, GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size))), tok)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "a good answer",
+                                                              "rejected": "bad"}) + "\n" for i in range(8)))
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+    cfg = write(tmp_path, f"""
+defaults: {{quiet: true, device: cpu, seed: 0}}
+stages:
+  - {{name: rm, cmd: reward, model: {base}, args: {{data: {tmp_path}/prefs.jsonl, steps: 2, batch: 2,
+     val-split: 0.5}}}}
+  - {{name: rl, cmd: grpo, model: {base}, args: {{prompts: {tmp_path}/qa.jsonl, reward-fn: format, group-size: 2,
+     iterations: 2, batch: 2, max-new-tokens: 4, lora-rank: 2}}}}
+  - {{name: show, cmd: sample, model: {base}, args: {{lora: "${{rl}}", prompt: Once, max-new-tokens: 6}}}}
+""")
+    run = tmp_path / "run"
+    assert main(["pipeline", str(cfg), "--out", str(run)]) == 0
+    printed = capsys.readouterr().out
+    state = json.loads((run / "pipeline.json").read_text())
+    assert "--out" not in state["stages"]["show"]["argv"]
+    # the sample stage's artifact is exactly what `tinygpt sample` prints
+    assert main(["sample", str(base), "--lora", str(run / "rl.lora"), "--prompt", "Once", "--max-new-tokens", "6",
+                 "--seed", "0", "--device", "cpu"]) == 0
+    assert (run / "show.txt").read_text() == capsys.readouterr().out and (run / "show.txt").read_text()[:4] == "Once"
+    # RL rows carry step and a running token count, which the stages table shows
+    rows = [json.loads(x) for x in (run / "rl.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and 0 < rows[0]["tokens_seen"] < rows[1]["tokens_seen"]
+    md = (run / "report.md").read_text()
+    assert re.search(rf"\| rl \| grpo \| done \| [\d.]+ \| {rows[1]['tokens_seen']:,} \| 2 \| CPU", md)
+    # the reward model's held-out accuracy: in the printed summary and in report.md
+    acc = [json.loads(x) for x in (run / "rm.run" / "metrics.jsonl").read_text().splitlines()][-1]["val_accuracy"]
+    assert f"rm: held-out accuracy {acc:.4f}" in printed and f"held-out accuracy {acc:.4f}" in md
+    # nothing to do the second time (the sample stage's artifact exists)
+    lines = []
+    pipeline.run_pipeline(cfg, run, log=lines.append)
+    assert sum("skipped" in ln for ln in lines) == 3

@@ -202,6 +202,38 @@ def run_sample(a):
         sys.stdout.write("\n" + ("-" * 40 + "\n" if i < a.num_samples - 1 else ""))
 
 
+# ---- chat -------------------------------------------------------------------------------------------
+def add_chat(sub):
+    p = sub.add_parser("chat", help="talk with a model: one user message per line, /reset, /exit")
+    p.add_argument("model", help=".tinygpt file (int8 ones too) or Hugging Face folder")
+    _lora_flags(p)
+    p.add_argument("--template", help="chat template (default: the SFT adapter's, else the tokenizer's / chatml)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply (default: 256, at most half the model's context)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(a):
+    from . import load_model_and_tokenizer
+    from .chat import get_template
+    from .chat_session import ChatSession, chat_loop
+    from .eval.harness import adapter_template
+    from .train.engine import setup_device
+    specs = lora_specs(a)
+    device, _, _ = setup_device(a.device)
+    model, tok = load_model_and_tokenizer(a.model, lora=specs, device=device)
+    template = get_template(a.template or adapter_template(specs), tok)
+    max_new = a.max_new_tokens if a.max_new_tokens is not None else min(256, model.config.block_size // 2)
+    session = ChatSession(model, tok, template, a.system, max_new, a.temperature, a.top_k, a.top_p, a.seed)
+    chat_loop(session, sys.stdin, sys.stdout, sys.stderr, interactive=sys.stdin.isatty())
+
+
 # ---- data -------------------------------------------------------------------------------------------
 def add_data(sub):
     p = sub.add_parser("data", help="generate the embedded synthetic datasets")
@@ -693,8 +725,8 @@ def run_grpo(a):
     _rl_run(a, "grpo", rloo=a.rloo, normalize_std=not a.no_std)
 
 
-COMMANDS = [add_tokenizer, add_train, add_sample, add_data, add_eval, add_sft, add_merge, add_reward, add_score,
-            add_dpo, add_orpo, add_kto,
+COMMANDS = [add_tokenizer, add_train, add_sample, add_chat, add_data, add_eval, add_sft, add_merge, add_reward,
+            add_score, add_dpo, add_orpo, add_kto,
             add_import, add_export, add_quantize, add_pipeline, add_report, add_ppo, add_grpo]
 
 

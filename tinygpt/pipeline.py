@@ -15,6 +15,8 @@ Design choices:
   line does, in-process (torch is imported once). There is no second implementation of any stage.
 - Wiring: every stage writes one artifact, `out` (default `<run>/<name><ext>`, the extension
   chosen by the command). `${name}` in any value is that stage's artifact, `${run}` the run folder.
+  `--out` is passed only to commands that take it; a command without one (`sample`) has what it
+  prints saved as its artifact (`<run>/<name>.txt`).
   Stages run in the order listed; a reference to a later stage is an error.
 - Resumable: each stage's key hashes its command, its resolved arguments and the CONTENT of every
   existing file or folder its arguments name (its own output excluded). A stage whose key matches
@@ -44,7 +46,7 @@ from .errors import UserError
 STATE_FILE = "pipeline.json"
 EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
               "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",
-              "ppo": ".lora", "grpo": ".lora", "eval": ".json"}
+              "ppo": ".lora", "grpo": ".lora", "eval": ".json", "sample": ".txt"}
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STAGE_KEYS = {"name", "cmd", "model", "out", "args"}
@@ -176,7 +178,8 @@ def build_argv(stage: Stage, pipe: Pipeline, run: Path, outs: dict) -> list[str]
         argv.append(str(_subst(stage.model, outs, run)))
     args = {str(k).replace("_", "-"): v for k, v in pipe.defaults.items() if f"--{str(k).replace('_', '-')}" in flags}
     args.update({str(k).replace("_", "-"): v for k, v in stage.args.items()})
-    args["out"] = str(outs[stage.name])
+    if "--out" in flags:   # else the stage's printed output becomes its artifact (see run_pipeline)
+        args["out"] = str(outs[stage.name])
     for key, value in args.items():
         flag = f"--{key}"
         if flag not in flags:
@@ -255,11 +258,25 @@ def _write_state(run: Path, state: dict) -> None:
     atomic_write_text(run / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
 
-def invoke(argv: list[str]) -> None:
-    """Run one tinygpt command in-process exactly as the command line would (UserError propagates)."""
+def invoke(argv: list[str], stdout_to: Path | None = None) -> None:
+    """Run one tinygpt command in-process exactly as the command line would (UserError propagates).
+    `stdout_to`: save what the command prints to this file (written only when it succeeds)."""
     from .cli import build_parser
     args = build_parser().parse_args(argv)
-    args.func(args)
+    if stdout_to is None:
+        args.func(args)
+        return
+    import contextlib
+    import io
+    from .checkpoint import atomic_write_text
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        args.func(args)
+    atomic_write_text(stdout_to, buf.getvalue())
+
+
+def takes_out(cmd: str) -> bool:
+    return any("--out" in a.option_strings for a in subparser(cmd)._actions)
 
 
 def run_pipeline(config, out=None, force: bool = False, log=print, device: str | None = None) -> dict:
@@ -290,7 +307,7 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
         _write_state(run, state)
         t0 = time.perf_counter()
         try:
-            invoke(argv)
+            invoke(argv, None if takes_out(st.cmd) else outs[st.name])
         except Exception as e:
             rec.update(status="failed", error=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
                        seconds=round(time.perf_counter() - t0, 2), finished=time.time())

@@ -7,14 +7,17 @@ Design choices:
   folders and results files are found by scanning. `tinygpt report RUN_DIR` rebuilds it any time.
 - Plots (matplotlib, Agg backend, no display needed): one figure per training stage, one panel per
   group of numeric metrics against the step. Keys containing "loss" share a panel (loss, val_loss,
-  policy_loss), as do those containing "reward", "accuracy", "kl", "time", ...; other keys group by
-  their prefix before "/". Bookkeeping keys (step, token counters) and constant series are not
-  plotted. The HTML embeds the PNGs as base64, so
-  the one file can be mailed or opened offline; the markdown links the same PNGs on disk.
+  policy_loss), as do those containing "accuracy", "reward", "kl", "time", ... (checked in that
+  order, so DPO's `rewards/accuracy`, a fraction, is not drawn on the axis of the reward margins);
+  other keys group by their prefix before "/". Bookkeeping keys (step, token counters) and
+  constant series are not plotted. The HTML embeds the PNGs as base64, so the one file can be
+  mailed or opened offline; the markdown links the same PNGs on disk.
 - The eval table has one row per evaluated model (its label: base, SFT, DPO, ...) and one column
   per task metric; the best value of each column is marked (bold in md/html, `*` in the terminal).
   Lower is better for perplexity, bits-per-byte, NLL and losses; higher for everything else.
   Counts (n, seconds) are not metrics and are left out.
+- The stages table (and the terminal summary after the eval table) gives each stage's last logged
+  headline metrics: a reward model's held-out pairwise accuracy, validation loss, mean RL reward.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ LOWER_IS_BETTER = ("ppl", "bpb", "nll", "loss")
 NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions"}
 BOOKKEEPING = {"step", "iteration", "epoch", "tokens_seen", "tokens", "skipped", "updates", "early_stop"}
 # substring -> panel: keys containing it share one panel (checked in this order)
-PANELS = ("loss", "reward", "accuracy", "kl", "time", "logps", "entropy")
+PANELS = ("loss", "accuracy", "reward", "kl", "time", "logps", "entropy")   # DPO rewards/accuracy is 0..1
+# last logged values shown per stage (stages table, terminal summary): key -> label
+HEADLINE = {"val_accuracy": "held-out accuracy", "val_loss": "val loss", "reward_mean": "reward"}
 
 
 # ---- gathering --------------------------------------------------------------------------------
@@ -154,8 +159,29 @@ def _stage_rows(stages) -> tuple[list[str], list[list[str]]]:
         tokens = m.get("tokens_seen")
         rows.append([s["name"], s.get("cmd", ""), s.get("status", ""),
                      f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
-                     f"{int(tokens):,}" if tokens else "-", str(m.get("step", "-")), s.get("hardware", "-")])
-    return ["stage", "command", "status", "seconds", "tokens seen", "steps", "hardware"], rows
+                     f"{int(tokens):,}" if tokens else "-", str(m.get("step", "-")), s.get("hardware", "-"),
+                     _headline_text(s) or "-"])
+    return ["stage", "command", "status", "seconds", "tokens seen", "steps", "hardware", "result"], rows
+
+
+def headline(stage: dict) -> dict:
+    """The last logged value of each HEADLINE metric of a stage (validation runs only on some steps)."""
+    out = {}
+    for key in HEADLINE:
+        v = next((r[key] for r in reversed(stage.get("metrics") or []) if isinstance(r.get(key), (int, float))), None)
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def _headline_text(stage: dict) -> str:
+    return ", ".join(f"{HEADLINE[k]} {v:.4f}" for k, v in headline(stage).items())
+
+
+def stage_summary(stages: list[dict]) -> str:
+    """'stage results' lines for the terminal: each stage with a headline metric."""
+    lines = [f"  {s['name']}: {_headline_text(s)}" for s in stages if headline(s)]
+    return "\n".join(["stage results:"] + lines) if lines else ""
 
 
 # ---- plots ------------------------------------------------------------------------------------
@@ -217,7 +243,8 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 
 def build_report(run) -> dict:
     """Write report.md, report.html and the plots (report/*.png) into the run folder.
-    Returns {"md", "html", "table"} (paths and the terminal table)."""
+    Returns {"md", "html", "table"} (paths and the terminal summary: the eval table, then the
+    stages' headline results such as a reward model's held-out accuracy)."""
     from .checkpoint import atomic_write_bytes, atomic_write_text
     run = Path(run)
     if not run.is_dir():
@@ -253,7 +280,9 @@ def build_report(run) -> dict:
             f"<style>{_CSS}</style></head><body>{''.join(ht)}</body></html>\n")
     atomic_write_text(run / "report.md", "\n".join(md) + "\n")
     atomic_write_text(run / "report.html", page)
-    return {"md": run / "report.md", "html": run / "report.html", "table": table_text(info["evals"]),
+    summary = stage_summary(info["stages"])
+    return {"md": run / "report.md", "html": run / "report.html",
+            "table": table_text(info["evals"]) + (f"\n\n{summary}" if summary else ""),
             "evals": info["evals"], "compare": info["compare"]}
 
 

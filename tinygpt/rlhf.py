@@ -368,8 +368,9 @@ class _RLTrainer:
                 samples_file.write(json.dumps({"iteration": it + 1, "prompt": e.prompt.text, "completion": e.text,
                                                "reward": r}) + "\n")
             samples_file.flush()
-        return {"iteration": it + 1, **info, **stats, "time_generate": t1 - t0, "time_score": t2 - t1,
-                "time_train": t3 - t2}
+        self.engine.tokens_seen += int(stats.get("tokens", 0) * stats.get("updates", 0))   # as the engine counts
+        return {"iteration": it + 1, "step": it + 1, "tokens_seen": self.engine.tokens_seen, **info, **stats,
+                "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2}
 
     def save(self) -> None:
         if self.rank != 0:

@@ -111,14 +111,15 @@ def _space(text: str) -> str:
 
 
 def add_shots(items: list[ChoiceItem], k: int, pool: list[ChoiceItem] | None = None,
-              seed: int = 1234) -> list[ChoiceItem]:
+              seed: int = 1234, same_file: bool = False) -> list[ChoiceItem]:
     """Prefix each item's contexts with k demonstrations from `pool` (default: the other items),
-    same group only; the item itself is never its own demonstration."""
+    same group only; the item itself is never its own demonstration. `same_file`: `items` is a
+    prefix of `pool` (the first --limit items of the file), so pool[i] is items[i] and is skipped."""
     if k <= 0:
         return [ChoiceItem(it.contexts if not it.preamble else [it.preamble + c for c in it.contexts],
                            it.continuations, it.gold, it.group) for it in items]
-    own = pool is None
-    pool = items if own else pool
+    own = pool is None or same_file
+    pool = items if pool is None else pool
     by_group: dict[str, list[int]] = {}
     for j, it in enumerate(pool):
         by_group.setdefault(it.group, []).append(j)

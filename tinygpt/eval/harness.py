@@ -12,6 +12,10 @@ Design choices:
 - The results JSON records, next to each task's metrics and item count, what was evaluated: the
   model path, the base weights' fingerprint (`lora.base_fingerprint`), each adapter's path, weight
   and SHA-256, and the settings (template, shots, limit), so a number can be traced to its inputs.
+  A win rate also records the other model (the same way) and the judge's path and SHA-256.
+- Generation budgets default to the task's usual length (gsm8k/ifeval 256, winrate 128, synth 16)
+  capped at half the model's context, so a small model still has room for the prompt;
+  `--max-new-tokens` overrides them.
 """
 from __future__ import annotations
 
@@ -41,6 +45,12 @@ class EvalContext:
     def cut(self, items):
         return items[: self.limit] if self.limit else items
 
+    def new_tokens(self, default: int) -> int:
+        """--max-new-tokens, else `default` capped at half the model's context (room for a prompt)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return max(1, min(default, self.model.config.block_size // 2))
+
 
 TASKS: dict = {}
 
@@ -64,9 +74,11 @@ def _choice_task(loader):
     def run(ctx: EvalContext, path):
         from .choice import add_shots, score_choices
         items = loader(path)
-        pool = loader(ctx.fewshot_data) if ctx.fewshot_data and ctx.shots else None
+        own = not ctx.fewshot_data   # demonstrations from the whole file, never the scored item itself
+        pool = items if own else loader(ctx.fewshot_data) if ctx.shots else None
         scored = ctx.cut(items)
-        res = score_choices(ctx.model, ctx.tok, add_shots(scored, ctx.shots, pool, ctx.seed), ctx.batch)
+        res = score_choices(ctx.model, ctx.tok, add_shots(scored, ctx.shots, pool, ctx.seed, same_file=own),
+                            ctx.batch)
         return {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n}
     return run
 
@@ -86,8 +98,9 @@ _register_choice_tasks()
 @task("lambada")
 def _lambada(ctx: EvalContext, path):
     from .choice import add_shots, load_lambada, score_lambada
-    items = ctx.cut(load_lambada(path))
-    return score_lambada(ctx.model, ctx.tok, add_shots(items, ctx.shots, seed=ctx.seed), ctx.batch)
+    items = load_lambada(path)
+    return score_lambada(ctx.model, ctx.tok, add_shots(ctx.cut(items), ctx.shots, items, ctx.seed, same_file=True),
+                         ctx.batch)
 
 
 # ---- generation tasks -------------------------------------------------------------------------
@@ -101,14 +114,14 @@ def _gsm8k(ctx: EvalContext, path):
     # one fixed set of shots, drawn from the pool minus the scored rows when the pool is the data
     candidates = pool[len(scored):] if pool is rows and len(rows) > len(scored) else pool
     shots = random.Random(ctx.seed).sample(candidates, min(ctx.shots, len(candidates)))
-    return eval_gsm8k(ctx.model, ctx.tok, scored, shots, ctx.template, ctx.batch, ctx.max_new_tokens or 256)
+    return eval_gsm8k(ctx.model, ctx.tok, scored, shots, ctx.template, ctx.batch, ctx.new_tokens(256))
 
 
 @task("synth")
 def _synth(ctx: EvalContext, path):
     from .gen import eval_synth, load_synth
     return eval_synth(ctx.model, ctx.tok, ctx.cut(load_synth(path)), ctx.template or _chat(ctx),
-                      ctx.batch, ctx.max_new_tokens or 16)
+                      ctx.batch, ctx.new_tokens(16))
 
 
 @task("ifeval")
@@ -116,7 +129,7 @@ def _ifeval(ctx: EvalContext, path):
     from .gen import eval_ifeval
     from .ifeval import load_ifeval
     return eval_ifeval(ctx.model, ctx.tok, ctx.cut(load_ifeval(path)), ctx.template or _chat(ctx),
-                       ctx.batch, ctx.max_new_tokens or 256)
+                       ctx.batch, ctx.new_tokens(256))
 
 
 @task("winrate")
@@ -131,11 +144,13 @@ def _winrate(ctx: EvalContext, path):
     other, other_tok = load_model_and_tokenizer(o["against"], lora=o.get("against_lora", ()), device=o["device"])
     rm = _load_judge(o["judge"], o["device"])
     prompts = ctx.cut(load_winrate_prompts(path))
+    budget = min(ctx.new_tokens(128), ctx.max_new_tokens or max(1, other.config.block_size // 2))
     res = eval_winrate(ctx.model, ctx.tok, other, other_tok, lambda ps, xs: reward_scores(rm, ps, xs, ctx.batch),
                        prompts, ctx.template or _chat(ctx),
                        get_template(adapter_template(o.get("against_lora", ())), other_tok), ctx.batch,
-                       ctx.max_new_tokens or 128, o.get("tie_margin", 0.0))
+                       budget, o.get("tie_margin", 0.0))
     res["against"] = describe_model(o["against"], other, o.get("against_lora", ()))
+    res["judge"] = {"path": str(o["judge"]), "sha256": file_sha256(o["judge"])[:16]}
     return res
 
 
@@ -251,7 +266,7 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
         res["data"] = str(data.get(name))
         results["tasks"][name] = res
         log(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                    for k, v in res.items() if k not in ("data", "against")))
+                                    for k, v in res.items() if k not in ("data", "against", "judge")))
     if out:
         from ..checkpoint import atomic_write_text
         atomic_write_text(out, json.dumps(results, indent=1) + "\n")
