@@ -455,3 +455,20 @@ def test_quantize_file_and_load(tmp_path, capsys):
     assert torch.allclose(hf_logits, got, atol=1e-4, rtol=0)
     _expect_error(capsys, ["quantize", str(tmp_path / "q.tinygpt"), "--int8", "--out", str(tmp_path / "qq.tinygpt")],
                   "nothing to quantize")
+
+
+@pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+                                      ("gpt2", "GPT2LMHeadModel")])
+def test_pretrained_with_an_exportable_arch_exports_to_transformers(tmp_path, arch, cls):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"story {i}: the fox ran {i % 5} miles to the river." for i in range(50)))
+    out = tmp_path / "m.tinygpt"
+    assert main(["train", "--corpus", str(corpus), "--preset", "nano", "--arch", arch, "--byte-tokenizer",
+                 "--ctx", "32", "--steps", "3", "--batch", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    ours, tok = load_model_and_tokenizer(out)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(ref).__name__ == cls
+    x = torch.tensor([tok.encode("the fox ran 3 miles")])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, ours(x), atol=1e-4, rtol=0)

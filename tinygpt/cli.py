@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import ARCHS
 from .data.formats import SkippedRowsWarning
 from .errors import UserError
 
@@ -100,6 +101,8 @@ def add_train(sub):
     p.add_argument("--corpus", nargs="+", required=True, help="text files or globs (.txt .jsonl .json .parquet)")
     p.add_argument("--preset", default="tiny", help="nano, tiny, huge, mega, behemoth, titan, gpt2")
     p.add_argument("--depth", type=int, default=0, help="one scaling dial: width 64*depth (overrides --preset)")
+    p.add_argument("--arch", choices=list(ARCHS), help="block family over that shape (default: the preset's); "
+                   "llama, qwen2 and gpt2 export to transformers and GGUF")
     p.add_argument("--tokenizer", help="tokenizer.json or Hugging Face folder (default: train one)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer trained here")
     p.add_argument("--byte-tokenizer", action="store_true", help="use 256 bytes + specials, no BPE")
@@ -119,7 +122,7 @@ def run_train(a):
     from .train.pretrain import PretrainArgs, pretrain
     if not 0.0 <= a.val_split < 1.0:
         raise UserError(f"--val-split must be in [0, 1), got {a.val_split}")
-    args = PretrainArgs(corpus=a.corpus, out=a.out, preset=a.preset, depth=a.depth, tokenizer=a.tokenizer,
+    args = PretrainArgs(corpus=a.corpus, out=a.out, preset=a.preset, depth=a.depth, arch=a.arch, tokenizer=a.tokenizer,
                         vocab_size=a.vocab_size, byte_tokenizer=a.byte_tokenizer, ctx=a.ctx,
                         val_split=a.val_split, device=a.device, init=a.init)
     last = pretrain(args, train_config(a), _log(a))

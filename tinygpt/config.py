@@ -118,5 +118,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Block families a preset's or --depth's shape can be built with (`tinygpt train --arch`). `modern`
+# is the presets' own; the others are the blocks transformers and llama.cpp know, so a model
+# pretrained here exports to them (see docs/interop.md).
+ARCHS: dict[str, dict] = {
+    "modern": _MODERN,
+    "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, tie_embeddings=True, bias=False,
+                  qkv_bias=False),
+    "qwen2": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, tie_embeddings=True, bias=False,
+                  qkv_bias=True),
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True, bias=True,
+                 qkv_bias=False),
+}
+
+
+def arch_overrides(arch: str | None) -> dict:
+    """The ModelConfig fields of a block family (empty for None: keep the preset's own)."""
+    if arch is None:
+        return {}
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch '{arch}'", None, f"choose one of {', '.join(ARCHS)}")
+    return dict(ARCHS[arch])
+
+
 def pad_vocab(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple

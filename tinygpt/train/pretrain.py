@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_model
-from ..config import ModelConfig, pad_vocab
+from ..config import ModelConfig, arch_overrides, pad_vocab
 from ..data.corpus import TokenBatches, expand_paths, read_documents, tokenize_corpus
 from ..errors import UserError
 from ..losses import token_cross_entropy
@@ -35,6 +35,7 @@ class PretrainArgs:
     out: str
     preset: str = "tiny"
     depth: int = 0
+    arch: str | None = None         # block family over the preset's shape (config.ARCHS)
     tokenizer: str | None = None
     vocab_size: int = 4096
     byte_tokenizer: bool = False
@@ -58,7 +59,7 @@ def build_tokenizer(args: PretrainArgs, log=print) -> Tokenizer:
 
 def build_model_config(args: PretrainArgs, tok: Tokenizer) -> ModelConfig:
     vocab = pad_vocab(tok.vocab_size)
-    over = {"vocab_size": vocab}
+    over = {"vocab_size": vocab, **arch_overrides(args.arch)}
     if args.ctx:
         over["block_size"] = args.ctx
     if args.depth:
