@@ -291,7 +291,8 @@ class Engine:
         bar = None
         if self.is_main and not cfg.quiet:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True, leave=True)
+            bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True, leave=True,
+                       disable=None)   # None: no bar when stderr is not a terminal (logs, CI)
         self.model.train()
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         last = {}
