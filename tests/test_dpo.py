@@ -292,3 +292,103 @@ def test_cli_dpo_writes_an_adapter_that_stacks(tmp_path, capsys):
     assert len(rows) == 2 and {"rewards/chosen", "rewards/margin", "logps/rejected"} <= set(rows[0])
     base, _ = nano()
     assert load_adapters(base, [(tmp_path / "d.lora", 1.0)]) == ["a0"]
+
+
+# ---- defaults, the precomputed reference under --full, ORPO and KTO learning --------------------
+def _pairs_file(path, n):
+    path.write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": f"right {i}", "rejected": f"wrong {i}"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_cli_dpo_default_lr_is_5e6_with_lora_and_1e6_full(tmp_path):
+    model, tok = nano()
+    save_model(tmp_path / "m.tinygpt", model, tok)
+    prefs = _pairs_file(tmp_path / "p.jsonl", 8)
+    for flags, out, lr in (([], "l.lora", 5e-6), (["--full"], "f.tinygpt", 1e-6), (["--full", "--lr", "3e-4"], "g.tinygpt", 3e-4)):
+        assert main(["dpo", str(tmp_path / "m.tinygpt"), "--data", str(prefs), "--steps", "1", "--batch", "4",
+                     "--device", "cpu", "--quiet", "--out", str(tmp_path / out)] + flags) == 0
+        run = tmp_path / out.replace(".lora", ".run").replace(".tinygpt", ".run")
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["lr"] == pytest.approx(lr, rel=1e-9), flags
+
+
+def test_full_precompute_ref_validates_against_the_reference(tmp_path):
+    import copy
+    model, tok = nano()
+    items = synth_items(tok, 48)
+    results = {}
+    for pre in (False, True):
+        tr = trainer(copy.deepcopy(model), tok, items[:40], tmp_path, val=items[40:], steps=3, lr=1e-3, full=True,
+                     precompute_ref=pre, name=f"{pre}.tinygpt")
+        assert abs(tr.evaluate()["val_margin"]) < 1e-6          # policy == reference before training
+        tr.fit()
+        results[pre] = tr.evaluate()
+    assert tr.ref_model is None and tr.val_ref_table is not None    # the copy is gone, validation still has a reference
+    assert abs(results[True]["val_margin"]) > 1e-3
+    for k, v in results[False].items():
+        assert results[True][k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
+
+
+def test_orpo_lowers_the_loss_and_raises_the_logprob_margin(tmp_path):
+    from tinygpt.dpo import ORPOTrainer
+    model, tok = nano()
+    items = synth_items(tok, 100)
+    tr = trainer(model, tok, items[:80], tmp_path, val=items[80:], cls=ORPOTrainer, steps=10, lr=3e-3, method="orpo")
+    before = tr.evaluate()
+    tr.fit()
+    after = tr.evaluate()
+    # held-out: lower ORPO loss, and chosen replies gain mean log-prob over rejected ones
+    assert after["val_loss"] < before["val_loss"] - 0.1
+    assert after["val_margin"] > before["val_margin"] + 0.01     # lambda * mean per-token log-prob gap
+
+
+def test_cli_orpo_lowers_its_training_loss(tmp_path):
+    model, tok = nano()
+    save_model(tmp_path / "m.tinygpt", model, tok)
+    prefs = _pairs_file(tmp_path / "p.jsonl", 8)
+    assert main(["orpo", str(tmp_path / "m.tinygpt"), "--data", str(prefs), "--steps", "10", "--batch", "4",
+                 "--lr", "1e-2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "o.lora")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "o.run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and (tmp_path / "o.lora").exists()
+    first, last = rows[:2], rows[-2:]          # two batches per epoch: compare whole epochs
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first) - 0.2
+    assert sum(r["rewards/margin"] for r in last) > sum(r["rewards/margin"] for r in first)
+
+
+def test_kto_raises_desirable_and_lowers_undesirable(tmp_path):
+    from tinygpt.data.formats import Unpaired
+    from tinygpt.data.synth import _rng, build_prefs, build_world
+    from tinygpt.preference import ItemBatches
+    model, tok = nano()
+    rows = build_prefs(_rng(0, "prefs"), build_world(_rng(0, "world")), 100)
+    ex = [Unpaired([Message("user", r["prompt"])], r[k], k == "chosen") for r in rows for k in ("chosen", "rejected")]
+    items = tokenize_unpaired(ex, tok, get_template("chatml", tok), 128, 64)
+    tr = trainer(model, tok, items, tmp_path, cls=KTOTrainer, steps=25, lr=1e-3, method="kto", beta=0.5)
+
+    def implied_rewards():   # log pi - log ref of each completion, split by label
+        good, bad = [], []
+        with torch.no_grad():
+            for tbs, ids in ItemBatches(items, "kto", 16, 0, torch.device("cpu"), 0, True).fixed():
+                r = sequence_logprobs(tr.scorer, tbs[0])[0] - tr.reference(tbs, ids, live=True)[0]
+                for i, x in zip(ids.tolist(), r.tolist()):
+                    (good if items[i][2] else bad).append(x)
+        return sum(good) / len(good), sum(bad) / len(bad)
+    assert implied_rewards() == (0.0, 0.0)
+    tr.fit()
+    good, bad = implied_rewards()
+    assert good > 0.5 and bad < -1.0
+
+
+def test_trainers_are_exported_lazily():
+    import subprocess
+    import sys
+    code = ("import sys, tinygpt\n"
+            "assert 'torch' not in sys.modules\n"
+            "from tinygpt import SFTTrainer, DPOTrainer, ORPOTrainer, KTOTrainer, RewardModelTrainer, PPOTrainer, GRPOTrainer\n"
+            "import tinygpt.sft, tinygpt.dpo, tinygpt.reward, tinygpt.rlhf\n"
+            "assert (SFTTrainer, DPOTrainer, RewardModelTrainer, PPOTrainer) == (tinygpt.sft.SFTTrainer, "
+            "tinygpt.dpo.DPOTrainer, tinygpt.reward.RewardModelTrainer, tinygpt.rlhf.PPOTrainer)\n"
+            "assert GRPOTrainer is tinygpt.rlhf.GRPOTrainer and KTOTrainer is tinygpt.dpo.KTOTrainer\n"
+            "assert set(tinygpt.__all__) >= {'SFTTrainer', 'DPOTrainer', 'RewardModelTrainer', 'PPOTrainer', 'GRPOTrainer'}\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -313,3 +313,19 @@ def test_explained_variance():
     close(L.explained_variance(values, returns, mask), 2 / 3)
     close(L.explained_variance(returns, returns, mask), 1.0)
     assert torch.isnan(L.explained_variance(values, torch.ones(1, 4), mask))
+
+
+def test_k3_kl_penalty_by_hand_on_both_sides_and_at_the_clamp():
+    # d = logp - ref = 0.5, -1, 0, 30 (clamped to 20): k3 = exp(-d) - 1 + d
+    got = L.kl_penalty(t(-0.5, -3.0, -2.0, 0.0), t(-1.0, -2.0, -2.0, -30.0), "k3")
+    close(got, [math.exp(-0.5) - 0.5, math.e - 2, 0.0, math.exp(-20) + 19], tol=1e-6)
+
+
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, -7.0]])
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # kept 1, 2, 3, 4: mean 2.5, unbiased variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5 / 3
+    s = math.sqrt(5 / 3 + 1e-8)
+    close(L.masked_whiten(x, m), [-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0.0, 0.0])
+    close(L.masked_whiten(x, m, shift_mean=False), [2.5 - 1.5 / s, 2.5 - 0.5 / s, 2.5 + 0.5 / s, 2.5 + 1.5 / s,
+                                                     0.0, 0.0])

@@ -1,6 +1,7 @@
 """PPO / GRPO: KL at the start, behaviour log-probs, toy rewards that must rise, prompt sources,
 reward-model tokenizers, verifiable reward functions, and the command line end to end."""
 import copy
+import math
 import json
 
 import pytest
@@ -222,3 +223,150 @@ def test_cli_grpo_and_ppo_end_to_end_with_prompt_files_of_any_format(tmp_path):
     assert main(["grpo", str(tmp_path / "base.tinygpt"), "--prompts", str(tmp_path / "missing.jsonl"),
                  "--reward-fn", "synth", "--out", str(tmp_path / "x.lora")] + common) == 2
     assert not (tmp_path / "x.lora").exists()
+
+
+# ---- KL control, early stop, k3 in the reward, named references, value files, reward plug-ins ----
+def test_adaptive_kl_controller_by_hand(tmp_path):
+    from tinygpt.rlhf import AdaptiveKL
+    kl = AdaptiveKL(0.1, target=6.0, horizon=10000)
+    kl.update(12.0, 64)                      # error 12 / 6 - 1 = 1, clipped to +0.2
+    assert kl.coef == pytest.approx(0.1 * 1.00128, rel=1e-12)
+    kl.update(5.4, 64)                       # error 5.4 / 6 - 1 = -0.1
+    assert kl.coef == pytest.approx(0.1 * 1.00128 * 0.99936, rel=1e-12)
+    kl.update(0.0, 5000)                     # error -1, clipped to -0.2, over half the horizon
+    assert kl.coef == pytest.approx(0.1 * 1.00128 * 0.99936 * 0.9, rel=1e-12)
+    fixed = AdaptiveKL(0.1, target=0.0, horizon=10000)
+    fixed.update(50.0, 64)
+    assert fixed.coef == 0.1                 # no target: a fixed coefficient
+    # in the trainer: each scored rollout moves the coefficient by its measured KL and its N sequences
+    m, tok, prompts = _setup(sharp=True)
+    apply_lora(m, 4, 8, name="rl")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)            # the policy has moved: the KL is not 0
+    cfg = RLConfig(iterations=1, batch=4, max_new_tokens=6, minibatch=2, kl_coef=0.2, kl_target=0.01, kl_horizon=100)
+    tr = PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "p.lora", reference="rl", stop_ids=[])
+    _, info, _ = tr.score(tr.rollout(0))
+    err = max(-0.2, min(0.2, info["kl"] / 0.01 - 1))
+    assert info["kl_coef"] == 0.2 and err != 0
+    assert tr.kl.coef == pytest.approx(0.2 * (1 + err * 4 / 100), rel=1e-9)
+
+
+def test_max_kl_stops_the_epochs_early(tmp_path):
+    m, tok, prompts = _setup(sharp=True)
+    apply_lora(m, 4, 8, name="rl")
+    runs = {}
+    for max_kl in (0.0, 1e-9):
+        cfg = RLConfig(iterations=1, batch=8, max_new_tokens=6, minibatch=2, epochs=4, kl_coef=0.0, max_kl=max_kl)
+        tr = PPOTrainer(copy.deepcopy(m), tok, prompts, _frac_good, cfg, _tcfg(1e-2), tmp_path / f"{max_kl}.lora",
+                        reference="rl", stop_ids=[])
+        runs[max_kl] = tr.iteration(0)
+    assert runs[0.0]["updates"] == 4 * 4 and runs[0.0]["early_stop"] == 0
+    # the first minibatch sees ratio 1 (KL 0); after one step the KL exceeds the limit: stop there
+    assert runs[1e-9]["updates"] == 2 and runs[1e-9]["early_stop"] == 1
+
+
+def test_ppo_rewards_carry_the_k3_penalty_by_hand(tmp_path):
+    m, tok, prompts = _setup()
+    apply_lora(m, 2, 4, name="rl")
+    cfg = RLConfig(iterations=1, batch=2, kl_coef=0.5, kl_kind="k3", gamma=1.0, lam=1.0, whiten=False)
+    tr = PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "p.lora", reference="rl", stop_ids=[])
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -9.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.7, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    out, _ = tr.advantages(torch.tensor([2.0, -1.0]), old, ref, torch.zeros(2, 3), mask)
+
+    def k3(d):
+        return math.exp(-d) - 1 + d
+    # reward per token: -0.5 * k3(logp - ref), plus the score at the last response token; with
+    # gamma = lambda = 1 and V = 0 the returns (and advantages) are the rewards still to come
+    r = [-0.5 * k3(0.5), -0.5 * k3(-1.0), -0.5 * k3(0.0) + 2.0]
+    want = torch.tensor([[r[0] + r[1] + r[2], r[1] + r[2], r[2]], [-0.5 * k3(0.5) - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(out["returns"], want)
+    torch.testing.assert_close(out["advantages"], want)
+
+
+@pytest.mark.parametrize("cls", [PPOTrainer, GRPOTrainer])
+def test_a_named_reference_needs_that_adapter(tmp_path, cls):
+    m, tok, prompts = _setup()
+    cfg = RLConfig(iterations=1, batch=2, group_size=2)
+
+    def build():
+        return cls(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "x.lora", stop_ids=[])
+    with pytest.raises(ValueError, match="no adapter of that name"):
+        build()                              # default reference "rl", no adapter at all
+    apply_lora(m, 2, 4, name="other")
+    with pytest.raises(ValueError, match="'rl'"):
+        build()
+    apply_lora(m, 2, 4, name="rl")
+    assert build().reference == "rl"
+
+
+def test_separate_value_network_is_saved_and_round_trips(tmp_path):
+    from tinygpt.checkpoint import load_model, save_model
+    from tinygpt.logprobs import make_batch
+    from tinygpt.rlhf import VALUE_FILE, load_value_network
+    m, tok, prompts = _setup(sharp=True)
+    backbone = copy.deepcopy(m).requires_grad_(True).train()
+    start = {k: v.clone() for k, v in backbone.state_dict().items()}
+    apply_lora(m, 2, 4, name="rl")
+    value = ValueNetwork(64, backbone)
+    cfg = RLConfig(iterations=1, batch=4, max_new_tokens=4, minibatch=4, epochs=2)
+    PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-2), tmp_path / "p.lora", value=value, stop_ids=[]).train()
+    assert any(not torch.equal(start[k], v) for k, v in backbone.state_dict().items())   # the backbone trained
+    assert value.head.weight.abs().sum() > 0                                            # and its head
+    back = load_value_network(tmp_path / "p.run" / VALUE_FILE)
+    b = make_batch([(p.ids + [7, 8], [0] * len(p.ids) + [1, 1]) for p in prompts[:3]], tok.pad_id)
+    with torch.no_grad():
+        torch.testing.assert_close(back(None, b), value(None, b), atol=0, rtol=0)
+    with pytest.raises(UserError):
+        load_model(tmp_path / "p.run" / VALUE_FILE)      # not a language model to sample from
+    save_model(tmp_path / "lm.tinygpt", m, tok)
+    with pytest.raises(UserError, match="not a value network"):
+        load_value_network(tmp_path / "lm.tinygpt")
+
+
+def test_two_argument_reward_functions_and_their_failures(tmp_path, monkeypatch):
+    from tinygpt.rewards import FunctionReward
+    from tinygpt.rlhf import Episode, Prompt
+    (tmp_path / "tworew.py").write_text(
+        "def short(prompt, completion):\n    return 1.0 if len(completion) < 5 else 0.0\n"
+        "def boom(prompt, completion, answer=None):\n    raise KeyError('no such thing')\n"
+        "def needs_scale(prompt, completion, *, scale):\n    return scale\n"
+        "def not_a_number(prompt, completion):\n    return 'high'\n")
+    monkeypatch.chdir(tmp_path)
+    short = get_reward_fn("tworew:short")
+    assert short("p", "abc", "an answer") == 1.0 and short("p", "abcdefgh", None) == 0.0
+    with pytest.raises(UserError, match="tworew:boom.*KeyError"):
+        get_reward_fn("tworew:boom")("p", "c", None)
+    with pytest.raises(UserError, match="tworew:not_a_number"):
+        get_reward_fn("tworew:not_a_number")("p", "c", None)
+    with pytest.raises(UserError, match="signature"):
+        get_reward_fn("tworew:needs_scale")
+    eps = [Episode(Prompt([Message("user", "q?")], "4", "", []), [], text, True, []) for text in ("ab", "abcdef")]
+    seen = []
+    two = FunctionReward(lambda prompt, completion: seen.append(prompt) or len(completion))
+    assert two(eps).tolist() == [2.0, 6.0] and seen == ["q?", "q?"]
+    assert FunctionReward(lambda p, c, a: float(a))(eps).tolist() == [4.0, 4.0]
+
+
+def test_cli_grpo_with_a_two_argument_reward_plugin(tmp_path, monkeypatch, capsys):
+    from tinygpt.checkpoint import save_model
+    from tinygpt.cli import main
+    m, tok, _ = _setup(sharp=True)
+    save_model(tmp_path / "base.tinygpt", m, tok)
+    _write_rows(tmp_path / "qa.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)])
+    (tmp_path / "plug2.py").write_text("def reward(prompt, completion):\n    return float(len(completion))\n"
+                                       "def broken(prompt, completion):\n    return 1 / 0\n")
+    monkeypatch.chdir(tmp_path)
+    common = ["--prompts", "qa.jsonl", "--iterations", "1", "--batch", "2", "--group-size", "2",
+              "--max-new-tokens", "4", "--quiet", "--device", "cpu", "--lora-rank", "2"]
+    assert main(["grpo", "base.tinygpt", "--reward-fn", "plug2:reward", "--out", "g.lora"] + common) == 0
+    samples = [json.loads(x) for x in (tmp_path / "g.run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["reward"] == len(s["completion"]) for s in samples)
+    capsys.readouterr()
+    assert main(["grpo", "base.tinygpt", "--reward-fn", "plug2:broken", "--out", "b.lora"] + common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plug2:broken" in err[0] and "ZeroDivisionError" in err[0]
+    assert not (tmp_path / "b.lora").exists()

@@ -4,7 +4,8 @@ Public API:
     load_model_and_tokenizer(path, lora=[...], device=...)   a .tinygpt file or a Hugging Face folder
     setup_device(device="auto")                               -> (torch.device, rank, world_size)
     GPT, ModelConfig, Tokenizer
-Trainers live in their stage modules (tinygpt.sft, tinygpt.dpo, tinygpt.reward, tinygpt.rlhf).
+    SFTTrainer, DPOTrainer, ORPOTrainer, KTOTrainer, RewardModelTrainer, PPOTrainer, GRPOTrainer
+Every name past the first two is imported on first use, so `import tinygpt` stays cheap.
 """
 from __future__ import annotations
 
@@ -43,7 +44,15 @@ def setup_device(device: str = "auto"):
     return _setup(device)
 
 
+_LAZY = {"SFTTrainer": "sft", "DPOTrainer": "dpo", "ORPOTrainer": "dpo", "KTOTrainer": "dpo",
+         "RewardModelTrainer": "reward", "PPOTrainer": "rlhf", "GRPOTrainer": "rlhf"}
+__all__ = ["load_model_and_tokenizer", "setup_device", "GPT", "ModelConfig", "Tokenizer", *_LAZY]
+
+
 def __getattr__(name):  # lazy: `import tinygpt` stays cheap and torch-free until used
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name == "GPT":
         from .model import GPT
         return GPT

@@ -130,9 +130,11 @@ class PreferenceTrainer:
                            "data": cache_key(items)}
         self.engine = Engine(self.scorer, tcfg, self.loss_step, self.batches, out, self.save,
                              self.validate if self.val_items else None, self.device, rank, world, log)
-        self.ref_table = None
+        self.ref_table = self.val_ref_table = None
         if cfg.precompute_ref and self.needs_ref:
-            self.ref_table = self._load_or_compute_ref(ref_key)
+            self.ref_table = self._load_or_compute_ref(ref_key, self.items, self.batches)
+            if self.val_items:   # validation needs the reference too, and the copy is about to go
+                self.val_ref_table = self._load_or_compute_ref(ref_key, self.val_items, self._eval_batches(self.val_items))
             if self.ref_model is not None:
                 self.ref_model = None             # the copy is no longer needed: free its memory
 
@@ -146,32 +148,40 @@ class PreferenceTrainer:
         return nullcontext() if self.cfg.full else disable_lora(self.gpt, names=[NEW])
 
     @torch.no_grad()
-    def reference(self, tbs, ids, live: bool = False):
-        """Reference summed log-probs of the batch's two member groups: ((B,), (B,))."""
-        if self.ref_table is not None and not live:
-            t = self.ref_table[ids]                                      # (B, 2)
+    def reference(self, tbs, ids, live: bool = False, table=None):
+        """Reference summed log-probs of the batch's two member groups: ((B,), (B,)), looked up
+        in `table` (default: the training items' precomputed table) unless `live`."""
+        table = self.ref_table if table is None else table
+        if table is not None and not live:
+            t = table[ids]                                               # (B, 2)
             return t[:, 0], t[:, 1]
+        if self.cfg.full and self.ref_model is None:
+            raise RuntimeError("the frozen reference copy was freed after precomputing its log-probs; "
+                               "only the precomputed items have a reference")
         model = self.ref_model if self.ref_model is not None else self.scorer
         with self._ref_context():
             sums = torch.cat([sequence_logprobs(model, tb)[0] for tb in tbs])   # (2B,)
         B = len(ids)
         return sums[:B], sums[B:]
 
-    def _load_or_compute_ref(self, ref_key) -> torch.Tensor:
-        key = cache_key(self.items, self.kind, ref_key, self.engine.dtype, self.cfg.full, self.cfg.pack)
+    def _load_or_compute_ref(self, ref_key, items, batches) -> torch.Tensor:
+        """Reference log-probs (len(items), 2) of `items`, row = item id, cached by content key."""
+        key = cache_key(items, self.kind, ref_key, self.engine.dtype, self.cfg.full, self.cfg.pack)
         path = run_dir_for(self.out) / f"ref-logps-{key}.safetensors"
         if path.exists():
             self.log(f"reusing cached reference log-probs {path}")
             return load_tensors(path, self.device)[0]["ref"]
-        self.log(f"computing reference log-probs for {len(self.items)} items")
-        rows = []
+        self.log(f"computing reference log-probs for {len(items)} items")
+        table = torch.zeros(len(items), 2, device=self.device)
         with self.engine.autocast():
-            for tbs, ids in self.batches.fixed():
-                rows.append(torch.stack(self.reference(tbs, ids, live=True), dim=1))   # (B, 2)
-        table = torch.cat(rows).float()
+            for tbs, ids in batches.fixed():
+                table[ids] = torch.stack(self.reference(tbs, ids, live=True), dim=1).float()   # (B, 2)
         if self.rank == 0:
-            save_tensors(path, {"ref": table}, {"key": key, "items": len(self.items)})
+            save_tensors(path, {"ref": table}, {"key": key, "items": len(items)})
         return table
+
+    def _eval_batches(self, items) -> ItemBatches:
+        return ItemBatches(items, self.kind, self.tcfg.batch, 0, self.device, self.tok.pad_id or 0, self.cfg.pack)
 
     # ---- the loss step ---------------------------------------------------------------------------
     def loss_step(self, model, batch):
@@ -192,14 +202,15 @@ class PreferenceTrainer:
         """Mean loss, reward margin (chosen minus rejected, or desirable minus undesirable) and
         pairwise accuracy over held-out items (default: the validation split)."""
         items = self.val_items if items is None else items
-        evals = ItemBatches(items, self.kind, self.tcfg.batch, 0, self.device, self.tok.pad_id or 0, self.cfg.pack)
+        evals = self._eval_batches(items)
+        table = self.val_ref_table if items is self.val_items else None
         was = self.scorer.training
         self.scorer.eval()
         tot: dict = {}
         with self.engine.autocast():
             for tbs, ids in evals.fixed():
                 pi, n, _ = sequence_logprobs(self.scorer, tbs[0])
-                ref = self.reference(tbs, ids, live=True) if self.needs_ref else (None, None)
+                ref = self.reference(tbs, ids, live=table is None, table=table) if self.needs_ref else (None, None)
                 loss, m = self.loss(self.scorer, pi, n, ref, tbs, ids)
                 for k, v in (("loss", loss.sum()), ("margin", m["rewards/margin"] * len(ids)),
                              ("accuracy", m["rewards/accuracy"] * len(ids))):

@@ -11,12 +11,15 @@ Design choices:
   world), `format` (non-empty, ends with a stop marker, short; one third per property).
 - `FunctionReward` applies such a function to the trainers' episodes; `ModelReward` scores them with
   a reward model (`tinygpt.reward`), re-tokenizing when its tokenizer differs from the policy's.
-- `module:function` imports any function with the same signature (the module must be importable:
-  installed, or on the current folder / PYTHONPATH).
+- `module:function` imports any function with that signature, or the shorter `(prompt, completion)
+  -> float` (told apart by `inspect.signature`); the module must be importable: installed, or on
+  the current folder / PYTHONPATH. An exception raised inside such a function is the user's
+  mistake, not ours: it stops the run with one line naming the function.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -97,8 +100,47 @@ def get_reward_fn(spec: str):
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise UserError(f"module '{mod_name}' has no function '{fn_name}'", "--reward-fn",
-                        "give module:function with signature (prompt, completion, answer) -> float")
-    return fn
+                        "give module:function with signature (prompt, completion[, answer]) -> float")
+    return user_reward_fn(fn, spec)
+
+
+def _n_args(fn) -> int:
+    """How many of (prompt, completion, answer) `fn` takes: 3 or 2; 0 when it fits neither."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):       # some builtins have no signature: assume the full one
+        return 3
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 3
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
+    if any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in params) or required > 3:
+        return 0
+    return 3 if len(positional) >= 3 else 2 if len(positional) == 2 else 0
+
+
+def adapt_reward_fn(fn):
+    """`fn` as a (prompt, completion, answer) callable: a two-argument function drops the answer."""
+    n = _n_args(fn)
+    if n == 0:
+        raise UserError(f"reward function {getattr(fn, '__name__', fn)!r} has the wrong signature", "--reward-fn",
+                        "define f(prompt, completion) or f(prompt, completion, answer) returning a float")
+    return fn if n == 3 else (lambda prompt, completion, answer=None: fn(prompt, completion))
+
+
+def user_reward_fn(fn, name: str):
+    """A user's reward function, adapted to three arguments; what it raises, or a result that is not
+    a number, becomes a one-line error naming it."""
+    call = adapt_reward_fn(fn)
+
+    def reward(prompt, completion, answer=None) -> float:
+        try:
+            return float(call(prompt, completion, answer))
+        except Exception as e:  # noqa: BLE001  (user code: any failure is the user's to fix)
+            raise UserError(f"reward function {name} failed on completion {completion[:40]!r}: "
+                            f"{type(e).__name__}: {e}", "--reward-fn", "fix the function") from None
+    reward.__name__ = name
+    return reward
 
 
 # ---- reward sources for the RL trainers ----------------------------------------------------------------------------------
@@ -106,7 +148,7 @@ class FunctionReward:
     """fn(prompt text of the last user turn, completion with its stop marker, answer) -> float."""
 
     def __init__(self, fn):
-        self.fn = fn
+        self.fn = adapt_reward_fn(fn)
 
     def __call__(self, episodes) -> torch.Tensor:
         out = []

@@ -4,7 +4,8 @@ Design choices:
 - One backbone plays every role. The policy is base + frozen SFT adapter(s) + a fresh trainable
   LoRA adapter; the reference is the same model with only that new adapter switched off
   (`disable_lora(names=[...])`); the PPO value head is a linear layer on the policy's final hidden
-  states (`ValueNetwork`; or its own small backbone with `--value-model`). Only the reward model is
+  states (`ValueNetwork`; or its own small backbone with `--value-model`, trained too and saved,
+  backbone and head, as `value.tinygpt` in the run folder). Only the reward model is
   a second network, optionally in bf16. Full fine-tuning (`--full`) needs a frozen copy as
   reference, the one case that doubles the weights.
 - An iteration is: rollout (the batched KV-cache `generate`, CUDA-graph decode), scoring (reward,
@@ -119,6 +120,42 @@ class ValueNetwork(nn.Module):
         return self.head(h_sel.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
+VALUE_FILE = "value.tinygpt"   # a separate value network, saved in the run folder
+
+
+def save_value_network(path, value: ValueNetwork, tokenizer, extra: dict | None = None) -> None:
+    """A separate value network as one .tinygpt file (atomic): its backbone's tensors, the head as
+    `value_head.weight` / `value_head.bias`, and the metadata `"head": "value"`."""
+    from .checkpoint import save_model
+    tensors = {**value.backbone.state_dict_for_save(),
+               **{f"value_head.{k}": v for k, v in value.head.state_dict().items()}}
+    save_model(path, SimpleNamespace(config=value.backbone.config, state_dict_for_save=lambda: tensors), tokenizer,
+               {**(extra or {}), "head": "value"})
+
+
+def load_value_network(path, device="cpu") -> ValueNetwork:
+    """The ValueNetwork written by `save_value_network` (e.g. to continue PPO with it)."""
+    from .checkpoint import _materialise_buffers, read_model_file
+    from .model import GPT
+    tensors, cfg, _, meta = read_model_file(path)
+    head = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("value_head.")}
+    if meta.get("head") != "value" or set(head) != {"weight", "bias"}:
+        raise UserError("not a value network file (no value head)", str(path), "give the run folder's value.tinygpt")
+    with torch.device("meta"):
+        backbone = GPT(cfg)
+    missing, unexpected = backbone.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"value network file does not match its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})", str(path))
+    if cfg.tie_embeddings:
+        backbone.lm_head.weight = backbone.model.embed_tokens.weight
+    _materialise_buffers(backbone)
+    value = ValueNetwork(cfg.n_embd, backbone)
+    value.head.load_state_dict(head)
+    return value.to(device)
+
+
 def _head(policy, vocab_limit):
     """The output head cut to the real vocabulary (a view: no copy, gradients still flow)."""
     return SimpleNamespace(weight=policy.lm_head.weight[:vocab_limit])
@@ -212,6 +249,12 @@ class _RLTrainer:
         from .train.engine import Engine, run_dir_for
         if not prompts:
             raise UserError("no prompts to train on", None, "give a --prompts file with rows")
+        if isinstance(reference, str):   # else the reference would be the policy itself: KL 0, every weight trained
+            from .lora import lora_modules
+            if not any(reference in m.lora_A for m in lora_modules(policy).values()):
+                raise ValueError(f"reference={reference!r} names the trainable LoRA adapter, but the policy has no "
+                                 f"adapter of that name: call apply_lora(policy, ..., name={reference!r}) first, "
+                                 "or pass a frozen reference model (or None for no KL)")
         self.policy, self.tok, self.prompts, self.reward = policy, tokenizer, prompts, reward
         self.cfg, self.out, self.log, self.rank, self.world = cfg, out, log, rank, world
         self.reference, self.extra_meta = reference, dict(extra_meta or {})
@@ -384,6 +427,8 @@ class _RLTrainer:
             save_model(self.out, self.policy, self.tok, meta)
         if self.net.value is not None and self.net.value.backbone is None:
             save_tensors(self.run_dir / "value_head.safetensors", dict(self.net.value.head.state_dict()))
+        elif self.net.value is not None:   # its own backbone was trained too: keep all of it
+            save_value_network(self.run_dir / VALUE_FILE, self.net.value, self.tok, meta)
 
 
 def _clock(device) -> float:
