@@ -402,6 +402,7 @@ def _pref_flags(p, method: str, lr: float, beta: float | None = None):
     p.add_argument("--val-split", type=float, default=0.05 if method == "reward" else 0.0,
                    help="fraction of pairs held out for validation")
     p.add_argument("--no-packing", action="store_true", help="one sequence per row, right-padded")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory)")
     if method != "reward":
         p.add_argument("--beta", type=float, default=beta, help="strength of the KL-like regulariser")
         p.add_argument("--full", action="store_true", help="fine-tune every weight and write a .tinygpt")
@@ -439,7 +440,8 @@ def _pref_common(a, kind: str):
     tcfg.steps, tcfg.warmup = steps, a.warmup
     kw = dict(model=a.model, data=a.data, out=a.out, lora=tuple(lora_specs(a)), template=a.template, format=a.format,
               skip_bad_rows=a.skip_bad_rows, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-              val_split=a.val_split, epochs=a.epochs or None, device=a.device)
+              val_split=a.val_split, epochs=a.epochs or None, device=a.device,
+              grad_checkpointing=a.grad_checkpointing)
     return kw, tcfg
 
 

@@ -199,6 +199,7 @@ class RewardArgs:
     val_split: float = 0.05
     epochs: float | None = None
     device: str = "auto"
+    grad_checkpointing: bool = False
 
 
 def train_reward(args: RewardArgs, tcfg, log=print) -> dict:
@@ -215,6 +216,7 @@ def train_reward(args: RewardArgs, tcfg, log=print) -> dict:
         raise UserError(f"data file not found: {args.data}", "--data", "check the path")
     device, rank, world = setup_device(args.device)
     gpt, tok = load_model_and_tokenizer(args.model, lora=args.lora, device="cpu")
+    gpt.grad_checkpointing = args.grad_checkpointing
     merge_and_unload(gpt)
     template, added = prepare_template(tok, args.template, allow_new_tokens=True)
     if added:

@@ -373,7 +373,7 @@ class _RLTrainer:
         bar = None
         if main and not self.tcfg.quiet:
             from tqdm import tqdm
-            bar = tqdm(total=self.cfg.iterations, dynamic_ncols=True)
+            bar = tqdm(total=self.cfg.iterations, dynamic_ncols=True, disable=None)   # only on a terminal
         last: dict = {}
         try:
             for it in range(self.cfg.iterations):
@@ -587,6 +587,7 @@ def run_rl(kind: str, args: RLArgs, cfg: RLConfig, tcfg, log=print) -> dict:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         model.requires_grad_(True)
     else:
+        torch.manual_seed(tcfg.seed)              # the adapter's random A is part of the run's seed
         apply_lora(model, args.lora_rank, args.lora_alpha, name=kind)
         for n, p in model.named_parameters():
             if p.requires_grad:
