@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.chat import get_template
-from tinygpt.checkpoint import save_model
+from tinygpt.checkpoint import load_tensors, save_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import Message, Preference, load_preferences
@@ -394,3 +394,24 @@ def test_trainers_are_exported_lazily():
             "assert GRPOTrainer is tinygpt.rlhf.GRPOTrainer and KTOTrainer is tinygpt.dpo.KTOTrainer\n"
             "assert {'SFTTrainer', 'RewardModelTrainer', 'PPOTrainer', 'GRPOTrainer'} <= set(tinygpt.__all__)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("cmd", ["dpo", "reward"])
+def test_cli_grad_checkpointing_trains_the_same_weights(tmp_path, cmd, monkeypatch):
+    import tinygpt.model as tm
+    calls = []
+    real = tm.checkpoint
+    monkeypatch.setattr(tm, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, tok = nano()
+    save_model(tmp_path / "m.tinygpt", model, tok)
+    prefs = _pairs_file(tmp_path / "p.jsonl", 12)
+    outs = []
+    for flags in ([], ["--grad-checkpointing"]):
+        out = tmp_path / (f"{cmd}{len(flags)}" + (".lora" if cmd == "dpo" else ".tinygpt"))
+        assert main([cmd, str(tmp_path / "m.tinygpt"), "--data", str(prefs), "--steps", "3", "--batch", "4",
+                     "--device", "cpu", "--dtype", "float32", "--quiet", "--lr", "1e-2", "--out", str(out)] + flags) == 0
+        outs.append(load_tensors(out)[0])
+        assert bool(calls) == bool(flags)               # recomputation really ran, and only when asked
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], atol=1e-5, rtol=0)

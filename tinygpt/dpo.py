@@ -109,6 +109,7 @@ class PreferenceTrainer:
             if self.needs_ref:
                 self.ref_model = copy.deepcopy(self.gpt).eval().requires_grad_(False)
         else:
+            torch.manual_seed(tcfg.seed)          # the adapter's random A is part of the run's seed
             n = apply_lora(self.gpt, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, name=NEW)
             log(f"training a rank-{cfg.lora_rank} LoRA adapter ({n / 1e6:.2f}M parameters) on top of the loaded model")
         self.scorer = LogProbModel(self.gpt)
@@ -321,6 +322,7 @@ class PreferenceArgs:
     val_split: float = 0.0
     epochs: float | None = None       # used when tcfg.steps is 0 (default: one epoch)
     device: str = "auto"
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
 
 
 def train_preference(args: PreferenceArgs, cfg: PreferenceConfig, tcfg, log=print) -> dict:
@@ -337,6 +339,7 @@ def train_preference(args: PreferenceArgs, cfg: PreferenceConfig, tcfg, log=prin
         raise UserError(f"data file not found: {args.data}", "--data", "check the path")
     device, rank, world = setup_device(args.device)
     model, tok = load_model_and_tokenizer(args.model, lora=args.lora, device="cpu")
+    model.grad_checkpointing = args.grad_checkpointing
     max_length = min(args.max_length, model.config.block_size)
     template, added = prepare_template(tok, args.template, allow_new_tokens=cfg.full)
     if added:
