@@ -135,24 +135,30 @@ def read_model_file(path, device="cpu"):
 
 def load_model(path, device="cpu", dtype=None):
     """(GPT, Tokenizer, metadata) from a .tinygpt file; weights bit-exact as saved."""
-    from .model import GPT
     tensors, cfg, tok, meta = read_model_file(path)
+    model = gpt_from_tensors(tensors, cfg, path, meta.get("quantization"))
+    model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model, tok, meta
+
+
+def gpt_from_tensors(tensors: dict, cfg, path, quantization: str | None = None, what: str = "model file"):
+    """A GPT (on the CPU) whose weights ARE `tensors`: no copy, no re-initialisation. Tensors of
+    heads other than the LM head (reward, value) must be taken out first."""
+    from .model import GPT
     with torch.device("meta"):
         model = GPT(cfg)
-    if meta.get("quantization"):  # int8 files: swap in Int8Linear layers so the int8 tensors load as-is
+    if quantization:  # int8 files: swap in Int8Linear layers so the int8 tensors load as-is
         from .quantize import swap_int8_modules
-        swap_int8_modules(model, tensors, meta["quantization"], path)
-    # assign=True adopts the loaded tensors as they are (no copy, no re-initialisation)
+        swap_int8_modules(model, tensors, quantization, path)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise UserError(f"model file does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})",
+        raise UserError(f"{what} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})",
                         str(path))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialise_buffers(model)
-    model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    return model, tok, meta
+    return model
 
 
 def _materialise_buffers(model) -> None:

@@ -125,10 +125,7 @@ def run_train(a):
     args = PretrainArgs(corpus=a.corpus, out=a.out, preset=a.preset, depth=a.depth, arch=a.arch, tokenizer=a.tokenizer,
                         vocab_size=a.vocab_size, byte_tokenizer=a.byte_tokenizer, ctx=a.ctx,
                         val_split=a.val_split, device=a.device, init=a.init)
-    last = pretrain(args, train_config(a), _log(a))
-    if last:
-        print(f"step {last['step']}: loss {last['loss']:.4f}" +
-              (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {a.out}")
+    _report(pretrain(args, train_config(a), _log(a)), a.out)
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
@@ -361,10 +358,7 @@ def run_sft(a):
                       full=a.full, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                       lora_targets=targets, grad_checkpointing=a.grad_checkpointing, epochs=a.epochs,
                       device=a.device)
-    last = sft(a.model, a.data, a.out, opts, tcfg, lora_specs(a), _log(a))
-    if last:
-        print(f"step {last['step']}: loss {last['loss']:.4f}" +
-              (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {a.out}")
+    _report(sft(a.model, a.data, a.out, opts, tcfg, lora_specs(a), _log(a)), a.out)
 
 
 # ---- merging adapters ---------------------------------------------------------------------------------
@@ -446,10 +440,11 @@ def _pref_common(a, kind: str):
 
 
 def _report(last, out):
+    """The one summary line a training stage prints: its last step's loss and what it validated."""
     if last:
-        acc = f", val accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""
-        margin = f", margin {last['rewards/margin']:.4f}" if "rewards/margin" in last else ""
-        print(f"step {last['step']}: loss {last['loss']:.4f}{margin}{acc} -> {out}")
+        shown = (("val_loss", "val loss", ".4f"), ("rewards/margin", "margin", ".4f"), ("val_accuracy", "val accuracy", ".3f"))
+        extra = "".join(f", {label} {last[k]:{fmt}}" for k, label, fmt in shown if k in last)
+        print(f"step {last['step']}: loss {last['loss']:.4f}{extra} -> {out}")
 
 
 def add_reward(sub):

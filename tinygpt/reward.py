@@ -101,22 +101,12 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path, device="cpu") -> RewardModel:
     """A trained reward model from its .tinygpt file, in eval mode, tokenizer at `.tokenizer`."""
-    from .checkpoint import _materialise_buffers
-    from .model import GPT
+    from .checkpoint import gpt_from_tensors
     tensors, cfg, tok, meta = read_model_file(path)
     if meta.get("head") != HEAD or "score.weight" not in tensors:
         raise UserError("not a reward model (no reward head)", str(path), "train one with 'tinygpt reward'")
     score = tensors.pop("score.weight")
-    with torch.device("meta"):
-        backbone = GPT(cfg)
-    missing, unexpected = backbone.load_state_dict(tensors, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"reward model file does not match its config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})", str(path))
-    if cfg.tie_embeddings:
-        backbone.lm_head.weight = backbone.model.embed_tokens.weight
-    _materialise_buffers(backbone)
+    backbone = gpt_from_tensors(tensors, cfg, path, what="reward model file")
     rm = RewardModel(backbone.to(device), tok)
     with torch.no_grad():
         rm.score.weight.copy_(score)

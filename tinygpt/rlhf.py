@@ -135,22 +135,12 @@ def save_value_network(path, value: ValueNetwork, tokenizer, extra: dict | None 
 
 def load_value_network(path, device="cpu") -> ValueNetwork:
     """The ValueNetwork written by `save_value_network` (e.g. to continue PPO with it)."""
-    from .checkpoint import _materialise_buffers, read_model_file
-    from .model import GPT
+    from .checkpoint import gpt_from_tensors, read_model_file
     tensors, cfg, _, meta = read_model_file(path)
     head = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("value_head.")}
     if meta.get("head") != "value" or set(head) != {"weight", "bias"}:
         raise UserError("not a value network file (no value head)", str(path), "give the run folder's value.tinygpt")
-    with torch.device("meta"):
-        backbone = GPT(cfg)
-    missing, unexpected = backbone.load_state_dict(tensors, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"value network file does not match its config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})", str(path))
-    if cfg.tie_embeddings:
-        backbone.lm_head.weight = backbone.model.embed_tokens.weight
-    _materialise_buffers(backbone)
+    backbone = gpt_from_tensors(tensors, cfg, path, what="value network file")
     value = ValueNetwork(cfg.n_embd, backbone)
     value.head.load_state_dict(head)
     return value.to(device)
