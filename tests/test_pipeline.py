@@ -219,3 +219,20 @@ stages:
     lines = []
     pipeline.run_pipeline(cfg, run, log=lines.append)
     assert sum("skipped" in ln for ln in lines) == 3
+
+
+@pytest.mark.slow   # the whole demo recipe: about 3-4 minutes on a 2-core CPU
+def test_demo_preset_orders_base_sft_dpo(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["pipeline", "--preset", "demo", "--out", str(run), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    acc = {name: json.loads((run / f"eval-{name}.json").read_text())["tasks"]["synth"]["accuracy"]
+           for name in ("base", "sft", "dpo")}
+    # held-out exact match: SFT learns the format, DPO drops the explanations exact match refuses
+    assert acc["base"] < acc["sft"] - 0.2 and acc["sft"] + 0.02 < acc["dpo"], acc
+    rm = [json.loads(x) for x in (run / "reward.run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0.5 < rm["val_accuracy"] <= 1 and f"reward: held-out accuracy {rm['val_accuracy']:.4f}" in printed
+    prompt = "### Instruction:\nWhat is 9 plus 8?\n\n### Response:\n"
+    for name in ("sample", "sample-dpo"):
+        text = (run / f"{name}.txt").read_text()
+        assert text.startswith(prompt) and len(text) > len(prompt), text

@@ -154,9 +154,22 @@ def test_every_answer_is_derivable(out):
     for r in _rows(paths["eval"]):
         assert _oracle(r["prompt"])[0] == r["task"], r
         assert _check(r["prompt"], r["answer"], corpus), r
+    explained = {"arithmetic": 0, "other": 0}
+    n_sums = 0
     for q, a in _qa_pairs(_rows(paths["sft"])):
-        assert _check(q, a, corpus), (q, a)
-        assert "\n" not in a and len(a.split()) == 1, a
+        assert a.startswith(" ") and not a.startswith("  ") and "\n" not in a, a
+        answer = a.split()[0].rstrip(",.")  # the answer comes first, explained or not
+        assert _check(q, answer, corpus), (q, a)
+        task = _oracle(q)[0]
+        n_sums += task == "arithmetic"
+        if len(a.split()) > 1:
+            explained["arithmetic" if task == "arithmetic" else "other"] += 1
+            assert not exact_match(a, answer), a
+            sentence = a.split(None, 1)[1]     # restates the sum, with the same result
+            assert sentence.rstrip(".").endswith(" " + answer), a
+            nums = [int(x) for x in re.findall(r"\d+", sentence)]
+            assert sorted(nums) == sorted([*map(int, re.findall(r"\d+", q)), int(answer)]), a
+    assert explained["other"] == 0 and 0.5 * n_sums < explained["arithmetic"] < 0.75 * n_sums
     for r in _rows(paths["prompts"]):
         assert _oracle(r["prompt"]) == ("arithmetic", r["answer"]), r
 
@@ -167,15 +180,19 @@ def test_preferences(out):
     kinds = set()
     for r in _rows(paths["prefs"]):
         assert r["chosen"] != r["rejected"], r
-        assert _check(r["prompt"], r["chosen"], corpus), r
+        assert r["chosen"].startswith(" ") and r["rejected"].startswith(" "), r
+        assert _check(r["prompt"], r["chosen"][1:], corpus), r
         task, key = _oracle(r["prompt"])
         if task == "string" and key.isupper():
             kinds.add("case")
             continue
         assert not exact_match(r["rejected"], r["chosen"]), r
-        assert not _check(r["prompt"], r["rejected"], corpus), r
-        kinds.add("wordy" if len(r["rejected"].split()) > 2 else "near-miss")
-    assert kinds == {"case", "wordy", "near-miss"}
+        assert not _check(r["prompt"], r["rejected"][1:], corpus), r
+        if task == "arithmetic" and r["rejected"].split()[0].rstrip(",.") == r["chosen"][1:]:
+            kinds.add("explained")
+        else:
+            kinds.add("wordy" if len(r["rejected"].split()) > 2 else "near-miss")
+    assert kinds == {"case", "wordy", "near-miss", "explained"}
 
 
 def test_corpus_is_prose_not_chat(out):

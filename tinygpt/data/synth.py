@@ -23,9 +23,19 @@ Design choices:
   whole normalised first line of the completion with the answer. "The answer is 12." does not
   match "12"; "12." and " 12 " do. Matching is case-insensitive, which is why the capitals skill
   is taught (corpus, SFT, preferences) but not scored in the eval set.
+- Replies in the SFT and preference files start with one space (" blue", " 12"). A chat template
+  tokenizes the reply on its own, and byte-level BPE gives "blue" after a newline other tokens
+  ("b", "l", "ue") than the " blue" the corpus taught; with the space the reply reuses the very
+  tokens that carry the pretrained knowledge (the old GPT-3 fine-tuning advice). Scoring strips it.
+- SFT replies are bare, except that about two thirds of the replies to sums explain the answer
+  after giving it ("17, since 9 plus 8 is 17."), as demonstrations written by people mix styles.
+  The explanation is right but fails exact match; the answer token comes first, so it is learnt
+  from every row. An SFT model therefore explains many sums, which is what preference tuning and
+  RL with an exact-match reward then remove: the demo's DPO and GRPO gains are mostly this.
 - Preference pairs put the correct bare answer (chosen) against a plausible mistake (rejected):
-  a number off by 1-2, the other operation's result, another person's value, the same person's
-  other attribute, a wrong letter or count, the wrong case, or a rambling / wordy reply.
+  for 40% of the sums the explained answer, else a number off by 1-2, the other operation's
+  result, another person's value, the same person's other attribute, a wrong letter or count, the
+  wrong case, or a rambling / wordy reply.
 - `scale` multiplies the number of corpus documents, SFT rows and preference rows; every fact and
   every number pair is still stated at least once. The eval and GRPO files do not scale.
 """
@@ -91,6 +101,12 @@ RAMBLE = ["Hmm, that is a good question. Let me think about it for a while. I be
           "Well, there are many ways to look at this, and people often disagree, but maybe {x}.",
           "I am not completely sure, so I will guess. It could be {x}, or perhaps something else.",
           "The answer is {x}."]
+# A sum explained after its answer: right, but not the bare answer exact match asks for.
+EXPLAIN = {"+": ["{c}, since {a} plus {b} is {c}.", "{c}, because {a} + {b} = {c}.",
+                 "{c}. Adding {a} and {b} gives {c}."],
+           "-": ["{c}, since {a} minus {b} is {c}.", "{c}, because {a} - {b} = {c}.",
+                 "{c}. Taking {b} away from {a} leaves {c}."]}
+EXPLAIN_SHARE = 0.65  # of the SFT replies to sums asked without a system prompt
 
 # ---- templates: corpus prose (never questions) ------------------------------------------------
 FACT_S = {
@@ -373,15 +389,30 @@ def _qa(rng, world, task):
     return item, rng.choice(_questions(task, item)), _answer(world, task, item)
 
 
+def _reply(text: str) -> str:
+    """A reply as the chat files store it: one leading space, so it tokenizes like corpus words."""
+    return " " + text
+
+
+def _explained(rng, item, answer) -> str:
+    """The answer to a sum, then why: "17, since 9 plus 8 is 17."."""
+    a, op, b = item
+    return rng.choice(EXPLAIN[op]).format(a=a, b=b, c=answer)
+
+
 def build_sft(rng, world, rows: int) -> list[dict]:
     out = []
     for _ in range(rows):
         msgs = []
-        if rng.random() < 0.04:
+        terse = rng.random() < 0.04  # a system prompt asks for bare answers, and gets them
+        if terse:
             msgs.append({"role": "system", "content": rng.choice(SYSTEMS)})
         for _turn in range(2 if rng.random() < 0.04 else 1):
-            _, q, a = _qa(rng, world, _task(rng))
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            task = _task(rng)
+            item, q, a = _qa(rng, world, task)
+            if task == "arithmetic" and not terse and rng.random() < EXPLAIN_SHARE:
+                a = _explained(rng, item, a)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": _reply(a)}]
         out.append({"messages": msgs})
     return out
 
@@ -391,7 +422,11 @@ def build_prefs(rng, world, rows: int) -> list[dict]:
     for _ in range(rows):
         task = _task(rng)
         item, q, a = _qa(rng, world, task)
-        out.append({"prompt": q, "chosen": a, "rejected": _wrong(rng, world, task, item, a)})
+        if task == "arithmetic" and rng.random() < 0.4:
+            rejected = _explained(rng, item, a)
+        else:
+            rejected = _wrong(rng, world, task, item, a)
+        out.append({"prompt": q, "chosen": _reply(a), "rejected": _reply(rejected)})
     return out
 
 
@@ -420,7 +455,8 @@ def _readme(seed, scale, counts) -> str:
         "Files:",
         f"- corpus.txt: {counts['corpus']} pretraining documents separated by blank lines; prose only,",
         "  never questions and answers.",
-        f"- sft.jsonl: {counts['sft']} chat rows (`messages`) asking train-side questions, bare answers.",
+        f"- sft.jsonl: {counts['sft']} chat rows (`messages`) asking train-side questions; bare answers,",
+        "  but most sums are explained after the answer.",
         f"- prefs.jsonl: {counts['prefs']} rows of prompt / chosen (correct) / rejected (plausible mistake).",
         f"- prompts.jsonl: {counts['prompts']} arithmetic prompts with answers, for GRPO.",
         f"- eval.jsonl: {counts['eval']} held-out questions (other people/facts, number pairs, words, lists)",
