@@ -14,3 +14,12 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip("shared data folder not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """nano models run fastest on one thread (no thread hand-offs, no contention on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

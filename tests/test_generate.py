@@ -8,13 +8,7 @@ from tinygpt.lora import apply_lora, merge_lora
 from tinygpt.model import GPT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """nano models run fastest on one thread (no thread hand-offs, no contention on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 97

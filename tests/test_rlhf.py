@@ -19,13 +19,7 @@ from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """nano models run fastest on one thread (no thread hand-offs, no contention on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GOOD = set(range(5, 85))      # toy PPO reward: the share of response tokens in this set

@@ -96,6 +96,13 @@ def run_tokenizer_train(a):
 
 
 # ---- pretraining ------------------------------------------------------------------------------------
+def _explain(p, **helps):
+    """Set the --help text of flags whose default depends on other flags (keyed by dest)."""
+    for act in p._actions:
+        if act.dest in helps:
+            act.help = helps[act.dest]
+
+
 def add_train(sub):
     p = sub.add_parser("train", help="pretrain a GPT from scratch on a corpus")
     p.add_argument("--corpus", nargs="+", required=True, help="text files or globs (.txt .jsonl .json .parquet)")
@@ -110,11 +117,8 @@ def add_train(sub):
     p.add_argument("--val-split", type=float, default=0.0, help="fraction of documents held out")
     p.add_argument("--init", help="continue pretraining from this .tinygpt or Hugging Face folder")
     _train_flags(p, steps=1000, lr=1e-3, batch=16, warmup=-1)
-    for act in p._actions:  # defaults that depend on other flags, explained in --help
-        if act.dest == "warmup":
-            act.help = "warmup steps (default 50, at most 10%% of the steps)"
-        elif act.dest == "val_every":
-            act.help = "validation loss every N steps (default with --val-split: at the end)"
+    _explain(p, warmup="warmup steps (default 50, at most 10%% of the steps)",
+             val_every="validation loss every N steps (default with --val-split: at the end)")
     p.set_defaults(func=run_train)
 
 
@@ -323,13 +327,8 @@ def add_sft(sub):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory)")
     _lora_flags(p)
     _train_flags(p, steps=0, lr=None, batch=8, warmup=-1, wd=0.0)
-    for act in p._actions:  # defaults that depend on other flags, explained in --help
-        if act.dest == "steps":
-            act.help = "optimizer steps (default: one epoch)"
-        elif act.dest == "lr":
-            act.help = "learning rate (default 2e-4, or 2e-5 with --full)"
-        elif act.dest == "warmup":
-            act.help = "warmup steps (default 100, at most 10%% of the steps)"
+    _explain(p, steps="optimizer steps (default: one epoch)", lr="learning rate (default 2e-4, or 2e-5 with --full)",
+             warmup="warmup steps (default 100, at most 10%% of the steps)")
     p.set_defaults(func=run_sft)
 
 
@@ -411,9 +410,7 @@ def _pref_flags(p, method: str, lr: float, beta: float | None = None):
                            help="compute reference log-probs once and cache them in the run folder")
     _lora_flags(p)
     _train_flags(p, steps=0, lr=lr, batch=8, warmup=0, wd=0.0)
-    for act in p._actions:
-        if act.dest == "steps":
-            act.help = "optimizer steps (default: --epochs)"
+    _explain(p, steps="optimizer steps (default: --epochs)")
 
 
 def _pref_common(a, kind: str):
@@ -491,11 +488,7 @@ def add_dpo(sub):
     p.add_argument("--loss", default="sigmoid", help="sigmoid, ipo, hinge, robust or simpo")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="assumed label noise (sigmoid, robust, simpo)")
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO target reward margin")
-    for act in p._actions:
-        if act.dest == "beta":
-            act.help = "default 0.1 (2.0 for simpo)"
-        elif act.dest == "lr":
-            act.help = "learning rate (default 5e-6, or 1e-6 with --full)"
+    _explain(p, beta="default 0.1 (2.0 for simpo)", lr="learning rate (default 5e-6, or 1e-6 with --full)")
     p.set_defaults(func=run_dpo)
 
 

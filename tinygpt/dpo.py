@@ -327,19 +327,11 @@ class PreferenceArgs:
 
 def train_preference(args: PreferenceArgs, cfg: PreferenceConfig, tcfg, log=print) -> dict:
     """Load model + data, train with cfg.method, write args.out (.lora, or .tinygpt with --full)."""
-    from . import load_model_and_tokenizer
     from .data.formats import load_preferences, load_unpaired
-    from .preference import file_digest, prepare_template, tokenize_pairs, tokenize_unpaired
-    from .train.engine import setup_device
+    from .preference import file_digest, load_stage, prepare_template, tokenize_pairs, tokenize_unpaired
     if cfg.method not in TRAINERS:
         raise UserError(f"unknown preference method {cfg.method!r}")
-    if not 0 < args.max_prompt_length < args.max_length:
-        raise UserError(f"--max-prompt-length must be in [1, --max-length), got {args.max_prompt_length}")
-    if not Path(args.data).is_file():
-        raise UserError(f"data file not found: {args.data}", "--data", "check the path")
-    device, rank, world = setup_device(args.device)
-    model, tok = load_model_and_tokenizer(args.model, lora=args.lora, device="cpu")
-    model.grad_checkpointing = args.grad_checkpointing
+    device, rank, world, model, tok = load_stage(args)
     max_length = min(args.max_length, model.config.block_size)
     template, added = prepare_template(tok, args.template, allow_new_tokens=cfg.full)
     if added:

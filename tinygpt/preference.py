@@ -230,3 +230,21 @@ def file_digest(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def load_stage(args):
+    """The common start of the reward and preference stages: check the data arguments, set up the
+    device, load model + tokenizer (with any stacked adapters) on the CPU.
+    Returns (device, rank, world, model, tokenizer)."""
+    from pathlib import Path
+    from . import load_model_and_tokenizer
+    from .train.engine import setup_device
+    if not 0 < args.max_prompt_length < args.max_length:
+        raise UserError(f"--max-prompt-length must be in [1, --max-length), got {args.max_prompt_length}")
+    if not Path(args.data).is_file():
+        raise UserError(f"data file not found: {args.data}", "--data", "check the path")
+    device, rank, world = setup_device(args.device)
+    model, tok = load_model_and_tokenizer(args.model, lora=args.lora, device="cpu")
+    model.grad_checkpointing = args.grad_checkpointing
+    return device, rank, world, model, tok
+

@@ -195,18 +195,10 @@ class RewardArgs:
 def train_reward(args: RewardArgs, tcfg, log=print) -> dict:
     """Load model + pairs, train a reward model, write args.out; returns the last metrics
     (with val_accuracy when a held-out split exists)."""
-    from . import load_model_and_tokenizer
     from .data.formats import load_preferences
     from .lora import merge_and_unload
-    from .preference import prepare_template, split_items, steps_for_epochs, tokenize_pairs
-    from .train.engine import setup_device
-    if not 0 < args.max_prompt_length < args.max_length:
-        raise UserError(f"--max-prompt-length must be in [1, --max-length), got {args.max_prompt_length}")
-    if not Path(args.data).is_file():
-        raise UserError(f"data file not found: {args.data}", "--data", "check the path")
-    device, rank, world = setup_device(args.device)
-    gpt, tok = load_model_and_tokenizer(args.model, lora=args.lora, device="cpu")
-    gpt.grad_checkpointing = args.grad_checkpointing
+    from .preference import load_stage, prepare_template, split_items, steps_for_epochs, tokenize_pairs
+    device, rank, world, gpt, tok = load_stage(args)
     merge_and_unload(gpt)
     template, added = prepare_template(tok, args.template, allow_new_tokens=True)
     if added:
