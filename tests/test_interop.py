@@ -285,6 +285,29 @@ def test_export_peft_adapter_matches_stacked_lora(tmp_path):
             assert torch.allclose(ref(input_ids=x).logits, first(x), atol=1e-4, rtol=0)
 
 
+
+def test_export_peft_of_an_sft_adapter_needs_the_base_that_carries_its_token_rows(tmp_path, capsys):
+    """An SFT adapter also trains the chat template's token rows: PEFT's LoRA folder cannot hold
+    them, so the export asks for --base-out, and the base written there gives our logits."""
+    peft = pytest.importorskip("peft")
+    tok = Tokenizer.byte_level()
+    save_model(tmp_path / "m.tinygpt", _ours("llama", tok), tok)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "response": f"ok {i}"}) + "\n" for i in range(8)))
+    assert main(["sft", str(tmp_path / "m.tinygpt"), "--data", str(data), "--steps", "3", "--batch", "4",
+                 "--lr", "1e-2", "--ctx", "64", "--device", "cpu", "--out", str(tmp_path / "s.lora"), "--quiet"]) == 0
+    args = ["export", str(tmp_path / "m.tinygpt"), "--lora", str(tmp_path / "s.lora"), "--format", "peft",
+            "--out", str(tmp_path / "peft")]
+    _expect_error(capsys, args, "<|im_end|>", "--base-out")
+    assert not (tmp_path / "peft").exists()
+    assert main(args + ["--base-out", str(tmp_path / "base")]) == 0
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                         tmp_path / "peft").eval()
+    ours, _ = load_model_and_tokenizer(tmp_path / "m.tinygpt", lora=[tmp_path / "s.lora"])
+    x = torch.tensor([[tok.token_to_id("<|im_start|>"), 40, 41, tok.token_to_id("<|im_end|>"), 42]])
+    with torch.no_grad():
+        assert torch.allclose(ref(input_ids=x).logits, ours(x), atol=1e-4, rtol=0)
+
 # ---- GGUF ---------------------------------------------------------------------------------------
 def test_rope_permutation_matches_interleaved_rope():
     """llama.cpp rotates pairs (2j, 2j+1); on permuted rows that equals HF's half-split rotation."""

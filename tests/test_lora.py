@@ -143,10 +143,12 @@ def test_sft_changes_every_adapter_parameter_and_no_base_parameter(tmp_path):
     trainer.train()
     adapters = [k for k in before if ".lora_" in k]
     assert len(adapters) == 2 * 6 * model.config.n_layer
+    trained = adapters + ["model.embed_tokens.token_rows", "lm_head.token_rows"]   # + template tokens' rows
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]) != (".lora_" in k), k   # adapters all moved, nothing else did
-    tensors, _ = load_tensors(tmp_path / "a.lora")
-    assert len(tensors) == len(adapters)
+        assert torch.equal(v, before[k]) != (k in trained), k   # adapters all moved, nothing else did
+    tensors, meta = load_tensors(tmp_path / "a.lora")
+    assert set(tensors) == {k.removesuffix(".default") for k in trained}
+    assert json.loads(meta["trained_tokens"]) == trainer.template.special_tokens
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -164,7 +166,7 @@ def test_added_template_tokens_are_trained_saved_and_restored(tmp_path, tie):
     x = torch.tensor([ids + [40, 41, 42] + ids])
     trained = model(x)
     tensors, meta = load_tensors(tmp_path / "l3.lora")
-    assert json.loads(meta["added_tokens"]) == trainer.added
+    assert json.loads(meta["trained_tokens"]) == trainer.added
     assert tensors["model.embed_tokens.token_rows"].shape == (4, model.config.n_embd)
     rows = {"model.embed_tokens.token_rows"} | (set() if tie else {"lm_head.token_rows"})
     assert set(tensors) == rows | {k for k in tensors if ".lora_" in k}
@@ -182,6 +184,32 @@ def test_added_template_tokens_are_trained_saved_and_restored(tmp_path, tie):
     torch.testing.assert_close(merged.eval()(x), trained, rtol=0, atol=1e-5)
 
 
+def test_rows_of_template_tokens_the_vocabulary_has_are_trained_too(tmp_path):
+    """A base pretrained here has <|im_end|> in its vocabulary but never saw it: LoRA SFT trains the
+    rows of the template's tokens, and loading the adapter writes them into the base tables."""
+    model, tok = _model()
+    save_model(tmp_path / "base.tinygpt", model, tok)
+    model, tok = load_model_and_tokenizer(tmp_path / "base.tinygpt")
+    n_vocab = tok.vocab_size
+    trainer = _sft(model, tok, tmp_path / "c.lora", lora_rank=4, lora_alpha=8, template="chatml")
+    assert trainer.added == [] and tok.vocab_size == n_vocab
+    ids = [tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")]
+    trainer.train()
+    model.eval()
+    x = torch.tensor([ids + [40, 41, 42] + ids])
+    trained = model(x)
+    tensors, meta = load_tensors(tmp_path / "c.lora")
+    assert json.loads(meta["trained_tokens"]) == ["<|im_start|>", "<|im_end|>"]
+    base, _, _ = load_model(tmp_path / "base.tinygpt")
+    for name, table in (("model.embed_tokens", base.model.embed_tokens.weight), ("lm_head", base.lm_head.weight)):
+        assert (tensors[f"{name}.token_rows"] - table[ids]).abs().amax(1).min() > 1e-4   # every row moved
+    loaded, tok2 = load_model_and_tokenizer(tmp_path / "base.tinygpt", lora=[tmp_path / "c.lora"])
+    assert tok2.vocab_size == n_vocab
+    torch.testing.assert_close(loaded(x), trained, rtol=0, atol=1e-5)
+    with disable_lora(loaded):   # the rows are part of the base once loaded: only the adapters go
+        assert torch.equal(loaded.lm_head.weight[ids], tensors["lm_head.token_rows"])
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_trainable_share_is_reported(tie, tmp_path):
     model, tok = _model(tie_embeddings=tie)
@@ -195,9 +223,11 @@ def test_trainable_share_is_reported(tie, tmp_path):
     # + 2 * 64 + 2 * 32 norm gains, and a final norm of 64.
     base = 320 * 64 * (1 if tie else 2) + 2 * (4 * 64 * 64 + 2 * 64 * 256 + 2 * 64 + 2 * 32) + 64
     assert base == (119232 if tie else 139712)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n
+    rows = 2 * 64 * (1 if tie else 2)   # chatml's <|im_start|> and <|im_end|>: embedding (+ head) rows
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n + rows
     assert t.trainable_share == pytest.approx(n / base)   # share of the base
-    assert any(f"{n:,} trainable parameters ({100 * n / base:.2f}% of {base / 1e6:.2f}M)" in m for m in logs)
+    assert any(f"{n:,} trainable parameters ({100 * n / base:.2f}% of {base / 1e6:.2f}M) + {rows:,} in the rows "
+               "of <|im_start|>, <|im_end|>" in m for m in logs)
     assert set(DEFAULT_TARGETS) >= {k.rsplit(".", 1)[-1] for k in lora_modules(model)}
 
 
@@ -208,5 +238,5 @@ def test_load_adapters_refuses_an_adapter_with_tokens_without_a_tokenizer(tmp_pa
     _sft(model, tok, tmp_path / "z.lora", steps=1, template="zephyr").train()
     plain, _, _ = load_model(tmp_path / "base.tinygpt")
     from tinygpt.errors import UserError
-    with pytest.raises(UserError, match="adds tokens"):
+    with pytest.raises(UserError, match="token rows, but no tokenizer"):
         load_adapters(plain, [(tmp_path / "z.lora", 1.0)])

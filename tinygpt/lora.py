@@ -15,15 +15,16 @@ Design choices:
   targets, and a fingerprint of the base weights; an adapter is refused on any other base.
   The fingerprint hashes the weights rounded to bfloat16, so the same base loaded in float32 or
   bfloat16 matches.
-- Tokens a chat template adds to the vocabulary (e.g. `<|eot_id|>` on a model that lacks it) need
-  trained embedding (and output) rows, which a low-rank update cannot give. `train_token_rows`
-  swaps the embedding and the head for `TokenRows`, which reads those rows from a small trainable
-  (k, C) parameter and keeps the rest frozen (no weight decay or optimizer state on the frozen
-  rows). The adapter file then also holds `model.embed_tokens.token_rows` (and `lm_head.token_rows`
-  for an untied head) and lists the tokens in its `added_tokens` metadata; `load_adapters` adds
-  those tokens to the tokenizer, grows the embeddings if needed and writes the rows in. The rows
-  are written into the base weights, so `disable_lora` does not take them out: they only concern
-  tokens the base model never had.
+- A chat template's special tokens (e.g. `<|im_end|>`, added to the vocabulary if the model
+  lacks it, or present but never seen in pretraining) need trained embedding (and output) rows,
+  which a low-rank update cannot give. `train_token_rows` swaps the embedding and the head for
+  `TokenRows`, which reads those rows from a small trainable (k, C) parameter and keeps the rest
+  frozen (no weight decay or optimizer state on the frozen rows). The adapter file then also holds
+  `model.embed_tokens.token_rows` (and `lm_head.token_rows` for an untied head) and lists the
+  tokens in its `trained_tokens` metadata; `load_adapters` adds those the tokenizer lacks, grows
+  the embeddings if needed and writes the rows in. The rows are written into the base weights, so
+  `disable_lora` does not take them out: a reference model "without the new adapter" keeps the
+  rows of the adapters under it, and only template tokens are concerned.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _token_rows_state(model) -> dict:
 def _restore_token_rows(model, tokenizer, tokens: list[str], tensors: dict, path) -> None:
     """Add `tokens` to the tokenizer, grow the embeddings if needed, write the saved rows."""
     if tokenizer is None:
-        raise UserError("this adapter adds tokens to the vocabulary, but no tokenizer was given", str(path),
+        raise UserError("this adapter trains chat-template token rows, but no tokenizer was given", str(path),
                         "load it with load_model_and_tokenizer (or pass tokenizer=)")
     tokenizer.add_special_tokens(tokens)
     ids = torch.tensor([tokenizer.token_to_id(t) for t in tokens])
@@ -133,7 +134,7 @@ def _restore_token_rows(model, tokenizer, tokens: list[str], tensors: dict, path
         model.resize_token_embeddings(int(ids.max()) + 1)
     emb = tensors.get("model.embed_tokens.token_rows")
     if emb is None or emb.shape != (len(tokens), model.config.n_embd):
-        raise UserError("adapter lists added tokens but holds no matching embedding rows", str(path))
+        raise UserError("adapter lists trained tokens but holds no matching embedding rows", str(path))
     w = model.model.embed_tokens.weight
     w[ids.to(w.device)] = emb.to(w.device, w.dtype)
     head = tensors.get("lm_head.token_rows")
@@ -267,7 +268,7 @@ def unmerge_lora(model) -> None:
 
 def merge_and_unload(model):
     """Merge every adapter and put plain nn.Linear modules back (for saving or export); rows of
-    added tokens being trained (TokenRows) are written into their tables too."""
+    token rows being trained (TokenRows) are written into their tables too."""
     merge_lora(model)
     _fold_token_rows(model)
     for name, m in lora_modules(model).items():
@@ -285,8 +286,8 @@ def merge_and_unload(model):
 # ---- .lora files ------------------------------------------------------------------------------------
 def adapter_state(model, name: str = "default") -> dict:
     """The adapter's tensors: `{module}.lora_A` (r, in) and `{module}.lora_B` (out, r), plus the
-    rows of the tokens it added (`{module}.token_rows` (k, C)) when its metadata lists some."""
-    sd = _token_rows_state(model) if model._lora_meta.get(name, {}).get("added_tokens") else {}
+    rows of the tokens it trained (`{module}.token_rows` (k, C)) when its metadata lists some."""
+    sd = _token_rows_state(model) if model._lora_meta.get(name, {}).get("trained_tokens") else {}
     for mod_name, m in lora_modules(model).items():
         if name in m.lora_A:
             sd[f"{mod_name}.lora_A"] = m.lora_A[name].detach()
@@ -306,7 +307,7 @@ def read_adapter(path) -> tuple[dict, dict]:
         raise UserError("not a tinygpt LoRA adapter file", str(path), "pass a .lora written by tinygpt")
     try:
         info = {k: json.loads(meta[k]) for k in ("rank", "alpha", "dropout", "targets", "base_fingerprint")}
-        info["added_tokens"] = json.loads(meta.get("added_tokens", "[]"))
+        info["trained_tokens"] = json.loads(meta.get("trained_tokens", "[]"))
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"adapter metadata is incomplete ({e})", str(path)) from None
     info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
@@ -315,8 +316,8 @@ def read_adapter(path) -> tuple[dict, dict]:
 
 def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list[str]:
     """Stack adapters from (path, weight) pairs onto the model; returns their names.
-    An adapter whose base fingerprint differs from this model's is refused. An adapter that added
-    tokens needs the tokenizer: the tokens are added to it and their rows written into the model."""
+    An adapter whose base fingerprint differs from this model's is refused. An adapter that trained
+    token rows needs the tokenizer: tokens it lacks are added and the rows written into the model."""
     fp = base_fingerprint(model)
     names = []
     existing = {n for m in lora_modules(model).values() for n in m.lora_A}
@@ -325,8 +326,8 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list
         if info["base_fingerprint"] != fp:
             raise UserError(f"adapter was trained on another base model (adapter base {info['base_fingerprint']}, "
                             f"this model {fp})", str(path), "load the base model the adapter was trained on")
-        if info["added_tokens"]:
-            _restore_token_rows(model, tokenizer, info["added_tokens"], tensors, path)
+        if info["trained_tokens"]:
+            _restore_token_rows(model, tokenizer, info["trained_tokens"], tensors, path)
         name = f"a{len(existing) + len(names)}"
         mods = _swap(model, set(info["targets"]))
         for mod_name, m in mods.items():
@@ -343,7 +344,7 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list
             m.lora_B[name].requires_grad_(trainable)
         model._lora_meta = getattr(model, "_lora_meta", {})
         model._lora_meta[name] = {k: info[k] for k in ("rank", "alpha", "dropout", "targets", "base_fingerprint")}
-        model._lora_meta[name]["added_tokens"] = info["added_tokens"]
+        model._lora_meta[name]["trained_tokens"] = info["trained_tokens"]
         names.append(name)
     return names
 

@@ -13,8 +13,11 @@ Design choices:
 - Defaults follow the usual LoRA recipe: rank 16, alpha 32, lr 2e-4 (2e-5 for full weights), no
   weight decay, warmup 100 steps but at most 10% of the run, cosine decay.
 - Template tokens the tokenizer lacks are added, the embeddings grow (new rows start at the mean
-  of the real tokens' rows). With LoRA those rows are trained through `lora.TokenRows` and saved
-  in the adapter; with `full=True` they are ordinary weights of the written .tinygpt.
+  of the real tokens' rows). With LoRA the rows of ALL the template's special tokens (added or
+  not) are trained through `lora.TokenRows` and saved in the adapter: a model pretrained here has
+  `<|im_end|>` in its vocabulary but never saw it, so its output row has nothing that predicts it,
+  and a low-rank update of the blocks cannot teach the model to end a reply (the `trainable token
+  indices` idea of PEFT). With `full=True` every row is an ordinary weight.
 - Adapters given as `lora=[(path, weight)]` are loaded frozen under the new one (stacking): the
   new adapter file holds only what this run trained, and sampling passes both. With `full=True`
   they are merged into the weights first.
@@ -231,14 +234,14 @@ class SFTTrainer:
         torch.manual_seed(self.tcfg.seed)          # the adapter's random A is part of the run's seed
         n = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.lora_targets)
         meta = model._lora_meta["default"]
-        meta["added_tokens"] = list(self.added)
-        if self.added:
-            train_token_rows(model, [self.tok.token_to_id(t) for t in self.added])
+        meta["trained_tokens"] = list(self.template.special_tokens)
+        if meta["trained_tokens"]:
+            train_token_rows(model, [self.tok.token_to_id(t) for t in meta["trained_tokens"]])
         rows = sum(p.numel() for p in model.parameters() if p.requires_grad) - n
         targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)} & set(opts.lora_targets))
         self.log(f"LoRA rank {opts.lora_rank} alpha {opts.lora_alpha:g} on {', '.join(targets)}: "
                  f"{n:,} trainable parameters ({100 * n / total:.2f}% of {total / 1e6:.2f}M)"
-                 + (f" + {rows:,} in added token rows" if rows else ""))
+                 + (f" + {rows:,} in the rows of {', '.join(meta['trained_tokens'])}" if rows else ""))
         self.trainable_share = n / total
 
     def _finish_train_config(self) -> None:

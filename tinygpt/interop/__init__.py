@@ -98,7 +98,12 @@ def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out
     dequantize_model(model)   # int8 files export their dequantized weights (formats hold floats)
     if fmt == "peft":
         from .hf import export_hf, export_peft
-        info = export_peft(model, list(model._lora_meta)[-1], out, base_out=base_out)
+        last = list(model._lora_meta)[-1]
+        rows = model._lora_meta[last].get("trained_tokens")
+        if rows and not base_out:   # loading wrote them into the base: only an exported base has them
+            raise UserError(f"the adapter also trained the rows of {', '.join(rows)}, which a PEFT LoRA folder "
+                            "does not hold", str(lora[-1][0]), "pass --base-out DIR: the base written there carries them")
+        info = export_peft(model, last, out, base_out=base_out)
         if base_out:   # what remains: the base with the earlier adapters (and any tokens they added)
             export_hf(merge_and_unload(model), tok, base_out, dtype)
         return info
