@@ -184,6 +184,34 @@ def test_added_template_tokens_are_trained_saved_and_restored(tmp_path, tie):
     torch.testing.assert_close(merged.eval()(x), trained, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("embedding", [True, False])
+def test_token_rows_equal_the_patched_table(embedding):
+    """TokenRows (frozen table + k patched rows) == the table with the rows written in, values and
+    gradients; the frozen table gets no gradient."""
+    from tinygpt.lora import TokenRows
+    torch.manual_seed(0)
+    base = torch.nn.Embedding(50, 8) if embedding else torch.nn.Linear(8, 50, bias=False)
+    base.weight.requires_grad_(False)
+    m = TokenRows(base, [3, 7, 41])
+    with torch.no_grad():
+        m.token_rows.normal_()
+    x = torch.tensor([[3, 1, 7, 7, 49, 41]]) if embedding else torch.randn(2, 5, 8, requires_grad=True)
+    x2 = x if embedding else x.detach().clone().requires_grad_(True)
+    ref_rows = m.token_rows.detach().clone().requires_grad_(True)
+    table = base.weight.index_copy(0, m.ids, ref_rows)
+    ref = F.embedding(x2, table) if embedding else F.linear(x2, table)
+    out = m(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(ref)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(m.token_rows.grad, ref_rows.grad, rtol=0, atol=1e-5)
+    if not embedding:   # and the input's gradient goes through the patched table
+        torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=1e-5)
+    assert base.weight.grad is None
+    torch.testing.assert_close(m.full_weight(), table.detach())
+
+
 def test_rows_of_template_tokens_the_vocabulary_has_are_trained_too(tmp_path):
     """A base pretrained here has <|im_end|> in its vocabulary but never saw it: LoRA SFT trains the
     rows of the template's tokens, and loading the adapter writes them into the base tables."""

@@ -85,7 +85,9 @@ class LoRALinear(nn.Module):
 
 class TokenRows(nn.Module):
     """An embedding or output head whose rows `ids` come from a separate trainable parameter
-    `token_rows` (k, C); `weight` (the full table, shared with the wrapped module) stays frozen."""
+    `token_rows` (k, C); `weight` (the full table, shared with the wrapped module) stays frozen.
+    The frozen table does the work and only the k rows are patched in, so training a few rows
+    costs no full-table copy and no (V, C) weight gradient."""
 
     def __init__(self, base: nn.Module, ids, rows: nn.Parameter | None = None):
         super().__init__()
@@ -96,13 +98,18 @@ class TokenRows(nn.Module):
         self.token_rows = rows if rows is not None else nn.Parameter(base.weight.detach()[self.ids].clone())
 
     def full_weight(self) -> torch.Tensor:
-        # out-of-place: gradients flow to token_rows only, the frozen table is never written
-        return self.weight.index_copy(0, self.ids, self.token_rows.to(self.weight.dtype))  # (V, C)
+        """The whole table with the trained rows in (V, C)."""
+        return self.weight.index_copy(0, self.ids, self.token_rows.to(self.weight.dtype))
 
     def forward(self, x):
         if self.is_embedding:
-            return F.embedding(x, self.full_weight())                       # (B, T, C)
-        return F.linear(x, self.full_weight())                              # (B, T, V)
+            out = F.embedding(x, self.weight)                                   # (B, T, C)
+            hit = x.unsqueeze(-1) == self.ids                                   # (B, T, k)
+            k = (hit.long() * torch.arange(len(self.ids), device=x.device)).sum(-1)   # row of each hit
+            return torch.where(hit.any(-1, keepdim=True), F.embedding(k, self.token_rows).to(out.dtype), out)
+        out = F.linear(x, self.weight)                                          # (B, T, V)
+        out[..., self.ids] = F.linear(x, self.token_rows.to(x.dtype)).to(out.dtype)  # (B, T, k) patched in
+        return out
 
 
 def train_token_rows(model, ids) -> None:
