@@ -103,6 +103,7 @@ def run_mode(mode, base, tok, items, a, device) -> dict:
             profile_steps(eng, mode, cuda)
     return {"mode": mode, "pairs_per_s": pairs / total, "tokens_per_s": tokens / total,
             "median_step_s": statistics.median(times), "pairs_per_step": pairs / len(times),
+            "step_ms": [round(t * 1000, 1) for t in times],
             "peak_gib": round(peak, 3), "setup_s": round(setup_s, 1), "final_loss": loss}
 
 
@@ -122,6 +123,9 @@ def profile_steps(eng, mode, cuda, n=3):
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if cuda else float("nan")
     print(f"--- profile {mode}: {n} steps, wall {wall:.3f}s, device busy {busy:.3f}s", file=sys.stderr)
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
+    if cuda:   # and where the host's time goes (a step the GPU waits for is bound by it)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60),
+              file=sys.stderr)
 
 
 def main():
@@ -154,7 +158,7 @@ def main():
                "pack_rows": a.pack_rows, "batch": a.batch, "compile": a.compile, "base_bf16": a.base_bf16,
                "grad_checkpointing": a.grad_checkpointing, "dtype": a.dtype,
                **{f"{r['mode']}_{k}": (round(v, 2) if isinstance(v, float) else v) for r in results
-                  for k, v in r.items() if k != "mode"},
+                  for k, v in r.items() if k not in ("mode", "step_ms")},
                "peer_trl_pairs_per_s": {"live": 31, "precompute": 41}, "peer_trl_peak_gib": 2.9}
     print(json.dumps(summary))
 
