@@ -107,9 +107,27 @@ class TokenRows(nn.Module):
             hit = x.unsqueeze(-1) == self.ids                                   # (B, T, k)
             k = (hit.long() * torch.arange(len(self.ids), device=x.device)).sum(-1)   # row of each hit
             return torch.where(hit.any(-1, keepdim=True), F.embedding(k, self.token_rows).to(out.dtype), out)
-        out = F.linear(x, self.weight)                                          # (B, T, V)
-        out[..., self.ids] = F.linear(x, self.token_rows.to(x.dtype)).to(out.dtype)  # (B, T, k) patched in
+        return _PatchedHead.apply(x, self.weight, self.ids, self.token_rows)   # (B, T, V)
+
+
+class _PatchedHead(torch.autograd.Function):
+    """logits = x W^T with columns `ids` computed from `rows` instead: no copy of the table or of
+    the logits, and the backward forms only the rows' (k, C) gradient, never the table's (V, C)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, ids, rows):
+        out = F.linear(x, weight)                                    # (B, T, V), autocast dtype if on
+        out[..., ids] = F.linear(x, rows).to(out.dtype)              # (B, T, k)
+        ctx.save_for_backward(x, weight, ids, rows)
         return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, ids, rows = ctx.saved_tensors
+        g = grad[..., ids]                                           # (B, T, k)
+        dx = grad @ weight.to(grad.dtype) + g @ (rows - weight[ids]).to(grad.dtype)   # (B, T, C)
+        drows = (g.reshape(-1, g.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()).to(rows.dtype)
+        return dx.to(x.dtype), None, None, drows
 
 
 def train_token_rows(model, ids) -> None:
