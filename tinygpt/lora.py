@@ -111,23 +111,24 @@ class TokenRows(nn.Module):
 
 
 class _PatchedHead(torch.autograd.Function):
-    """logits = x W^T with columns `ids` computed from `rows` instead: no copy of the table or of
-    the logits, and the backward forms only the rows' (k, C) gradient, never the table's (V, C)."""
+    """logits = x W'^T, W' = the table with `rows` written in at `ids`. The backward forms only the
+    rows' (k, C) gradient, never the table's (V, C) one, and nothing is written into the logits
+    (an in-place patch there costs a second logits buffer once compiled)."""
 
     @staticmethod
     def forward(ctx, x, weight, ids, rows):
-        out = F.linear(x, weight)                                    # (B, T, V), autocast dtype if on
-        out[..., ids] = F.linear(x, rows).to(out.dtype)              # (B, T, k)
-        ctx.save_for_backward(x, weight, ids, rows)
-        return out
+        w = weight.index_copy(0, ids, rows.to(weight.dtype))        # (V, C)
+        ctx.save_for_backward(x, w, ids)
+        ctx.rows_dtype = rows.dtype
+        return F.linear(x, w)                                        # (B, T, V), autocast dtype if on
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, ids, rows = ctx.saved_tensors
-        g = grad[..., ids]                                           # (B, T, k)
-        dx = grad @ weight.to(grad.dtype) + g @ (rows - weight[ids]).to(grad.dtype)   # (B, T, C)
-        drows = (g.reshape(-1, g.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()).to(rows.dtype)
-        return dx.to(x.dtype), None, None, drows
+        x, w, ids = ctx.saved_tensors
+        dx = grad @ w.to(grad.dtype)                                 # (B, T, C)
+        g = grad[..., ids].reshape(-1, len(ids))                     # (B*T, k)
+        drows = g.T.float() @ x.reshape(-1, x.shape[-1]).float()     # (k, C)
+        return dx.to(x.dtype), None, None, drows.to(ctx.rows_dtype)
 
 
 def train_token_rows(model, ids) -> None:
