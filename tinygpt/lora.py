@@ -117,18 +117,21 @@ class _PatchedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, ids, rows):
-        w = weight.index_copy(0, ids, rows.to(weight.dtype))        # (V, C)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dt)
+        w = weight.to(dt).index_copy(0, ids, rows.to(dt))            # (V, C) in the compute dtype
         ctx.save_for_backward(x, w, ids)
-        ctx.rows_dtype = rows.dtype
-        return F.linear(x, w)                                        # (B, T, V), autocast dtype if on
+        ctx.dtypes = (rows.dtype, ctx.needs_input_grad)
+        return F.linear(x, w)                                        # (B, T, V)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, ids = ctx.saved_tensors
-        dx = grad @ w.to(grad.dtype)                                 # (B, T, C)
+        rows_dtype, needs = ctx.dtypes
+        dx = grad.to(w.dtype) @ w if needs[0] else None              # (B, T, C)
         g = grad[..., ids].reshape(-1, len(ids))                     # (B*T, k)
         drows = g.T.float() @ x.reshape(-1, x.shape[-1]).float()     # (k, C)
-        return dx.to(x.dtype), None, None, drows.to(ctx.rows_dtype)
+        return dx, None, None, drows.to(rows_dtype)
 
 
 def train_token_rows(model, ids) -> None:
