@@ -332,14 +332,19 @@ def add_sft(sub):
     p.set_defaults(func=run_sft)
 
 
-def run_sft(a):
-    from .sft import SFTOptions, run_sft as sft
+def _check_run_length(a) -> None:
+    """--steps / --epochs (one of them, not negative) and --val-split in [0, 1)."""
     if a.steps and a.epochs:
         raise UserError("both --steps and --epochs given", None, "give one of them")
     if a.steps < 0 or a.epochs < 0:
         raise UserError("--steps and --epochs must be positive")
     if not 0.0 <= a.val_split < 1.0:
         raise UserError(f"--val-split must be in [0, 1), got {a.val_split}")
+
+
+def run_sft(a):
+    from .sft import SFTOptions, run_sft as sft
+    _check_run_length(a)
     if a.ctx < 0 or a.max_length < 0 or a.lora_rank < 1 or a.lora_alpha <= 0 or not 0 <= a.lora_dropout < 1:
         raise UserError("--ctx/--max-length must be >= 0, --lora-rank >= 1, --lora-alpha > 0, "
                         "--lora-dropout in [0, 1)")
@@ -415,12 +420,7 @@ def _pref_flags(p, method: str, lr: float, beta: float | None = None):
 
 def _pref_common(a, kind: str):
     """Validate the shared flags; return (args dataclass kwargs, TrainConfig)."""
-    if a.steps and a.epochs:
-        raise UserError("both --steps and --epochs given", None, "give one of them")
-    if a.steps < 0 or a.epochs < 0:
-        raise UserError("--steps and --epochs must be positive")
-    if not 0.0 <= a.val_split < 1.0:
-        raise UserError(f"--val-split must be in [0, 1), got {a.val_split}")
+    _check_run_length(a)
     if a.max_length < 2 or not 0 < a.max_prompt_length < a.max_length:
         raise UserError(f"need 0 < --max-prompt-length < --max-length, got {a.max_prompt_length} and {a.max_length}")
     if kind != "reward" and (a.lora_rank < 1 or a.lora_alpha <= 0 or not 0 <= a.lora_dropout < 1):
