@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinygpt.chat import get_template  # noqa: E402
 from tinygpt.config import ModelConfig, pad_vocab  # noqa: E402
 from tinygpt.data.formats import load_preferences  # noqa: E402
-from tinygpt.dpo import DPOTrainer, PreferenceConfig  # noqa: E402
+from tinygpt.stages.preference import DPOOptions, DPOTrainer  # noqa: E402
 from tinygpt.model import GPT  # noqa: E402
-from tinygpt.preference import tokenize_pairs  # noqa: E402
+from tinygpt.data.pairs import tokenize_pairs  # noqa: E402
 from tinygpt.tokenizer import Tokenizer  # noqa: E402
-from tinygpt.train.engine import TrainConfig  # noqa: E402
+from tinygpt.train.engine import prepare  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference" / "ultrafeedback_1k.jsonl"
 
@@ -72,31 +72,32 @@ def run_mode(mode, base, tok, items, a, device) -> dict:
     if a.base_bf16:
         model.to(torch.bfloat16)
     model.grad_checkpointing = a.grad_checkpointing
-    cfg = PreferenceConfig(method="dpo", lora_rank=a.lora_rank, lora_alpha=2 * a.lora_rank,
-                           precompute_ref=(mode == "precompute"), pack_rows=a.pack_rows, max_length=a.max_length)
-    tcfg = TrainConfig(steps=a.warmup + a.steps, batch=a.batch, lr=5e-6, dtype=a.dtype, compile=a.compile,
-                       quiet=True, weight_decay=0.0)
     with tempfile.TemporaryDirectory() as tmp:
+        opts = DPOOptions(out=str(Path(tmp) / "bench.lora"), lora_rank=a.lora_rank, lora_alpha=2 * a.lora_rank,
+                          precompute_ref=(mode == "precompute"), pack_rows=a.pack_rows, max_length=a.max_length,
+                          max_prompt_length=a.max_prompt_length,
+                          steps=a.warmup + a.steps, batch=a.batch, lr=5e-6, dtype=a.dtype, compile=a.compile,
+                          quiet=True, device=str(device))
         t0 = time.perf_counter()
-        tr = DPOTrainer(model, tok, items, cfg, tcfg, Path(tmp) / "bench.lora", device=device, log=lambda *m: None)
+        tr = DPOTrainer(opts, model, tok, items=items, log=lambda *m: None)
+        eng = prepare(tr)
         setup_s = time.perf_counter() - t0
-        eng = tr.engine
         eng.model.train()
         pairs, tokens, times = 0, 0, []
         for step in range(a.warmup + a.steps):
-            ids = [len(tr.batches.ids(step * tcfg.accum + k)) for k in range(tcfg.accum)]
+            ids = [len(tr.batches.ids(step * opts.accum + k)) for k in range(opts.accum)]
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            loss, norm, lr, finite, m = eng.train_step()
+            m = eng.train_step()
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t
-            eng.step += 1
+            loss = m["loss"]
             if step >= a.warmup:
                 times.append(dt)
                 pairs += sum(ids)
-                tokens += int(m["tokens"] * tcfg.accum)
+                tokens += int(m["tokens"] * opts.accum)
         total = sum(times)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         if a.profile:
@@ -115,7 +116,6 @@ def profile_steps(eng, mode, cuda, n=3):
     with profile(activities=acts) as prof:
         for _ in range(n):
             eng.train_step()
-            eng.step += 1
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t

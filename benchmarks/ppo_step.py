@@ -22,9 +22,11 @@ import torch
 from tinygpt.config import ModelConfig
 from tinygpt.lora import apply_lora
 from tinygpt.model import GPT
-from tinygpt.reward import RewardModel
-from tinygpt.rlhf import ModelReward, PPOTrainer, Prompt, RLConfig
-from tinygpt.train.engine import TrainConfig
+from tinygpt.reward_model import RewardModel
+from tinygpt.rollout import Prompt
+from tinygpt.stages.rl import PPOOptions, PPOTrainer
+from tinygpt.train.engine import prepare
+from tinygpt.verifiers import ModelReward
 
 
 class VocabOnly:
@@ -73,15 +75,15 @@ def main():
     g = torch.Generator().manual_seed(1)
     prompts = [Prompt([], None, "", torch.randint(1, a.vocab, (a.prompt_len,), generator=g).tolist())
                for _ in range(a.batch)]
-    rl = RLConfig(iterations=a.iters, batch=a.batch, max_new_tokens=a.new_tokens, minibatch=a.minibatch,
-                  epochs=a.epochs, n_samples=0)
-    tcfg = TrainConfig(steps=1, lr=1e-5, lr_schedule="constant", dtype=a.dtype, quiet=True)
-    out = tempfile.mkdtemp() + "/ppo.lora"
-    trainer = PPOTrainer(policy, tok, prompts, ModelReward(rm, tok, None, batch=a.minibatch), rl, tcfg, out,
-                         reference="ppo", stop_ids=[], device=device, log=lambda *m: None)
+    opts = PPOOptions(out=tempfile.mkdtemp() + "/ppo.lora", steps=a.iters, batch=a.batch, max_new_tokens=a.new_tokens,
+                      minibatch=a.minibatch, ppo_epochs=a.epochs, samples=0, lr=1e-5, lr_schedule="constant",
+                      dtype=a.dtype, quiet=True, device=str(device))
+    trainer = PPOTrainer(opts, policy, tok, prompts=prompts, reward=ModelReward(rm, tok, None, batch=a.minibatch),
+                         reference="ppo", stop_ids=[], log=lambda *m: None)
+    prepare(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rows = [trainer.iteration(it) for it in range(a.iters)]
+    rows = [trainer.iteration(trainer.engine, it) for it in range(a.iters)]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     keys = ("time_generate", "time_score", "time_train")
     steady = rows[1:] or rows

@@ -33,8 +33,9 @@ from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.corpus import TokenBatches, tokenize_corpus
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.train.engine import Engine, TrainConfig
-from tinygpt.train.pretrain import lm_loss_step
+from tinygpt.stages.pretrain import lm_loss_step
+from tinygpt.train.engine import prepare
+from tinygpt.train.stage import FunctionStage, TrainOptions
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -83,11 +84,10 @@ def run_ours(args, tokens, device, workdir: Path) -> dict:
     cfg = model_config(args)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    tcfg = TrainConfig(steps=args.warmup_steps + args.steps, batch=args.batch, lr=6e-4, warmup=10,
-                       dtype=args.dtype, compile=args.compile, quiet=True)
+    opts = TrainOptions(out=str(workdir / "bench.tinygpt"), steps=args.warmup_steps + args.steps, batch=args.batch,
+                        lr=6e-4, warmup=10, dtype=args.dtype, compile=args.compile, quiet=True, device=str(device))
     batches = TokenBatches(tokens, args.ctx, args.batch, seed=0, device=device)
-    eng = Engine(model, tcfg, lm_loss_step, batches, out=workdir / "bench.tinygpt", device=device,
-                 log=lambda *a: None)
+    eng = prepare(FunctionStage(model, lm_loss_step, batches, opts, log=lambda *a: None))
     eng.checkpoint = lambda final: None          # time training only, not the final save
     torch.cuda.synchronize() if device.type == "cuda" else None
     t0 = time.perf_counter()

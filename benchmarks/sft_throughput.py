@@ -33,7 +33,7 @@ from tinygpt.chat import get_template  # noqa: E402
 from tinygpt.config import ModelConfig  # noqa: E402
 from tinygpt.data.formats import load_sft  # noqa: E402
 from tinygpt.model import GPT  # noqa: E402
-from tinygpt.sft import SFTOptions, SFTTrainer, sft_train_config  # noqa: E402
+from tinygpt.stages.sft import SFTOptions, SFTTrainer  # noqa: E402
 from tinygpt.tokenizer import Tokenizer  # noqa: E402
 
 CONFIGS = {  # name -> (full, packing, grad_checkpointing)
@@ -72,11 +72,11 @@ def run_config(name, a, tok_json, convs, out_dir):
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_name(a.preset, vocab_size=a.model_vocab, block_size=max(a.ctx, 128)))
     timed = a.mem_steps if name.endswith("_gc") else a.steps
-    tcfg = sft_train_config(full, steps=a.warmup_steps + timed, batch=a.batch, compile=not a.no_compile,
-                            dtype=a.dtype, quiet=True, warmup=0)
-    opts = SFTOptions(template="chatml", ctx=a.ctx, packing=packing, full=full,
-                      lora_rank=a.lora_rank, lora_alpha=2.0 * a.lora_rank, grad_checkpointing=ckpt, device=a.device)
     out = out_dir / (f"{name}.tinygpt" if full else f"{name}.lora")
+    opts = SFTOptions(out=str(out), template="chatml", ctx=a.ctx, packing=packing, full=full, lora_rank=a.lora_rank,
+                      lora_alpha=2.0 * a.lora_rank, grad_checkpointing=ckpt, device=a.device,
+                      steps=a.warmup_steps + timed, batch=a.batch, compile=not a.no_compile, dtype=a.dtype,
+                      quiet=True, warmup=0)
     logs = []
     if torch.cuda.is_available():      # free the previous configuration before measuring this one
         torch._dynamo.reset()
@@ -85,7 +85,7 @@ def run_config(name, a, tok_json, convs, out_dir):
         torch.cuda.reset_peak_memory_stats()
         res_start = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    trainer = SFTTrainer(model, tok, convs, out, opts, tcfg, log=logs.append)
+    trainer = SFTTrainer(opts, model, tok, convs, log=logs.append)
     trainer.train()
     wall = time.perf_counter() - t0
     rows = [json.loads(x) for x in (out.parent / (out.stem + ".run") / "metrics.jsonl").read_text().splitlines()]

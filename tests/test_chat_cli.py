@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinygpt.chat import builtin_template, encode_segments
-from tinygpt.chat_session import ChatSession, chat_loop
+from tinygpt.commands.generation import ChatSession, chat_loop
 from tinygpt.checkpoint import save_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab

@@ -76,7 +76,7 @@ def test_bad_corpus(tmp_path, capsys, content, needle):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--preset", "gigantic"], "unknown preset 'gigantic'"),
+    (["--preset", "gigantic"], "--preset must be one of nano"),
     (["--dtype", "float8"], "float8"),
     (["--lr-schedule", "zigzag"], "zigzag"),
     (["--steps", "0"], "--steps"),
@@ -158,12 +158,12 @@ def write_config(tmp_path, text):
 
 
 @pytest.mark.parametrize("text,needles", [
-    ("preset: [a]\n", ["'preset' takes one value", "c.yaml"]),
-    ("steps: 2.5\n", ["invalid int value: '2.5'", "c.yaml"]),
-    ("lr_schedule: zigzag\n", ["invalid choice: 'zigzag'", "c.yaml"]),
+    ("preset: [a]\n", ["--preset takes one value", "c.yaml"]),
+    ("steps: 2.5\n", ["--steps must be an integer, got 2.5", "c.yaml"]),
+    ("lr_schedule: zigzag\n", ["--lr-schedule must be one of", "'zigzag'", "c.yaml"]),
     ("dtype: float8\n", ["float8", "c.yaml"]),
-    ("byte-tokenizer: 1\n", ["'byte-tokenizer' is a switch", "c.yaml"]),
-    ("lr: {a: 1}\n", ["'lr' takes a number or text", "c.yaml"]),
+    ("byte-tokenizer: 1\n", ["--byte-tokenizer is a switch", "c.yaml"]),
+    ("lr: {a: 1}\n", ["--lr takes a number", "c.yaml"]),
     ("config: other.yaml\n", ["unknown option 'config'", "c.yaml"]),
     ("- a\n- b\n", ["mapping", "c.yaml"]),
     ("steps: [\n", ["invalid YAML", "c.yaml"]),
@@ -180,20 +180,20 @@ def test_config_file_values_are_converted_and_flags_win(tmp_path):
     from tinygpt.cli import parse_args
     cfg = write_config(tmp_path, "model: base.tinygpt\ndata: d.jsonl\nout: x.lora\nlora: [a.lora, b.lora]\n"
                                  "lora-weight: [0.5]\nlr: 3e-4\nsteps: 7\nno_packing: true\nfull: false\n"
-                                 "lr_schedule: wsd\nwarmup: -1\ntemplate: null\n")
-    a = parse_args(["sft", "--config", str(cfg)])
+                                 "lr_schedule: wsd\nwarmup: 3\ntemplate: null\n")
+    _, a = parse_args(["sft", "--config", str(cfg)])
     assert (a.model, a.data, a.out, a.lora, a.lora_weight) == ("base.tinygpt", "d.jsonl", "x.lora",
                                                                ["a.lora", "b.lora"], [0.5])
-    assert (a.lr, a.steps, a.no_packing, a.full, a.lr_schedule, a.warmup) == (3e-4, 7, True, False, "wsd", -1)
-    a = parse_args(["sft", "other.tinygpt", "--config", str(cfg), "--lora", "c.lora", "--steps", "9",
-                    "--lr-schedule", "linear"])
+    assert (a.lr, a.steps, a.packing, a.full, a.lr_schedule, a.warmup) == (3e-4, 7, False, False, "wsd", 3)
+    _, a = parse_args(["sft", "other.tinygpt", "--config", str(cfg), "--lora", "c.lora", "--steps", "9",
+                       "--lr-schedule", "linear"])
     assert (a.model, a.lora, a.lora_weight, a.steps, a.lr_schedule) == ("other.tinygpt", ["c.lora"], [0.5], 9,
                                                                         "linear")
     corpus_cfg = write_config(tmp_path, "corpus: [a.txt, b.txt]\nout: m.tinygpt\n")
-    a = parse_args(["train", "--config", str(corpus_cfg), "--steps", "4"])
+    _, a = parse_args(["train", "--config", str(corpus_cfg), "--steps", "4"])
     assert (a.corpus, a.out, a.steps) == (["a.txt", "b.txt"], "m.tinygpt", 4)
-    a = parse_args(["ppo", "p.tinygpt", "--prompts", "q.jsonl", "--config", str(write_config(tmp_path,
-                    "iterations: 3\nout: p.lora\n"))])
+    _, a = parse_args(["ppo", "p.tinygpt", "--prompts", "q.jsonl", "--reward-fn", "synth", "--config",
+                       str(write_config(tmp_path, "iterations: 3\nout: p.lora\n"))])
     assert a.steps == 3
 
 
@@ -263,8 +263,8 @@ def test_no_packing_flag_trains_on_padded_rows(tmp_path, base):
     import json
     import torch
     from tinygpt import load_model_and_tokenizer
-    from tinygpt.checkpoint import load_tensors
-    from tinygpt.sft import SFTOptions, SFTTrainer, sft_train_config
+    from tinygpt.io import load_tensors
+    from tinygpt.stages.sft import SFTOptions, SFTTrainer
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "output": str(2 * i)}) + "\n"
                             for i in range(12)))
@@ -274,8 +274,8 @@ def test_no_packing_flag_trains_on_padded_rows(tmp_path, base):
     assert main([str(x) for x in sft_args(base, data, packed, *flags)]) == 0
     model, tok = load_model_and_tokenizer(base)
     ref = tmp_path / "ref.lora"
-    SFTTrainer(model, tok, data, ref, SFTOptions(ctx=64, packing=False, device="cpu"),
-               sft_train_config(steps=2, lr=1e-2, batch=4, dtype="float32", quiet=True), log=lambda *m: None).train()
+    SFTTrainer(SFTOptions(data=str(data), out=str(ref), ctx=64, packing=False, device="cpu", steps=2, lr=1e-2,
+                          batch=4, dtype="float32", quiet=True), model, tok, log=lambda *m: None).train()
     u, p, r = load_tensors(unpacked)[0], load_tensors(packed)[0], load_tensors(ref)[0]
     assert all(torch.equal(u[k], r[k]) for k in r)
     assert not all(torch.equal(p[k], r[k]) for k in r)

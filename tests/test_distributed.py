@@ -11,7 +11,9 @@ import torch.multiprocessing as mp
 
 from tinygpt.config import ModelConfig
 from tinygpt.model import GPT
-from tinygpt.train.engine import Engine, TrainConfig, setup_device
+from tinygpt.device import setup_device
+from tinygpt.train.engine import prepare
+from tinygpt.train.stage import FunctionStage, TrainOptions
 
 ROWS, VOCAB = 8, 97
 
@@ -46,8 +48,11 @@ def _engine(rank, world, out):
     def batches(i):
         rows = data[rank * per:(rank + 1) * per]
         return rows[:, :-1].clamp(min=0), rows[:, 1:]
-    return Engine(_model(), TrainConfig(steps=3, dtype="float32", quiet=True, lr=1e-2), _step, batches, out=out,
-                  rank=rank, world=world, log=lambda *a: None)
+    stage = FunctionStage(_model(), _step, batches, TrainOptions(out=str(out), steps=3, dtype="float32", quiet=True,
+                                                                 lr=1e-2, device="cpu"), log=lambda *a: None)
+    eng = prepare(stage)       # rank and world from the environment, as under torchrun
+    assert (eng.rank, eng.world) == (rank, world)
+    return eng
 
 
 def _worker(rank, world, port, tmp):
@@ -62,7 +67,6 @@ def _worker(rank, world, port, tmp):
     eng.opt.zero_grad(set_to_none=True)
     for _ in range(3):
         eng.train_step()
-        eng.step += 1
     torch.save([p.detach() for p in eng.params], os.path.join(tmp, f"weights{rank}.pt"))
     dist.destroy_process_group()
 
@@ -85,7 +89,6 @@ def test_two_ranks_match_one_process_and_stay_in_sync(tmp_path):
     single.opt.zero_grad(set_to_none=True)
     for _ in range(3):
         single.train_step()
-        single.step += 1
     for a, b, s in zip(w0, w1, single.params):
         assert torch.equal(a, b)                                   # the ranks never drift apart
         torch.testing.assert_close(a, s.detach(), atol=1e-5, rtol=0)   # and train as one process does

@@ -11,18 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.chat import get_template
-from tinygpt.checkpoint import load_tensors, save_model
+from tinygpt.checkpoint import save_model
+from tinygpt.io import load_tensors
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import Message, Preference, load_preferences
-from tinygpt.dpo import NEW, DPOTrainer, KTOTrainer, PreferenceConfig, compute_dpo_loss
+from tinygpt.stages.preference import NEW, DPOTrainer, KTOTrainer, ORPOTrainer, compute_dpo_loss
 from tinygpt.logprobs import make_batch, sequence_logprobs
 from tinygpt.lora import apply_lora, disable_lora, load_adapters, lora_modules, save_adapter
 from tinygpt.model import GPT
-from tinygpt.preference import (encode_prompt, encode_reply, item_sequences, tokenize_pairs,
+from tinygpt.data.pairs import (encode_prompt, encode_reply, item_sequences, tokenize_pairs,
                                 tokenize_unpaired)
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.train.engine import TrainConfig
+from tinygpt.train.engine import prepare
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -64,10 +65,14 @@ def synth_items(tok, n=200, seed=0):
     return items
 
 
-def trainer(model, tok, items, tmp_path, val=(), cls=DPOTrainer, steps=1, lr=1e-3, name="p.lora", **cfg):
-    tcfg = TrainConfig(steps=steps, batch=8, lr=lr, quiet=True, dtype="float32", weight_decay=0.0)
-    return cls(model, tok, items, PreferenceConfig(**cfg), tcfg, tmp_path / name, val, torch.device("cpu"),
-               log=lambda *m: None)
+def trainer(model, tok, items, tmp_path, val=(), cls=DPOTrainer, steps=1, lr=1e-3, name="p.lora",
+            log=lambda *m: None, **cfg):
+    """A preference stage on in-memory items, set up (adapter added, reference ready) but not trained."""
+    opts = cls.Options(out=str(tmp_path / name), steps=steps, batch=8, lr=lr, quiet=True, dtype="float32",
+                       device="cpu", **cfg)
+    tr = cls(opts, model, tok, items=items, val_items=val, log=log)
+    prepare(tr)
+    return tr
 
 
 # ---- shared log-probs --------------------------------------------------------------------------
@@ -169,9 +174,7 @@ def test_precomputed_reference_equals_live_and_is_reused(tmp_path):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     logs = []
     model2, _ = nano()
-    tcfg = TrainConfig(steps=1, batch=8, quiet=True, dtype="float32")
-    tr2 = DPOTrainer(model2, tok, items, PreferenceConfig(precompute_ref=True), tcfg, tmp_path / "p.lora",
-                     device=torch.device("cpu"), log=logs.append)
+    tr2 = trainer(model2, tok, items, tmp_path, precompute_ref=True, log=logs.append)
     assert any("reusing" in x for x in logs)
     assert torch.equal(tr2.ref_table, tr.ref_table)
 
@@ -182,7 +185,7 @@ def test_dpo_raises_the_heldout_margin(tmp_path):
     train, val = items[:200], items[200:]
     tr = trainer(model, tok, train, tmp_path, val=val, steps=25, lr=3e-3)
     before = tr.evaluate()
-    tr.fit()
+    tr.train()
     after = tr.evaluate()
     assert before["val_margin"] == 0
     assert after["val_margin"] > 0.05 and after["val_loss"] < math.log(2)
@@ -195,7 +198,7 @@ def test_kto_loss_at_step0_is_half_the_weights(tmp_path):
     ex = [Unpaired([Message("user", f"q{i}?")], f"answer {i}", i % 2 == 0) for i in range(8)]
     items = tokenize_unpaired(ex, tok, get_template("chatml", tok), 64, 32)
     assert all(it[4] != it[1] or len(items) == 1 for it in items)   # KL partner is another completion
-    tr = trainer(model, tok, items, tmp_path, cls=KTOTrainer, method="kto", desirable_weight=1.0,
+    tr = trainer(model, tok, items, tmp_path, cls=KTOTrainer, desirable_weight=1.0,
                  undesirable_weight=3.0)
     loss, count, m = tr.loss_step(tr.scorer, tr.batches(0))
     # r = 0 and z0 = 0 at step 0: each term is w * (1 - sigmoid(0)) = w / 2
@@ -323,7 +326,7 @@ def test_full_precompute_ref_validates_against_the_reference(tmp_path):
         tr = trainer(copy.deepcopy(model), tok, items[:40], tmp_path, val=items[40:], steps=3, lr=1e-3, full=True,
                      precompute_ref=pre, name=f"{pre}.tinygpt")
         assert abs(tr.evaluate()["val_margin"]) < 1e-6          # policy == reference before training
-        tr.fit()
+        tr.train()
         results[pre] = tr.evaluate()
     assert tr.ref_model is None and tr.val_ref_table is not None    # the copy is gone, validation still has a reference
     assert abs(results[True]["val_margin"]) > 1e-3
@@ -332,12 +335,11 @@ def test_full_precompute_ref_validates_against_the_reference(tmp_path):
 
 
 def test_orpo_lowers_the_loss_and_raises_the_logprob_margin(tmp_path):
-    from tinygpt.dpo import ORPOTrainer
     model, tok = nano()
     items = synth_items(tok, 100)
-    tr = trainer(model, tok, items[:80], tmp_path, val=items[80:], cls=ORPOTrainer, steps=10, lr=3e-3, method="orpo")
+    tr = trainer(model, tok, items[:80], tmp_path, val=items[80:], cls=ORPOTrainer, steps=10, lr=3e-3)
     before = tr.evaluate()
-    tr.fit()
+    tr.train()
     after = tr.evaluate()
     # held-out: lower ORPO loss, and chosen replies gain mean log-prob over rejected ones
     assert after["val_loss"] < before["val_loss"] - 0.1
@@ -360,12 +362,12 @@ def test_cli_orpo_lowers_its_training_loss(tmp_path):
 def test_kto_raises_desirable_and_lowers_undesirable(tmp_path):
     from tinygpt.data.formats import Unpaired
     from tinygpt.data.synth import _rng, build_prefs, build_world
-    from tinygpt.preference import ItemBatches
+    from tinygpt.data.pairs import ItemBatches
     model, tok = nano()
     rows = build_prefs(_rng(0, "prefs"), build_world(_rng(0, "world")), 100)
     ex = [Unpaired([Message("user", r["prompt"])], r[k], k == "chosen") for r in rows for k in ("chosen", "rejected")]
     items = tokenize_unpaired(ex, tok, get_template("chatml", tok), 128, 64)
-    tr = trainer(model, tok, items, tmp_path, cls=KTOTrainer, steps=25, lr=1e-3, method="kto", beta=0.5)
+    tr = trainer(model, tok, items, tmp_path, cls=KTOTrainer, steps=25, lr=1e-3, beta=0.5)
 
     def implied_rewards():   # log pi - log ref of each completion, split by label
         good, bad = [], []
@@ -376,7 +378,7 @@ def test_kto_raises_desirable_and_lowers_undesirable(tmp_path):
                     (good if items[i][2] else bad).append(x)
         return sum(good) / len(good), sum(bad) / len(bad)
     assert implied_rewards() == (0.0, 0.0)
-    tr.fit()
+    tr.train()
     good, bad = implied_rewards()
     assert good > 0.5 and bad < -1.0
 
@@ -388,10 +390,10 @@ def test_trainers_are_exported_lazily():
             "assert 'torch' not in sys.modules\n"
             "from tinygpt import (SFTTrainer, DPOTrainer, ORPOTrainer, KTOTrainer, RewardModelTrainer,\n"
             "                     PPOTrainer, GRPOTrainer)\n"
-            "import tinygpt.sft, tinygpt.dpo, tinygpt.reward, tinygpt.rlhf\n"
-            "assert (SFTTrainer, DPOTrainer, RewardModelTrainer, PPOTrainer) == (tinygpt.sft.SFTTrainer, "
-            "tinygpt.dpo.DPOTrainer, tinygpt.reward.RewardModelTrainer, tinygpt.rlhf.PPOTrainer)\n"
-            "assert GRPOTrainer is tinygpt.rlhf.GRPOTrainer and KTOTrainer is tinygpt.dpo.KTOTrainer\n"
+            "from tinygpt.stages import sft, preference, reward, rl\n"
+            "assert (SFTTrainer, DPOTrainer, RewardModelTrainer, PPOTrainer) == (sft.SFTTrainer, "
+            "preference.DPOTrainer, reward.RewardModelTrainer, rl.PPOTrainer)\n"
+            "assert GRPOTrainer is rl.GRPOTrainer and KTOTrainer is preference.KTOTrainer\n"
             "assert {'SFTTrainer', 'RewardModelTrainer', 'PPOTrainer', 'GRPOTrainer'} <= set(tinygpt.__all__)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

@@ -204,7 +204,7 @@ def test_gsm8k_scoring_cuts_at_next_question(monkeypatch, tok):
             {"question": "q3", "answer": "#### 5"}]
     seen = {}
 
-    def fake_complete(model, tk, prompts, max_new, batch, stop_ids=None):
+    def fake_complete(model, tk, prompts, max_new, batch, stops=None):
         seen["prompts"] = [tk.decode(p) for p in prompts]
         return [" 70+2 = 72\n#### 72\n\nQuestion: what is 9?\nAnswer: 9", " that is 1000 dollars", " 5 or 6"]
     monkeypatch.setattr(gen, "complete", fake_complete)
@@ -423,7 +423,7 @@ def test_other_loaders_on_real_files():
 
 def test_winrate_task_end_to_end_with_a_fixed_judge(tmp_path, nano_file, tok, monkeypatch):
     from tinygpt.checkpoint import load_model
-    from tinygpt.reward import RewardModel, load_reward_model
+    from tinygpt.reward_model import RewardModel, load_reward_model
     backbone, _, _ = load_model(nano_file)
     torch.manual_seed(1)
     RewardModel(backbone, tok).save(tmp_path / "rm.tinygpt")

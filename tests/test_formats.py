@@ -10,8 +10,9 @@ import pytest
 
 from tinygpt.data.formats import (Conversation, Message, Preference, Unpaired, detect_format,
                                   detect_preference_format, format_instruction, load_preferences,
-                                  load_prompts, load_sft, load_unpaired, read_rows, to_conversation,
-                                  to_preference, SkippedRowsWarning)
+                                  load_prompts, load_sft, load_unpaired, to_conversation,
+                                  to_preference)
+from tinygpt.data.rows import SkippedRowsWarning, read_rows
 from tinygpt.errors import DataError, UserError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt import load_model_and_tokenizer
-from tinygpt.checkpoint import load_model, load_tensors, save_model
+from tinygpt.checkpoint import load_model, save_model
+from tinygpt.io import load_tensors
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.lora import (DEFAULT_TARGETS, apply_lora, base_fingerprint, disable_lora, load_adapters, lora_modules, merge_lora,
                           save_adapter, unmerge_lora)
 from tinygpt.model import GPT
-from tinygpt.sft import SFTOptions, SFTTrainer, sft_train_config
+from tinygpt.stages.sft import SFTOptions, SFTTrainer
+from tinygpt.train.engine import prepare
 from tinygpt.tokenizer import Tokenizer
 
 CONVS = [[{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -131,9 +133,13 @@ def test_wrong_base_adapter_is_refused_through_the_cli(tmp_path, capsys):
     assert not (tmp_path / "m.tinygpt").exists()
 
 
-def _sft(model, tok, out, steps=4, **opts):
-    tcfg = sft_train_config(steps=steps, batch=4, lr=1e-2, warmup=0, dtype="float32", quiet=True)
-    return SFTTrainer(model, tok, CONVS, out, SFTOptions(device="cpu", ctx=64, **opts), tcfg, log=lambda *a: None)
+def _sft(model, tok, out, steps=4, data=CONVS, log=lambda *a: None, **opts):
+    """An SFT stage on an in-memory model, set up but not trained."""
+    opts = {"batch": 4, **opts}
+    t = SFTTrainer(SFTOptions(out=str(out), device="cpu", ctx=64, steps=steps, lr=1e-2, warmup=0,
+                              dtype="float32", quiet=True, **opts), model, tok, data, log=log)
+    prepare(t)
+    return t
 
 
 def test_sft_changes_every_adapter_parameter_and_no_base_parameter(tmp_path):
@@ -242,8 +248,7 @@ def test_rows_of_template_tokens_the_vocabulary_has_are_trained_too(tmp_path):
 def test_trainable_share_is_reported(tie, tmp_path):
     model, tok = _model(tie_embeddings=tie)
     logs = []
-    tcfg = sft_train_config(steps=1, batch=2, dtype="float32", quiet=True)
-    t = SFTTrainer(model, tok, CONVS[:4], tmp_path / "x.lora", SFTOptions(device="cpu", ctx=64), tcfg, log=logs.append)
+    t = _sft(model, tok, tmp_path / "x.lora", steps=1, data=CONVS[:4], log=logs.append, batch=2)
     # nano: C = 64, MLP width 256, 2 layers, no gate; rank 16 adds r * (in + out) per linear:
     # q, k, v, o: 4 * 16 * (64 + 64) = 8192; up, down: 2 * 16 * (64 + 256) = 10240 -> 18432 a layer.
     n = 2 * 18432

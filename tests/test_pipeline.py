@@ -8,6 +8,7 @@ import pytest
 from tinygpt import pipeline, report
 from tinygpt.cli import main
 from tinygpt.errors import UserError
+from tinygpt.options import to_argv
 
 STAGES = """
 name: t
@@ -48,7 +49,7 @@ def test_failed_stage_stops_the_run_and_a_rerun_skips_finished_stages(tmp_path, 
 
     good = write(tmp_path, STAGES.format(corpus="corpus.txt"), "good.yaml")
     lines = []
-    res = pipeline.pipeline_command(good, run, log=lines.append)
+    res = pipeline.run_and_report(good, run, log=lines.append)
     assert [ln for ln in lines if "skipped" in ln] == ["[1/4] data: up to date, skipped",
                                                        "[2/4] tokenizer: up to date, skipped"]
     state = res["state"]
@@ -111,12 +112,14 @@ stages:
     outs = {}
     for st in pipe.stages:
         outs[st.name] = pipeline.stage_out(st, run, outs)
-    tok_argv = pipeline.build_argv(pipe.stages[0], pipe, run, outs)
-    assert tok_argv == ["tokenizer", "train", "--corpus", "a.txt", "b.txt", "--vocab-size", "512",
-                        "--out", str(run / "tok.json")]          # nargs='+' filled once; no --quiet/--device here
-    ev = pipeline.build_argv(pipe.stages[1], pipe, run, outs)
-    assert ev == ["eval", str(run / "tok.json"), "--device", "cpu", "--lora", "l1.lora", "--lora", "l2.lora",
-                  "--tasks", "synth", "--data", "d.jsonl", "--out", str(run / "x.json")]
+    cmd, tok = pipeline.stage_options(pipe.stages[0], pipe, run, outs)
+    assert (tok.corpus, tok.vocab_size, tok.out) == (["a.txt", "b.txt"], 512, str(run / "tok.json"))
+    assert to_argv(tok) == ["--corpus", "a.txt", "b.txt", "--vocab-size", "512", "--out", str(run / "tok.json")]
+    cmd, ev = pipeline.stage_options(pipe.stages[1], pipe, run, outs)   # defaults only where the command has them
+    assert (ev.model, ev.lora, ev.tasks, ev.data, ev.out, ev.device, ev.quiet) == (
+        str(run / "tok.json"), ["l1.lora", "l2.lora"], "synth", ["d.jsonl"], str(run / "x.json"), "cpu", False)
+    assert to_argv(ev) == [str(run / "tok.json"), "--device", "cpu", "--lora", "l1.lora", "--lora", "l2.lora",
+                           "--tasks", "synth", "--data", "d.jsonl", "--out", str(run / "x.json")]
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -133,20 +136,20 @@ def test_bad_configs_fail_before_running(tmp_path, text, msg):
 
 def test_unknown_flag_names_the_stage(tmp_path):
     cfg = write(tmp_path, "stages:\n  - {name: d, cmd: data synth, args: {nope: 1}}\n")
-    with pytest.raises(UserError, match="stage 'd': 'data synth' has no option --nope"):
+    with pytest.raises(UserError, match=r"unknown option 'nope', .*p.yaml \(stage d\)"):
         pipeline.run_pipeline(cfg, tmp_path / "r")
 
 
 @pytest.mark.parametrize("name", ["demo", "demo-rl"])
 def test_presets_are_valid(name, tmp_path):
-    from tinygpt.cli import build_parser
+    from tinygpt.cli import parse_args
     pipe = pipeline.load_pipeline(pipeline.preset_path(name))
     assert [s.cmd for s in pipe.stages][:3] == ["data synth", "tokenizer train", "train"]
     outs = {}
-    for st in pipe.stages:   # every stage's flags exist and its values parse
+    for st in pipe.stages:   # every stage's options exist and its values check; its command line parses the same
         outs[st.name] = pipeline.stage_out(st, tmp_path, outs)
-        args = build_parser().parse_args(pipeline.build_argv(st, pipe, tmp_path, outs))
-        assert callable(args.func)
+        cmd, opts = pipeline.stage_options(st, pipe, tmp_path, outs)
+        assert parse_args(st.cmd.split() + to_argv(opts))[1] == opts
 
 
 def test_eval_table_marks_the_best_per_column():

@@ -15,10 +15,11 @@ from tinygpt.data.formats import Message, Preference
 from tinygpt.errors import UserError
 from tinygpt.logprobs import make_batch
 from tinygpt.model import GPT
-from tinygpt.preference import tokenize_pairs
-from tinygpt.reward import RewardModel, RewardModelTrainer, load_reward_model
+from tinygpt.data.pairs import tokenize_pairs
+from tinygpt.reward_model import RewardModel, load_reward_model
+from tinygpt.stages.reward import RewardModelTrainer, RewardOptions
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.train.engine import TrainConfig
+from tinygpt.train.engine import prepare
 
 
 def nano_rm(seed=0):
@@ -87,11 +88,12 @@ def _style_pairs(tok, n):
 def test_reward_model_learns_heldout_preferences(tmp_path):
     rm, tok = nano_rm()
     items = _style_pairs(tok, 160)
-    tcfg = TrainConfig(steps=20, batch=8, lr=3e-3, quiet=True, dtype="float32", weight_decay=0.0)
-    tr = RewardModelTrainer(rm, items[:120], tcfg, tmp_path / "rm.tinygpt", items[120:], torch.device("cpu"),
-                            log=lambda *m: None)
+    opts = RewardOptions(out=str(tmp_path / "rm.tinygpt"), steps=20, batch=8, lr=3e-3, quiet=True, dtype="float32",
+                         device="cpu")
+    tr = RewardModelTrainer(opts, rm, items=items[:120], val_items=items[120:], log=lambda *m: None)
+    prepare(tr)
     assert tr.evaluate()["val_accuracy"] < 0.9
-    tr.fit()
+    tr.train()
     after = tr.evaluate()
     assert after["val_accuracy"] > 0.9 and after["val_loss"] < 0.5
     rows = [json.loads(x) for x in (tmp_path / "rm.run" / "metrics.jsonl").read_text().splitlines()]

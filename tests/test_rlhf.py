@@ -13,10 +13,12 @@ from tinygpt.data.formats import Message
 from tinygpt.errors import UserError
 from tinygpt.lora import apply_lora
 from tinygpt.model import GPT
-from tinygpt.rewards import final_number, format_reward, get_reward_fn, gsm8k_reward, synth_reward
-from tinygpt.rlhf import (GRPOTrainer, ModelReward, PPOTrainer, RLConfig, ValueNetwork, encode_prompts)
+from tinygpt.verifiers import final_number, format_reward, get_reward_fn, gsm8k_reward, synth_reward
+from tinygpt.rollout import ValueNetwork, encode_prompts
+from tinygpt.stages.rl import GRPOTrainer, PPOTrainer
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.train.engine import TrainConfig
+from tinygpt.train.engine import prepare
+from tinygpt.verifiers import ModelReward
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,15 +46,21 @@ def _frac_good(episodes):
     return torch.tensor([sum(t in GOOD for t in e.tokens) / len(e.tokens) for e in episodes])
 
 
-def _tcfg(lr):
-    return TrainConfig(steps=1, lr=lr, weight_decay=0.0, lr_schedule="constant", quiet=True)
+def _trainer(cls, m, tok, prompts, reward, out, lr=1e-3, reference=None, value=None, **opts):
+    """An RL stage on an in-memory policy with a callable reward, set up but not trained; no stop
+    tokens, so every completion has the full length."""
+    o = cls.Options(out=str(out), lr=lr, lr_schedule="constant", quiet=True, device="cpu", dtype="float32", **opts)
+    tr = cls(o, m, tok, prompts=prompts, reward=reward, value=value, reference=reference, stop_ids=[],
+             log=lambda *a: None)
+    prepare(tr)
+    return tr
 
 
 def test_kl_is_zero_with_a_fresh_adapter_and_first_ratio_is_one(tmp_path):
     m, tok, prompts = _setup(sharp=True)
     apply_lora(m, 4, 8, name="rl")
-    cfg = RLConfig(iterations=1, batch=4, max_new_tokens=6, minibatch=2)
-    tr = PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "p.lora", reference="rl", stop_ids=[])
+    tr = _trainer(PPOTrainer, m, tok, prompts, _frac_good, tmp_path / "p.lora", reference="rl", steps=1, batch=4,
+                  max_new_tokens=6, minibatch=2)
     episodes = tr.rollout(0)
     buf, info, _ = tr.score(episodes)
     assert info["kl"] == 0.0 and torch.equal(buf.t["old_logp"], buf.t["ref_logp"])
@@ -75,10 +83,9 @@ def test_kl_is_zero_with_a_fresh_adapter_and_first_ratio_is_one(tmp_path):
 def test_ppo_raises_a_toy_reward(tmp_path):
     m, tok, prompts = _setup()
     ref = copy.deepcopy(m).requires_grad_(False).eval()
-    cfg = RLConfig(iterations=30, batch=8, max_new_tokens=8, minibatch=8, epochs=4, kl_coef=0.01)
-    tr = PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-2), tmp_path / "p.tinygpt", reference=ref,
-                    stop_ids=[])
-    rewards = [tr.iteration(it)["reward_mean"] for it in range(cfg.iterations)]
+    tr = _trainer(PPOTrainer, m, tok, prompts, _frac_good, tmp_path / "p.tinygpt", lr=1e-2, reference=ref,
+                  steps=30, batch=8, max_new_tokens=8, minibatch=8, ppo_epochs=4, kl_coef=0.01, full=True)
+    rewards = [tr.iteration(tr.engine, it)["reward_mean"] for it in range(30)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.4 and last > first + 0.3, rewards
 
@@ -89,18 +96,18 @@ def test_grpo_raises_exact_match_accuracy(tmp_path):
 
     def first_token_right(episodes):
         return torch.tensor([float(e.tokens[0] in FIRST) for e in episodes])
-    cfg = RLConfig(iterations=16, batch=8, group_size=8, max_new_tokens=4, minibatch=32, epochs=1, kl_coef=0.0)
-    tr = GRPOTrainer(m, tok, prompts, first_token_right, cfg, _tcfg(1e-2), tmp_path / "g.tinygpt",
-                     reference=ref, stop_ids=[])
-    acc = [tr.iteration(it)["reward_mean"] for it in range(cfg.iterations)]
+    tr = _trainer(GRPOTrainer, m, tok, prompts, first_token_right, tmp_path / "g.tinygpt", lr=1e-2, reference=ref,
+                  steps=16, batch=8, group_size=8, max_new_tokens=4, minibatch=32, ppo_epochs=1, kl_coef=0.0,
+                  full=True)
+    acc = [tr.iteration(tr.engine, it)["reward_mean"] for it in range(16)]
     assert sum(acc[:3]) / 3 < 0.25 and sum(acc[-3:]) / 3 > 0.6, acc
 
 
 def test_group_advantages_reach_the_buffer_and_rloo_differs(tmp_path):
     m, tok, prompts = _setup()
-    cfg = RLConfig(iterations=1, batch=2, group_size=4, max_new_tokens=3, kl_coef=0.0, rloo=True)
-    tr = GRPOTrainer(m, tok, prompts, lambda eps: torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0]), cfg,
-                     _tcfg(1e-3), tmp_path / "g.tinygpt", reference=None, stop_ids=[])
+    tr = _trainer(GRPOTrainer, m, tok, prompts, lambda eps: torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0]),
+                  tmp_path / "g.tinygpt", reference=False, steps=1, batch=2, group_size=4, max_new_tokens=3,
+                  kl_coef=0.0, rloo=True, full=True)
     buf, info, _ = tr.score(tr.rollout(0))
     adv = buf.t["advantages"][:, 0]
     # RLOO: r - mean of the other three; the all-equal group gets 0
@@ -128,7 +135,7 @@ def test_reward_model_with_another_tokenizer_is_re_tokenized_or_refused(tmp_path
     policy_tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20] * 5, 300)
     tmpl = get_template("chatml", policy_tok)
     prompts, _ = encode_prompts(policy_tok, tmpl, [([Message("user", "the fox")], None)], 100)
-    from tinygpt.rlhf import Episode
+    from tinygpt.rollout import Episode
     reply = "over the dog"
     ep = Episode(prompts[0], policy_tok.encode(reply + "<|im_end|>"), reply + "<|im_end|>", True, [])
     rm_tok = Tokenizer.byte_level()
@@ -205,7 +212,7 @@ def test_cli_grpo_and_ppo_end_to_end_with_prompt_files_of_any_format(tmp_path):
     row = json.loads((tmp_path / "ppo.run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"value_loss", "explained_var", "approx_kl"} <= set(row)
     # a reward model file (tinygpt.reward) as the reward
-    from tinygpt.reward import RewardModel
+    from tinygpt.reward_model import RewardModel
     RewardModel(GPT(m.config), tok).save(tmp_path / "rm.tinygpt")
     rc = main(["ppo", str(tmp_path / "base.tinygpt"), "--prompts", str(tmp_path / "prefs.jsonl"), "--reward",
                str(tmp_path / "rm.tinygpt"), "--reward-dtype", "float32", "--out", str(tmp_path / "rm_ppo.lora")]
@@ -221,7 +228,7 @@ def test_cli_grpo_and_ppo_end_to_end_with_prompt_files_of_any_format(tmp_path):
 
 # ---- KL control, early stop, k3 in the reward, named references, value files, reward plug-ins ----
 def test_adaptive_kl_controller_by_hand(tmp_path):
-    from tinygpt.rlhf import AdaptiveKL
+    from tinygpt.rollout import AdaptiveKL
     kl = AdaptiveKL(0.1, target=6.0, horizon=10000)
     kl.update(12.0, 64)                      # error 12 / 6 - 1 = 1, clipped to +0.2
     assert kl.coef == pytest.approx(0.1 * 1.00128, rel=1e-12)
@@ -239,8 +246,8 @@ def test_adaptive_kl_controller_by_hand(tmp_path):
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)            # the policy has moved: the KL is not 0
-    cfg = RLConfig(iterations=1, batch=4, max_new_tokens=6, minibatch=2, kl_coef=0.2, kl_target=0.01, kl_horizon=100)
-    tr = PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "p.lora", reference="rl", stop_ids=[])
+    tr = _trainer(PPOTrainer, m, tok, prompts, _frac_good, tmp_path / "p.lora", reference="rl", steps=1, batch=4,
+                  max_new_tokens=6, minibatch=2, kl_coef=0.2, kl_target=0.01, kl_horizon=100)
     _, info, _ = tr.score(tr.rollout(0))
     err = max(-0.2, min(0.2, info["kl"] / 0.01 - 1))
     assert info["kl_coef"] == 0.2 and err != 0
@@ -252,10 +259,10 @@ def test_max_kl_stops_the_epochs_early(tmp_path):
     apply_lora(m, 4, 8, name="rl")
     runs = {}
     for max_kl in (0.0, 1e-9):
-        cfg = RLConfig(iterations=1, batch=8, max_new_tokens=6, minibatch=2, epochs=4, kl_coef=0.0, max_kl=max_kl)
-        tr = PPOTrainer(copy.deepcopy(m), tok, prompts, _frac_good, cfg, _tcfg(1e-2), tmp_path / f"{max_kl}.lora",
-                        reference="rl", stop_ids=[])
-        runs[max_kl] = tr.iteration(0)
+        tr = _trainer(PPOTrainer, copy.deepcopy(m), tok, prompts, _frac_good, tmp_path / f"{max_kl}.lora", lr=1e-2,
+                      reference="rl", steps=1, batch=8, max_new_tokens=6, minibatch=2, ppo_epochs=4, kl_coef=0.0,
+                      max_kl=max_kl)
+        runs[max_kl] = tr.iteration(tr.engine, 0)
     assert runs[0.0]["updates"] == 4 * 4 and runs[0.0]["early_stop"] == 0
     # the first minibatch sees ratio 1 (KL 0); after one step the KL exceeds the limit: stop there
     assert runs[1e-9]["updates"] == 2 and runs[1e-9]["early_stop"] == 1
@@ -264,8 +271,8 @@ def test_max_kl_stops_the_epochs_early(tmp_path):
 def test_ppo_rewards_carry_the_k3_penalty_by_hand(tmp_path):
     m, tok, prompts = _setup()
     apply_lora(m, 2, 4, name="rl")
-    cfg = RLConfig(iterations=1, batch=2, kl_coef=0.5, kl_kind="k3", gamma=1.0, lam=1.0, whiten=False)
-    tr = PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "p.lora", reference="rl", stop_ids=[])
+    tr = _trainer(PPOTrainer, m, tok, prompts, _frac_good, tmp_path / "p.lora", reference="rl", steps=1, batch=2,
+                  kl_coef=0.5, kl_kind="k3", gamma=1.0, lam=1.0, whiten=False)
     old = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -9.0, -9.0]])
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.7, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -284,12 +291,11 @@ def test_ppo_rewards_carry_the_k3_penalty_by_hand(tmp_path):
 @pytest.mark.parametrize("cls", [PPOTrainer, GRPOTrainer])
 def test_a_named_reference_needs_that_adapter(tmp_path, cls):
     m, tok, prompts = _setup()
-    cfg = RLConfig(iterations=1, batch=2, group_size=2)
-
     def build():
-        return cls(m, tok, prompts, _frac_good, cfg, _tcfg(1e-3), tmp_path / "x.lora", stop_ids=[])
-    with pytest.raises(ValueError, match="no adapter of that name"):
-        build()                              # default reference "rl", no adapter at all
+        return _trainer(cls, m, tok, prompts, _frac_good, tmp_path / "x.lora", reference="rl", steps=1, batch=2,
+                        group_size=2)
+    with pytest.raises(ValueError, match="the policy has none of that name"):
+        build()                              # reference "rl", no adapter at all
     apply_lora(m, 2, 4, name="other")
     with pytest.raises(ValueError, match="'rl'"):
         build()
@@ -300,14 +306,14 @@ def test_a_named_reference_needs_that_adapter(tmp_path, cls):
 def test_separate_value_network_is_saved_and_round_trips(tmp_path):
     from tinygpt.checkpoint import load_model, save_model
     from tinygpt.logprobs import make_batch
-    from tinygpt.rlhf import VALUE_FILE, load_value_network
+    from tinygpt.rollout import VALUE_FILE, load_value_network
     m, tok, prompts = _setup(sharp=True)
     backbone = copy.deepcopy(m).requires_grad_(True).train()
     start = {k: v.clone() for k, v in backbone.state_dict().items()}
     apply_lora(m, 2, 4, name="rl")
     value = ValueNetwork(64, backbone)
-    cfg = RLConfig(iterations=1, batch=4, max_new_tokens=4, minibatch=4, epochs=2)
-    PPOTrainer(m, tok, prompts, _frac_good, cfg, _tcfg(1e-2), tmp_path / "p.lora", value=value, stop_ids=[]).train()
+    _trainer(PPOTrainer, m, tok, prompts, _frac_good, tmp_path / "p.lora", lr=1e-2, reference="rl", value=value,
+             steps=1, batch=4, max_new_tokens=4, minibatch=4, ppo_epochs=2).train()
     assert any(not torch.equal(start[k], v) for k, v in backbone.state_dict().items())   # the backbone trained
     assert value.head.weight.abs().sum() > 0                                            # and its head
     back = load_value_network(tmp_path / "p.run" / VALUE_FILE)
@@ -322,8 +328,8 @@ def test_separate_value_network_is_saved_and_round_trips(tmp_path):
 
 
 def test_two_argument_reward_functions_and_their_failures(tmp_path, monkeypatch):
-    from tinygpt.rewards import FunctionReward
-    from tinygpt.rlhf import Episode, Prompt
+    from tinygpt.verifiers import FunctionReward
+    from tinygpt.rollout import Episode, Prompt
     (tmp_path / "tworew.py").write_text(
         "def short(prompt, completion):\n    return 1.0 if len(completion) < 5 else 0.0\n"
         "def boom(prompt, completion, answer=None):\n    raise KeyError('no such thing')\n"

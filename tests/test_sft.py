@@ -19,9 +19,10 @@ from tinygpt.data.formats import load_sft
 from tinygpt.data.packing import RowOrder
 from tinygpt.lora import lora_modules
 from tinygpt.model import GPT
-from tinygpt.sft import (SFTOptions, SFTTrainer, encode_conversations, format_instruction, sft_loss_step,
-                         sft_train_config)
+from tinygpt.data.formats import format_instruction
+from tinygpt.stages.sft import SFTOptions, SFTTrainer, encode_conversations, sft_loss_step
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.train.engine import prepare
 
 ROWS = [{"messages": [{"role": "user", "content": f"Add {a} and {b}."},
                       {"role": "assistant", "content": f"{a + b}"}]} for a in range(8) for b in range(6)]
@@ -44,6 +45,14 @@ def setup(tmp_path):
                 p.normal_(0, 0.5 if name.startswith("lm_head") else 0.05)
     save_model(tmp_path / "base.tinygpt", model, tok)
     return tmp_path / "base.tinygpt", _write(tmp_path / "chat.jsonl", ROWS)
+
+
+def _trainer(model, tok, data, out, log=lambda *m: None, **opts):
+    """An SFT stage on an in-memory model, set up (data packed, adapter added) but not trained."""
+    t = SFTTrainer(SFTOptions(out=str(out), device="cpu", dtype="float32", quiet=True, **opts), model, tok, data,
+                   log=log)
+    prepare(t)
+    return t
 
 
 def _cli(base, data, out, *extra):
@@ -87,9 +96,8 @@ def test_packed_and_padded_data_give_the_same_total_loss(setup):
     totals = {}
     for packing in (True, False):
         model, tok = load_model_and_tokenizer(base)
-        t = SFTTrainer(model, tok, data, base.parent / "x.lora",
-                       SFTOptions(device="cpu", ctx=128, packing=packing, max_length=40),
-                       sft_train_config(steps=1, batch=4, dtype="float32", quiet=True), log=lambda *a: None)
+        t = _trainer(model, tok, data, base.parent / "x.lora", ctx=128, packing=packing, max_length=40, steps=1,
+                     batch=4)
         rows = t.train_rows
         with torch.no_grad():
             loss, count, m = sft_loss_step(model, rows.batch(list(range(len(rows)))))
@@ -107,7 +115,7 @@ def test_full_fine_tuning_writes_a_tinygpt(setup):
     assert _cli(base, data, out, "--steps", "3", "--full") == 0
     tuned, _, meta = load_model(out)
     orig, _, _ = load_model(base)
-    assert meta["sft_template"] == "chatml"
+    assert meta["chat_template"] == "chatml"
     changed = [not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), orig.state_dict().values())]
     assert all(changed[:1]) and sum(changed) > len(changed) // 2
     assert _cli(base, data, base.parent / "bad.lora", "--steps", "1", "--full") == 2
@@ -148,15 +156,14 @@ def test_epochs_warmup_and_truncation_arithmetic(setup):
     data = _write(base.parent / "mixed.jsonl", ROWS + long * 3)
     model, tok = load_model_and_tokenizer(base)
     logs = []
-    t = SFTTrainer(model, tok, data, base.parent / "e.lora",
-                   SFTOptions(device="cpu", ctx=64, packing=False, epochs=2.5, max_length=18),
-                   sft_train_config(batch=4, accum=2, dtype="float32", quiet=True), log=logs.append)
+    t = _trainer(model, tok, data, base.parent / "e.lora", log=logs.append, ctx=64, packing=False, epochs=2.5,
+                 max_length=18, batch=4, accum=2)
     enc = encode_conversations(tok, t.template, load_sft(data)[0])
     fits = sum(1 for ids, mask in enc if len(ids) <= 18 or (len(ids) - mask.index(1) + 1) <= 18)
     assert fits == len(ROWS) and t.stats["train_dropped"] == 3   # long prompts were cut, not dropped
     assert len(t.train_rows) == fits and t.train_rows.x.shape[1] <= 17
-    assert t.tcfg.steps == math.ceil(2.5 * fits / 8)
-    assert t.tcfg.warmup == min(100, t.tcfg.steps // 10)
+    assert t.plan.steps == math.ceil(2.5 * fits / 8)
+    assert t.plan.warmup == min(100, t.plan.steps // 10)
     assert any("3 dropped" in m for m in logs)
 
 
@@ -167,7 +174,7 @@ def test_resume_equals_uninterrupted(setup):
     assert _cli(base, data, a, "--steps", "6", *common) == 0
     assert _cli(base, data, b, "--steps", "3", *common) == 0
     assert _cli(base, data, b, "--steps", "6", "--resume", *common) == 0
-    from tinygpt.checkpoint import load_tensors
+    from tinygpt.io import load_tensors
     ta, tb = load_tensors(a)[0], load_tensors(b)[0]
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert _cli(base, data, b, "--steps", "6", "--resume", "--ctx", "32", *common) == 2   # settings differ
@@ -178,7 +185,7 @@ def test_stacked_adapter_trains_on_top_of_a_frozen_one(setup):
     first, second = base.parent / "first.lora", base.parent / "second.lora"
     assert _cli(base, data, first, "--steps", "3", "--lr", "1e-2") == 0
     assert _cli(base, data, second, "--steps", "3", "--lr", "1e-2", "--lora", str(first), "--lora-rank", "2") == 0
-    from tinygpt.checkpoint import load_tensors
+    from tinygpt.io import load_tensors
     t1, t2 = load_tensors(first), load_tensors(second)
     assert {v.shape[0] for k, v in t2[0].items() if k.endswith("lora_A")} == {2}
     assert json.loads(t2[1]["stacked_on"])[0][0] == str(first)
@@ -188,8 +195,7 @@ def test_stacked_adapter_trains_on_top_of_a_frozen_one(setup):
     model, tok = load_model_and_tokenizer(base, lora=[first])
     ref, _ = load_model_and_tokenizer(base, lora=[first])
     third = base.parent / "third.lora"
-    t = SFTTrainer(model, tok, data, third, SFTOptions(ctx=64, lora_rank=2, device="cpu", stacked_on=[(first, 1.0)]),
-                   sft_train_config(steps=3, batch=4, lr=1e-2, dtype="float32", quiet=True), log=lambda *m: None)
+    t = _trainer(model, tok, data, third, ctx=64, lora_rank=2, lora=[str(first)], steps=3, batch=4, lr=1e-2)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if ".default" not in k and "token_rows" not in k}
     assert sum(".lora_A.a0" in k for k in frozen) == 6 * model.config.n_layer
     with torch.no_grad():
@@ -209,9 +215,8 @@ def test_grad_checkpointing_gives_the_same_gradients(setup, monkeypatch):
     grads = {}
     for on in (False, True):
         model, tok = load_model_and_tokenizer(base)
-        t = SFTTrainer(model, tok, data, base.parent / "g.tinygpt",
-                       SFTOptions(ctx=64, full=True, device="cpu", grad_checkpointing=on),
-                       sft_train_config(full=True, steps=1, batch=4, dtype="float32", quiet=True), log=lambda *m: None)
+        t = _trainer(model, tok, data, base.parent / "g.tinygpt", ctx=64, full=True, grad_checkpointing=on, steps=1,
+                     batch=4)
         assert model.grad_checkpointing is on
         model.train()
         s, _, _ = sft_loss_step(model, t.train_rows.batch(np.arange(4)))   # a packed batch (block mask)
@@ -232,9 +237,8 @@ def test_added_template_tokens_start_at_the_mean_of_the_real_rows(tmp_path, tie,
     emb_mean = model.model.embed_tokens.weight[:n_old].detach().mean(0)
     head_mean = model.lm_head.weight[:n_old].detach().mean(0)
     assert not torch.allclose(emb_mean, model.model.embed_tokens.weight[n_old:].detach().mean(0))   # padding rows
-    t = SFTTrainer(model, tok, [r["messages"] for r in ROWS[:8]], tmp_path / ("x.tinygpt" if full else "x.lora"),
-                   SFTOptions(ctx=64, template="llama3", full=full, device="cpu"),
-                   sft_train_config(full=full, steps=1, batch=2, dtype="float32", quiet=True), log=lambda *m: None)
+    t = _trainer(model, tok, [r["messages"] for r in ROWS[:8]], tmp_path / ("x.tinygpt" if full else "x.lora"),
+                 ctx=64, template="llama3", full=full, steps=1, batch=2)
     ids = torch.tensor([tok.token_to_id(x) for x in t.added])
     assert len(ids) == 4 and ids.tolist() == list(range(n_old, n_old + 4))
     with torch.no_grad():

@@ -8,11 +8,13 @@ import torch
 from tinygpt.checkpoint import load_model, save_model
 from tinygpt.config import ModelConfig
 from tinygpt.errors import UserError
+from tinygpt.io import load_tensors
 from tinygpt.data.corpus import TokenBatches, read_documents, tokenize_corpus
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.train.engine import Engine, TrainConfig, run_dir_for
-from tinygpt.train.pretrain import PretrainArgs, lm_loss_step, pretrain
+from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step
+from tinygpt.train.engine import Engine, prepare, run_dir_for
+from tinygpt.train.stage import FunctionStage, TrainOptions
 
 TEXT = "\n\n".join(f"Story {i}. The cat number {i} sat on mat {i % 7} and looked at the moon." for i in range(60))
 
@@ -24,10 +26,18 @@ def _corpus(tmp_path):
 
 
 def _pretrain(tmp_path, steps, **kw):
-    args = PretrainArgs(corpus=[str(_corpus(tmp_path))], out=str(tmp_path / "m.tinygpt"), preset="nano",
-                        byte_tokenizer=True, ctx=32, device="cpu")
-    cfg = TrainConfig(steps=steps, batch=4, lr=3e-3, min_lr=3e-4, warmup=2, dtype="float32", quiet=True, **kw)
-    return pretrain(args, cfg, log=lambda *a: None)
+    opts = PretrainOptions(corpus=[str(_corpus(tmp_path))], out=str(tmp_path / "m.tinygpt"), preset="nano",
+                           byte_tokenizer=True, ctx=32, device="cpu", steps=steps, batch=4, lr=3e-3, min_lr=3e-4,
+                           warmup=2, dtype="float32", quiet=True, **kw)
+    return PretrainStage(opts, log=lambda *a: None).train()
+
+
+def _engine(model, loss_step, batches, tmp_path, **opts):
+    """An engine over a FunctionStage, set up on the CPU."""
+    stage = FunctionStage(model, loss_step, batches, TrainOptions(out=str(tmp_path / "m.x"), device="cpu",
+                                                                  dtype="float32", quiet=True, **opts),
+                          log=lambda *a: None)
+    return prepare(stage)
 
 
 def test_loss_goes_down_and_checkpoint_round_trip_is_bit_exact(tmp_path):
@@ -44,14 +54,12 @@ def test_loss_goes_down_and_checkpoint_round_trip_is_bit_exact(tmp_path):
     assert len(metrics) == 40 and {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(metrics[0])
 
 
-def test_nano_overfits_a_tiny_corpus():
+def test_nano_overfits_a_tiny_corpus(tmp_path):
     tok = Tokenizer.byte_level()
     ids = np.array(tok.encode("abcdefgh" * 8), dtype=np.uint16)
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_name("nano", vocab_size=320))
-    cfg = TrainConfig(steps=60, batch=4, lr=1e-2, warmup=5, dtype="float32", quiet=True)
-    eng = Engine(model, cfg, lm_loss_step, TokenBatches(ids, 16, 4), out="/tmp/unused-overfit.x",
-                 log=lambda *a: None)
+    eng = _engine(model, lm_loss_step, TokenBatches(ids, 16, 4), tmp_path, steps=60, batch=4, lr=1e-2, warmup=5)
     assert eng.fit()["loss"] < 0.1
 
 
@@ -65,17 +73,18 @@ def test_resume_equals_uninterrupted(tmp_path):
     import tinygpt.train.engine as engine_mod
     real = engine_mod.Engine.train_step
 
-    def interrupt_at_10(self):
+    def interrupt_at_10(self, micro_batches=None):
         if self.step == 10:
             raise KeyboardInterrupt
-        return real(self)
+        return real(self, micro_batches)
     engine_mod.Engine.train_step = interrupt_at_10
     try:
         with pytest.raises(KeyboardInterrupt):
             _pretrain(resumed, 20)
     finally:
         engine_mod.Engine.train_step = real
-    assert json.loads((resumed / "m.run" / "state.json").read_text())["step"] == 10
+    state = json.loads(load_tensors(resumed / "m.run" / "state.safetensors")[1]["state"])
+    assert state["step"] == 10 and state["round"] == 10
     _pretrain(resumed, 20, resume=True)
     a, _, _ = load_model(straight / "m.tinygpt")
     b, _, _ = load_model(resumed / "m.tinygpt")
@@ -83,7 +92,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(x, y), k
 
 
-def test_gradient_accumulation_matches_one_big_batch():
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     torch.manual_seed(0)
     data = torch.randint(0, 97, (8, 17))
     # uneven per-row token counts (ignored targets) make "scaled by tokens" differ from "by micro-steps"
@@ -106,8 +115,7 @@ def test_gradient_accumulation_matches_one_big_batch():
             loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             n = (y != -100).sum()
             return loss, n, {}
-        eng = Engine(model, TrainConfig(steps=1, batch=batch, accum=accum, dtype="float32", quiet=True),
-                     step, batches, out="/tmp/unused-accum.x")
+        eng = _engine(model, step, batches, tmp_path, steps=1, batch=batch, accum=accum)
         eng.accumulate()
         return [p.grad.clone() for p in eng.params]
     for g1, g4 in zip(grads(8, 1), grads(2, 4)):
@@ -151,11 +159,11 @@ def test_trains_on_tinystories(shared_data, tmp_path):
     path = shared_data / "pretrain" / "tinystories_train.txt"
     if not path.exists():
         pytest.skip("tinystories_train.txt not present")
-    args = PretrainArgs(corpus=[str(path)], out=str(tmp_path / "ts.tinygpt"), preset="nano", vocab_size=512,
-                        ctx=64, device="cpu")
-    first = pretrain(args, TrainConfig(steps=1, batch=8, lr=3e-3, dtype="float32", quiet=True), log=lambda *a: None)
-    last = pretrain(args, TrainConfig(steps=15, batch=8, lr=3e-3, warmup=2, dtype="float32", quiet=True),
-                    log=lambda *a: None)
+    def run(steps, warmup):
+        return PretrainStage(PretrainOptions(corpus=[str(path)], out=str(tmp_path / "ts.tinygpt"), preset="nano",
+                                             vocab_size=512, ctx=64, device="cpu", steps=steps, batch=8, lr=3e-3,
+                                             warmup=warmup, dtype="float32", quiet=True), log=lambda *a: None).train()
+    first, last = run(1, 0), run(15, 2)
     assert last["loss"] < first["loss"]
 
 
@@ -175,25 +183,22 @@ def test_non_finite_step_is_skipped_and_repeated_ones_stop_training(device, tmp_
         loss = torch.nn.functional.cross_entropy(m(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten(), reduction="sum")
         return loss * (float("nan") if i in poisoned else 1.0), data[:, 1:].numel(), {}
 
-    eng = Engine(model, TrainConfig(steps=10, dtype="float32", quiet=True, max_bad_steps=3), step, lambda i: i,
-                 out=tmp_path / "m.x", log=lambda *a: None)
+    stage = FunctionStage(model, step, lambda i: i, TrainOptions(out=str(tmp_path / "m.x"), steps=10, device=device,
+                                                                 dtype="float32", quiet=True, max_bad_steps=3),
+                          log=lambda *a: None)
+    eng = prepare(stage)
 
     def snapshot():
         moments = [t.clone() for s in eng.opt.state.values() for t in s.values()]
         return [p.detach().clone() for p in eng.params], moments
     eng.train_step()
-    eng.step += 1
     before = snapshot()
-    *_, finite, _ = eng.train_step()
-    assert not finite
+    assert not eng.train_step()["finite"] and eng.bad_steps == 1
     for a, b in zip(before[0] + before[1], snapshot()[0] + snapshot()[1]):
         assert torch.equal(a, b)                              # weights, moments and step counts untouched
-    eng.step += 1
-    *_, finite, _ = eng.train_step()
-    assert finite and not torch.equal(before[0][0], eng.params[0])
+    assert eng.train_step()["finite"] and not torch.equal(before[0][0], eng.params[0]) and eng.bad_steps == 0
     poisoned.update(range(3, 10))
-    with pytest.raises(UserError, match="diverged"):
-        eng.step += 1
+    with pytest.raises(UserError, match="diverged: 3 non-finite"):
         eng.fit()
 
 
@@ -201,8 +206,7 @@ def test_non_finite_step_is_skipped_and_repeated_ones_stop_training(device, tmp_
 def test_one_pass_normalize_and_clip_equals_scale_then_clip_grad_norm(clip, tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_name("nano", vocab_size=97))
-    eng = Engine(model, TrainConfig(steps=1, dtype="float32", quiet=True, grad_clip=clip), None, None,
-                 out=tmp_path / "m.x")
+    eng = _engine(model, None, None, tmp_path, steps=1, grad_clip=clip)
     for p in eng.params:
         p.grad = torch.randn_like(p)
     ref = [torch.nn.Parameter(p.detach().clone()) for p in eng.params]
@@ -218,7 +222,7 @@ def test_one_pass_normalize_and_clip_equals_scale_then_clip_grad_norm(clip, tmp_
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_get_the_mode_the_umask_allows(tmp_path, umask):
     import os
-    from tinygpt.checkpoint import atomic_write_text
+    from tinygpt.io import atomic_write_text
     old = os.umask(umask)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")

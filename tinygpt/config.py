@@ -95,14 +95,6 @@ class ModelConfig:
         n_head = max(1, n_embd // 128)
         return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count from the shapes (position and, if asked, token embeddings excluded)."""
-        from .model import GPT  # local import: config must not depend on torch at import time
-        import torch
-        with torch.device("meta"):
-            m = GPT(self)
-        return m.num_params(exclude_embeddings)
-
 
 # Modern small-model block (nanochat / modded-nanogpt style) for our own presets; `gpt2` is GPT-2.
 _MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False)

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .model import packed_mask
+
 DEFAULT_CHUNK = 1024   # positions per vocabulary-projection chunk
 
 
@@ -55,7 +57,6 @@ class TokenBatch:
     def attn_mask(self):
         """Block-diagonal mask of the packed rows (built once: policy and reference share it)."""
         if self.doc is not None and self._mask is None:
-            from .model import packed_mask
             self._mask = packed_mask(self.doc)
         return self._mask
 

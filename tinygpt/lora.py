@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_tensors, save_tensors
+from .io import load_tensors, save_tensors
 from .errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -376,19 +376,3 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list
         model._lora_meta[name]["trained_tokens"] = info["trained_tokens"]
         names.append(name)
     return names
-
-
-def merge_to_file(base, specs, out, device="cpu", log=print) -> dict:
-    """Load `base` (a .tinygpt or Hugging Face folder) with the adapters `specs` [(path, weight)],
-    fold them into the weights and write a plain `.tinygpt` to `out`. Returns a summary."""
-    from . import load_model_and_tokenizer
-    from .checkpoint import save_model
-    if not specs:
-        raise UserError("nothing to merge", None, "give at least one --lora FILE")
-    model, tok = load_model_and_tokenizer(base, lora=specs, device=device)
-    n_adapters = len(getattr(model, "_lora_meta", {}))
-    merge_and_unload(model)
-    model._base_fingerprint = None
-    save_model(out, model, tok, {"merged_adapters": json.dumps([[str(p), w] for p, w in specs])})
-    log(f"merged {n_adapters} adapter(s) into {base} -> {out}")
-    return {"out": str(out), "adapters": n_adapters, "vocab_size": model.config.vocab_size}

@@ -9,10 +9,10 @@
       - {name: eval-sft, cmd: eval, model: "${base}", args: {lora: "${sft}", tasks: synth, label: SFT}}
 
 Design choices:
-- A stage IS a `tinygpt` subcommand invocation: the pipeline only builds its argument list
-  (`args` keys become flags, lists repeat the flag or fill an nargs='+' option, `true` is a bare
-  switch, `model` is the positional argument) and calls the same parser and function the command
-  line does, in-process (torch is imported once). There is no second implementation of any stage.
+- A stage IS a `tinygpt` command: its `args` are read exactly like a `--config` file of that
+  command (the same keys, the same checks; `model` is the positional argument) into the
+  command's Options, which the command registry then runs in-process, as the command line does
+  (torch is imported once). There is no second implementation of any stage.
 - Wiring: every stage writes one artifact, `out` (default `<run>/<name><ext>`, the extension
   chosen by the command). `${name}` in any value is that stage's artifact, `${run}` the run folder.
   `--out` is passed only to commands that take it; a command without one (`sample`) has what it
@@ -32,18 +32,26 @@ Design choices:
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
+import torch
+import yaml
 
-STATE_FILE = "pipeline.json"
+from .commands import command
+from .errors import UserError
+from .io import atomic_write_text
+from .options import Options, knows, option, to_argv
+from .report import STATE_FILE, build_report, compare_line, read_state
+
 EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
               "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",
               "ppo": ".lora", "grpo": ".lora", "eval": ".json", "sample": ".txt"}
@@ -72,7 +80,6 @@ class Pipeline:
 
 # ---- loading and validation -------------------------------------------------------------------
 def preset_path(name: str) -> Path:
-    from importlib import resources
     p = Path(str(resources.files("tinygpt") / "presets" / f"{name}.yaml"))
     if not p.exists():
         avail = sorted(q.stem for q in p.parent.glob("*.yaml"))
@@ -81,7 +88,6 @@ def preset_path(name: str) -> Path:
 
 
 def load_pipeline(path) -> Pipeline:
-    import yaml
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pipeline config not found: {path}", None, "pass a YAML file or --preset demo")
@@ -118,14 +124,16 @@ def load_pipeline(path) -> Pipeline:
     pipe = Pipeline(str(raw.get("name") or path.stem), stages, dict(raw.get("defaults") or {}),
                     list(raw.get("compare") or []), str(path))
     for st in pipe.stages:
-        subparser(st.cmd, f"{path} (stage {st.name})")
+        try:
+            command(st.cmd)
+        except UserError as e:
+            raise UserError(e.what, f"{path} (stage {st.name})", e.fix) from None
     return pipe
 
 
 def _extend(raw: dict, path: Path) -> dict:
     """`extends: demo` (a preset) or `extends: other.yaml` (beside this file): the parent's stages
     come first, then this file's; defaults merge (this file wins); name/compare are this file's."""
-    import yaml
     ref = str(raw.pop("extends"))
     parent_path = path.parent / ref if ref.endswith((".yaml", ".yml")) else preset_path(ref)
     if not parent_path.is_file():
@@ -138,20 +146,6 @@ def _extend(raw: dict, path: Path) -> dict:
             "compare": raw.get("compare", parent.get("compare")),
             "stages": list(parent.get("stages") or []) + list(raw.get("stages") or []),
             **{k: v for k, v in raw.items() if k not in ("name", "defaults", "compare", "stages")}}
-
-
-def subparser(cmd: str, where: str | None = None) -> argparse.ArgumentParser:
-    """The argparse parser of a (possibly two-word) tinygpt command, e.g. 'data synth'."""
-    from .cli import build_parser
-    p = build_parser()
-    for word in cmd.split():
-        sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is None or word not in sub.choices:
-            have = sorted(sub.choices) if sub else []
-            raise UserError(f"unknown command '{cmd}'", where,
-                            f"this installation has: {', '.join(have)}" if have else None)
-        p = sub.choices[word]
-    return p
 
 
 # ---- argument lists ---------------------------------------------------------------------------
@@ -170,35 +164,19 @@ def stage_out(stage: Stage, run: Path, outs: dict) -> Path:
     return run / f"{stage.name}{EXTENSIONS.get(stage.cmd, '.out')}"
 
 
-def build_argv(stage: Stage, pipe: Pipeline, run: Path, outs: dict) -> list[str]:
-    parser = subparser(stage.cmd)
-    flags = {s: a for a in parser._actions for s in a.option_strings}
-    argv = stage.cmd.split()
+def stage_options(stage: Stage, pipe: Pipeline, run: Path, outs: dict):
+    """The stage's command and its Options: the pipeline defaults the command knows, then the
+    stage's `args`, its `model` and its `out` (when the command writes one)."""
+    cmd = command(stage.cmd)
+    where = f"{pipe.source} (stage {stage.name})"
+    values = {k: v for k, v in pipe.defaults.items() if knows(cmd.options, str(k))}
+    values.update(stage.args)
     if stage.model is not None:
-        argv.append(str(_subst(stage.model, outs, run)))
-    args = {str(k).replace("_", "-"): v for k, v in pipe.defaults.items() if f"--{str(k).replace('_', '-')}" in flags}
-    args.update({str(k).replace("_", "-"): v for k, v in stage.args.items()})
-    if "--out" in flags:   # else the stage's printed output becomes its artifact (see run_pipeline)
-        args["out"] = str(outs[stage.name])
-    for key, value in args.items():
-        flag = f"--{key}"
-        if flag not in flags:
-            raise UserError(f"stage {stage.name!r}: '{stage.cmd}' has no option {flag}", pipe.source,
-                            f"see 'tinygpt {stage.cmd} --help'")
-        value = _subst(value, outs, run)
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            if flags[flag].nargs in ("+", "*"):
-                argv += [flag] + [str(v) for v in value]
-            else:
-                for v in value:
-                    argv += [flag, str(v)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+        values["model"] = stage.model
+    if knows(cmd.options, "out"):   # else the stage's printed output becomes its artifact (see run_pipeline)
+        values["out"] = str(outs[stage.name])
+    values = {k: _subst(v, outs, run) for k, v in values.items()}
+    return cmd, cmd.from_mapping({k: v for k, v in values.items() if v is not None and v is not False}, where)
 
 
 # ---- content hashes ---------------------------------------------------------------------------
@@ -237,46 +215,25 @@ def stage_key(argv: list[str], out: Path, run: Path | None = None) -> str:
 
 # ---- running ----------------------------------------------------------------------------------
 def hardware() -> str:
-    import torch
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def read_state(run: Path) -> dict:
-    f = Path(run) / STATE_FILE
-    if not f.exists():
-        return {"stages": {}}
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError("the pipeline state file is damaged", str(f), "delete it to start the run again") from None
-
-
 def _write_state(run: Path, state: dict) -> None:
-    from .checkpoint import atomic_write_text
     atomic_write_text(run / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
 
-def invoke(argv: list[str], stdout_to: Path | None = None) -> None:
-    """Run one tinygpt command in-process exactly as the command line would (UserError propagates).
+def invoke(cmd, opts, stdout_to: Path | None = None) -> None:
+    """Run one command in-process exactly as the command line would (UserError propagates).
     `stdout_to`: save what the command prints to this file (written only when it succeeds)."""
-    from .cli import build_parser
-    args = build_parser().parse_args(argv)
     if stdout_to is None:
-        args.func(args)
+        cmd.run(opts)
         return
-    import contextlib
-    import io
-    from .checkpoint import atomic_write_text
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        args.func(args)
+        cmd.run(opts)
     atomic_write_text(stdout_to, buf.getvalue())
-
-
-def takes_out(cmd: str) -> bool:
-    return any("--out" in a.option_strings for a in subparser(cmd)._actions)
 
 
 def run_pipeline(config, out=None, force: bool = False, log=print, device: str | None = None) -> dict:
@@ -293,7 +250,8 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
     outs: dict = {}
     for i, st in enumerate(pipe.stages, 1):
         outs[st.name] = stage_out(st, run, outs)
-        argv = build_argv(st, pipe, run, outs)
+        cmd, opts = stage_options(st, pipe, run, outs)
+        argv = st.cmd.split() + to_argv(opts)
         key = stage_key(argv, outs[st.name], run)
         rec = state["stages"].get(st.name, {})
         head = f"[{i}/{len(pipe.stages)}] {st.name}"
@@ -307,7 +265,7 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
         _write_state(run, state)
         t0 = time.perf_counter()
         try:
-            invoke(argv, None if takes_out(st.cmd) else outs[st.name])
+            invoke(cmd, opts, None if knows(cmd.options, "out") else outs[st.name])
         except Exception as e:
             rec.update(status="failed", error=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
                        seconds=round(time.perf_counter() - t0, 2), finished=time.time())
@@ -326,10 +284,35 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
     return state
 
 
-def pipeline_command(config, out=None, force: bool = False, device: str | None = None, log=print) -> dict:
-    """`tinygpt pipeline`: run or resume the stages, then write the report; returns
-    {"state", "run", "report"} where report holds the paths and the terminal table."""
-    from .report import build_report
+@dataclass
+class PipelineOptions(Options):
+    command = "pipeline"
+    config: str | None = option(None, "pipeline YAML (stages and their options)", positional=True)
+    preset: str | None = option(None, "a built-in pipeline: demo, demo-rl")
+    out: str | None = option(None, "run folder", auto="runs/<name>")
+    force: bool = option(False, "re-run every stage, even those up to date")
+    device: str | None = option(None, "device for every stage", auto="the config's, else auto")
+
+    def check(self) -> None:
+        if bool(self.config) == bool(self.preset):
+            raise UserError("give a pipeline CONFIG.yaml or --preset NAME (one of them)", "tinygpt pipeline",
+                            "e.g. 'tinygpt pipeline --preset demo'")
+
+
+def run_and_report(config, out=None, force: bool = False, device: str | None = None, log=print) -> dict:
+    """Run or resume the stages, then write the report; returns {"state", "run", "report"} where
+    report holds the paths and the terminal table."""
     pipe_state = run_pipeline(config, out, force, log, device)
     run = Path(out) if out else Path("runs") / pipe_state["name"]
     return {"state": pipe_state, "run": run, "report": build_report(run)}
+
+
+def pipeline_command(opts: PipelineOptions) -> None:
+    res = run_and_report(preset_path(opts.preset) if opts.preset else opts.config, opts.out, opts.force,
+                         opts.device, log=lambda *m: print(*m, flush=True))
+    rep = res["report"]
+    print("\n" + rep["table"])
+    line = compare_line(rep["evals"], rep["compare"])
+    if line:
+        print(line)
+    print(f"report: {rep['html'].resolve()}")

@@ -16,10 +16,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,40 +105,3 @@ def swap_int8_modules(model, tensors: dict, method: str, where) -> None:
         w = tensors.get(f"{name}.weight")
         if w is not None and w.dtype == torch.int8:
             _replace(model, name, Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, device="meta"))
-
-
-def _weight_bytes(model) -> int:
-    seen, n = set(), 0
-    for t in list(model.parameters()) + list(model.buffers(recurse=True)):
-        if id(t) not in seen and not t.is_meta:
-            seen.add(id(t))
-            n += t.numel() * t.element_size()
-    return n
-
-
-def quantize_file(src, out, data=None, lora=(), limit: int = 100, device: str = "cpu") -> dict:
-    """Quantize a model (a .tinygpt or HF folder, adapters merged) to an int8 .tinygpt at `out`.
-    Returns sizes (file bytes before/after) and, with `data`, perplexity before/after."""
-    from . import load_model_and_tokenizer
-    from .checkpoint import save_model
-    from .lora import merge_and_unload
-    docs = None
-    if data is not None:
-        from .eval.ppl import load_documents
-        docs = load_documents(data, limit)
-    model, tok = load_model_and_tokenizer(src, lora=lora, device=device)
-    if lora:
-        merge_and_unload(model)
-    model.float()
-    src = Path(src)
-    report = {"size_before": os.path.getsize(src) if src.is_file() else _weight_bytes(model)}
-    if docs:
-        from .eval.ppl import perplexity
-        report["ppl_before"] = perplexity(model, tok, docs)["ppl"]
-    report["layers"] = quantize_model(model)
-    if docs:
-        report["ppl_after"] = perplexity(model, tok, docs)["ppl"]
-    save_model(out, model, tok, {"quantization": QUANT_INT8, "source": str(src),
-                                 "quantization_info": json.dumps({"scheme": "weight-only int8, per output channel"})})
-    report["size_after"] = os.path.getsize(out)
-    return report

@@ -26,8 +26,19 @@ import html
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+matplotlib.use("Agg")                  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .errors import UserError
+from .io import atomic_write_bytes, atomic_write_text
+from .options import Options, option
+from .train.engine import run_dir_for
+
+STATE_FILE = "pipeline.json"        # written by `tinygpt pipeline`
 LOWER_IS_BETTER = ("ppl", "bpb", "nll", "loss")
 NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions"}
 BOOKKEEPING = {"step", "iteration", "epoch", "tokens_seen", "tokens", "skipped", "updates", "early_stop"}
@@ -49,14 +60,19 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _run_dir_for(out: Path) -> Path:
-    from .train.engine import run_dir_for
-    return run_dir_for(out)
+def read_state(run: Path) -> dict:
+    """The pipeline's state file of a run folder (empty when there is none)."""
+    f = Path(run) / STATE_FILE
+    if not f.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError("the pipeline state file is damaged", str(f), "delete it to start the run again") from None
 
 
 def collect(run: Path) -> dict:
     """{stages: [{name, cmd, status, seconds, hardware, out, metrics: [...]}], evals: [results]}."""
-    from .pipeline import read_state
     run = Path(run)
     state = read_state(run)
     stages = []
@@ -73,7 +89,7 @@ def collect(run: Path) -> dict:
     evals = []
     for s in stages:
         out = Path(s.get("out", ""))
-        s["metrics"] = read_metrics(_run_dir_for(out) / "metrics.jsonl") if s.get("out") else []
+        s["metrics"] = read_metrics(run_dir_for(out) / "metrics.jsonl") if s.get("out") else []
         if s.get("cmd") == "eval" and out.is_file():
             try:
                 res = json.loads(out.read_text(encoding="utf-8"))
@@ -207,9 +223,6 @@ def plot_stage(stage: dict) -> bytes | None:
     groups = metric_groups(rows)
     if not groups:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     n = len(groups)
     ncols = min(3, n)
     nrows = (n + ncols - 1) // ncols
@@ -245,10 +258,8 @@ def build_report(run) -> dict:
     """Write report.md, report.html and the plots (report/*.png) into the run folder.
     Returns {"md", "html", "table"} (paths and the terminal summary: the eval table, then the
     stages' headline results such as a reward model's held-out accuracy)."""
-    from .checkpoint import atomic_write_bytes, atomic_write_text
     run = Path(run)
     if not run.is_dir():
-        from .errors import UserError
         raise UserError(f"run folder not found: {run}", None, "pass the folder given to 'tinygpt pipeline --out'")
     info = collect(run)
     shead, srows = _stage_rows(info["stages"])
@@ -297,3 +308,15 @@ def compare_line(evals: list[dict], labels: list[str]) -> str | None:
         if all(isinstance(v[j], (int, float)) for v in values):
             parts.append(f"{c}: " + " -> ".join(f"{lab} {_fmt(v[j])}" for lab, v in zip(rows, values)))
     return "; ".join(parts[:3]) or None
+
+
+@dataclass
+class ReportOptions(Options):
+    command = "report"
+    run: str | None = option(None, "run folder (from 'tinygpt pipeline')", positional=True, required=True)
+
+
+def report_command(opts: ReportOptions) -> None:
+    rep = build_report(opts.run)
+    print(rep["table"])
+    print(f"report: {rep['html'].resolve()}")

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import UserError
+from .io import atomic_write_text
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -130,7 +131,6 @@ class Tokenizer:
                    cfg.get("pad"), cfg.get("chat_template"))
 
     def save(self, path) -> None:
-        from .checkpoint import atomic_write_text
         atomic_write_text(path, self.to_json())
 
     # ---- use ----------------------------------------------------------------------------------

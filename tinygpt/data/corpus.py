@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text
 from ..errors import DataError, UserError
 from ..tokenizer import EOS
 

@@ -1,16 +1,11 @@
 """Dataset row schemas -> one canonical record type per training stage.
 
-Every loader reads rows with `read_rows`, converts each row with a per-format function, and
+Every loader reads rows with `rows.read_rows`, converts each row with a per-format function, and
 returns canonical records: `Conversation` (SFT), `Preference` (DPO/ORPO/reward models),
 `Unpaired` (KTO) or prompt lists (PPO/GRPO). Chat templates never see dataset field names.
 
 Design choices:
-- Files: `.jsonl`, `.json` (a top-level array; a `.json` file holding JSON lines is also read),
-  `.parquet` and gzipped `.jsonl.gz`/`.json.gz`. Errors carry `path:line`; for `.json` arrays and
-  parquet files the "line" is the 1-based row index, since one row may span many lines.
-  With `skip_bad_rows`, every row-level problem is skipped alike: a JSONL line that is not UTF-8
-  or not JSON, a row that is not an object, a row that does not convert. The count is returned
-  and one `SkippedRowsWarning` names the file and the first such line.
+- Files are read by `rows.py` (JSONL, JSON arrays, parquet, gzip; errors carry `path:line`).
 - The format is detected from the fields of the first row that converts (or named with
   `format=`) and then used for the whole file, so a later malformed row is reported as
   "missing field 'output'" rather than as an unknown format.
@@ -35,19 +30,16 @@ Design choices:
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from ..errors import DataError, UserError
+from ..errors import UserError
+from .rows import load_records
 
 ROLES = ("system", "user", "assistant")
-EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 SFT_FORMATS = ("instruction_response", "dolly", "alpaca", "lima", "sharegpt", "messages",
                "prompt_completion")
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chosen_rejected_messages", "hh_rlhf",
@@ -66,11 +58,6 @@ _ROLE_ALIASES = {
 }
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _HH_ASSISTANT = "\n\nAssistant:"
-_SKIP_FIX = "fix or delete the row, or skip bad rows"
-
-
-class SkippedRowsWarning(UserWarning):
-    """Rows left out of a data file because skipping bad rows was asked for."""
 
 
 @dataclass
@@ -104,108 +91,6 @@ class Unpaired:
     label: bool
 
 
-# ---- reading files ----------------------------------------------------------------------------
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    raise DataError(f"unsupported file type {path.name!r}", path,
-                    fix=f"use one of: {', '.join(EXTENSIONS)}")
-
-
-def read_rows(path, on_bad: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
-    """Yield (line_no, row) for every row of a data file. Line numbers are 1-based; for `.json`
-    arrays and parquet files they are row numbers. Blank JSONL lines are skipped.
-
-    A row that cannot be read (a JSONL line that is not UTF-8 or not JSON, a row that is not an
-    object) raises a DataError naming file and line, or, with `on_bad`, is handed to it and
-    left out. Errors of the whole file (missing, unreadable, a broken `.json` array) always raise."""
-    path = Path(path)
-    kind = _kind(path)
-    if not path.is_file():
-        raise DataError("file not found", path, fix="check the path")
-    opener = gzip.open if kind.endswith(".gz") else open
-    if kind == ".parquet":
-        rows = _parquet_rows(path)
-    elif kind in (".json", ".json.gz") and _starts_array(path, opener):
-        rows = _json_rows(path, opener)
-    else:
-        rows = _jsonl_rows(path, opener)
-    for line, row in rows:
-        if not isinstance(row, (dict, DataError)):
-            row = DataError(f"row is a JSON {type(row).__name__}, not an object", path, line)
-        if isinstance(row, DataError):  # the readers hand back unreadable lines as errors
-            if on_bad is None:
-                raise row
-            on_bad(row)
-            continue
-        yield line, row
-
-
-def _starts_array(path: Path, opener) -> bool:
-    """A `.json` file is an array unless it starts with an object (then it holds JSON lines)."""
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(4096)
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read file ({e})", path) from None
-    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
-
-
-def _jsonl_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
-    try:
-        with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                try:  # utf-8-sig: tolerate a byte-order mark (it can only start line 1)
-                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    yield line_no, DataError("invalid UTF-8", path, line_no)
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    row = DataError(f"invalid JSON ({e.msg} at column {e.colno})", path, line_no)
-                yield line_no, row
-    except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip `.gz` file
-        raise DataError(f"cannot read file ({e})", path) from None
-
-
-def _json_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError("invalid UTF-8", path, line) from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read file ({e})", path) from None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg})", path, e.lineno) from None
-    if not isinstance(rows, list):
-        raise DataError("a .json file must hold an array of rows", path)
-    yield from enumerate(rows, 1)
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(f"cannot read parquet file ({str(e).splitlines()[0][:160]})", path) from None
-    n = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
-
-
-# ---- small validators (raise ValueError with a short reason) ---------------------------------
 def _get(row: dict, name: str):
     if name not in row or row[name] is None:
         raise ValueError(f"missing field {name!r}")
@@ -545,38 +430,6 @@ def to_prompt(row: dict) -> tuple[list[Message], str | None]:
 
 
 # ---- loaders ----------------------------------------------------------------------------------
-def _load(path, fmt: str | None, detect, convert, skip_bad_rows: bool):
-    """Convert every row of a file. `convert(row, fmt)` returns a list of records (empty: an
-    uninformative row, counted as skipped). The format is fixed by the first row that converts.
-    With `skip_bad_rows`, unreadable and malformed rows are counted and reported once as a
-    `SkippedRowsWarning` (the command line prints it even with --quiet)."""
-    out, uninformative, bad = [], 0, []
-
-    def unreadable(e: DataError):
-        if not skip_bad_rows:
-            raise DataError(e.what, e.path, e.line, _SKIP_FIX)
-        bad.append(e)
-
-    for line, row in read_rows(path, unreadable):
-        try:
-            row_fmt = fmt or detect(row)
-            records = convert(row, row_fmt)
-        except ValueError as e:
-            if not skip_bad_rows:
-                raise DataError(f"bad row ({e})", path, line, _SKIP_FIX) from None
-            bad.append(DataError(f"bad row ({e})", path, line))
-            continue
-        fmt = row_fmt
-        if not records:
-            uninformative += 1
-        out.extend(records)
-    if bad:
-        first = bad[0]
-        warnings.warn(f"skipped {len(bad)} bad row(s) in {path} (the first at line {first.line}: {first.what})",
-                      SkippedRowsWarning, stacklevel=3)
-    return out, uninformative + len(bad)
-
-
 def _check_format(fmt: str | None, known: tuple[str, ...], kind: str) -> None:
     if fmt is not None and fmt not in known:
         raise UserError(f"unknown {kind} format {fmt!r}", None, f"use one of: {', '.join(known)}")
@@ -585,7 +438,7 @@ def _check_format(fmt: str | None, known: tuple[str, ...], kind: str) -> None:
 def load_sft(path, format: str | None = None, skip_bad_rows: bool = False) -> tuple[list[Conversation], int]:
     """Read an SFT file -> (conversations, number of skipped bad rows)."""
     _check_format(format, SFT_FORMATS, "SFT")
-    return _load(path, format, detect_format, lambda r, f: [to_conversation(r, f)], skip_bad_rows)
+    return load_records(path, format, detect_format, lambda r, f: [to_conversation(r, f)], skip_bad_rows)
 
 
 def _pair(row: dict, fmt: str) -> list[Preference]:
@@ -597,18 +450,18 @@ def load_preferences(path, format: str | None = None,
                      skip_bad_rows: bool = False) -> tuple[list[Preference], int]:
     """Read a preference file -> (pairs, skipped rows). Identical pairs are always skipped."""
     _check_format(format, PREFERENCE_FORMATS, "preference")
-    return _load(path, format, detect_preference_format, _pair, skip_bad_rows)
+    return load_records(path, format, detect_preference_format, _pair, skip_bad_rows)
 
 
 def load_unpaired(path, format: str | None = None,
                   skip_bad_rows: bool = False) -> tuple[list[Unpaired], int]:
     """Read a KTO file -> (examples, skipped rows). Paired files give two examples per pair."""
     _check_format(format, UNPAIRED_FORMATS, "KTO")
-    return _load(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows)
+    return load_records(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows)
 
 
 def load_prompts(path, skip_bad_rows: bool = False) -> list[tuple[list[Message], str | None]]:
     """Read RL prompts from SFT, preference, KTO, {prompt} or {question, answer} files. Each prompt
     ends with a user turn; the answer is the row's `answer` field, else None."""
-    prompts, _ = _load(path, "any", lambda r: "any", lambda r, f: [to_prompt(r)], skip_bad_rows)
+    prompts, _ = load_records(path, "any", lambda r: "any", lambda r, f: [to_prompt(r)], skip_bad_rows)
     return prompts

@@ -46,6 +46,8 @@ import random
 import re
 from pathlib import Path
 
+from ..io import atomic_write_text
+
 TASKS: list[str] = ["fact", "arithmetic", "string", "counting"]
 
 NAMES = ["Ada", "Bram", "Cleo", "Dov", "Edda", "Finn", "Gus", "Hana", "Ivo", "Juno", "Kai", "Lena",
@@ -478,7 +480,6 @@ def _jsonl(rows) -> str:
 def generate(out_dir, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
     """Write corpus.txt, sft.jsonl, prefs.jsonl, eval.jsonl, prompts.jsonl and README.md to
     `out_dir`; return {"corpus", "sft", "prefs", "eval", "prompts", "readme"} -> path."""
-    from ..checkpoint import atomic_write_text
 
     if scale <= 0:
         raise ValueError("scale must be positive")

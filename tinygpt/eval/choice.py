@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.rows import read_rows
 from ..errors import DataError, UserError
 from ..losses import token_logprobs
 
@@ -171,7 +172,6 @@ def score_lambada(model, tok, items: list[ChoiceItem], batch: int = 8) -> dict:
 
 # ---- loaders ----------------------------------------------------------------------------------
 def _rows(path):
-    from ..data.formats import read_rows
     path = Path(path)
     if not path.exists():
         raise DataError("data file not found", path, fix="check --data")

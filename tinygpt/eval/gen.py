@@ -25,37 +25,32 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from ..chat import encode_segments
+from ..data.formats import Message, to_prompt
+from ..data.rows import read_rows
+from ..data.synth import exact_match
 from ..errors import DataError, UserError
+from ..generate import generate
+from ..stages.common import stop_ids
+from .ifeval import score_ifeval
 
 
 # ---- generation helpers -----------------------------------------------------------------------
 def chat_prompt_ids(tok, template, messages) -> list[int]:
-    from ..chat import encode_segments
     ids, _ = encode_segments(tok, template.render(messages, add_generation_prompt=True))
     return ids
 
 
-def stop_ids_for(tok, template=None) -> list[int]:
-    """EOS / end-of-turn ids of the tokenizer plus the template's single-token stop strings."""
-    ids = set(tok.stop_ids())
-    for s in getattr(template, "stop_strings", []) or []:
-        i = tok.token_to_id(s)
-        if i is not None:
-            ids.add(i)
-    return sorted(ids)
-
-
 def complete(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: int = 8,
-             stop_ids=None, temperature: float = 0.0, seed: int | None = 0) -> list[str]:
+             stops=None, temperature: float = 0.0, seed: int | None = 0) -> list[str]:
     """Generate and decode one completion per prompt (stop tokens and specials removed)."""
-    from ..generate import generate
     block = model.config.block_size
     if max_new_tokens >= block:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
                         f"model's context of {block}", None, "lower --max-new-tokens")
     keep = block - max_new_tokens
     prompts = [p[-keep:] for p in prompts]
-    stops = set(tok.stop_ids() if stop_ids is None else stop_ids)
+    stops = set(tok.stop_ids() if stops is None else stops)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     for s in range(0, len(order), batch):
@@ -70,11 +65,10 @@ def complete(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: i
 
 def _chat_answers(model, tok, template, prompts: list[list], max_new_tokens, batch) -> list[str]:
     ids = [chat_prompt_ids(tok, template, msgs) for msgs in prompts]
-    return complete(model, tok, ids, max_new_tokens, batch, stop_ids_for(tok, template))
+    return complete(model, tok, ids, max_new_tokens, batch, stop_ids(tok, template))
 
 
 def _user(text: str):
-    from ..data.formats import Message
     return [Message("user", text)]
 
 
@@ -104,7 +98,6 @@ def extract_number(text: str) -> str | None:
 
 
 def load_gsm8k(path) -> list[dict]:
-    from ..data.formats import read_rows
     path = Path(path)
     if not path.exists():
         raise DataError("GSM8K file not found", path, fix="check --data")
@@ -127,7 +120,6 @@ def gsm8k_prompts(tok, rows, shots: list[dict], template=None) -> list[list[int]
         head = "".join(f"Question: {s['question']}\nAnswer: {_clean_solution(s['answer'])}\n\n" for s in shots)
         start = [tok.eos_id] if tok.eos_id is not None else []
         return [start + tok.encode(head + f"Question: {r['question']}\nAnswer:") for r in rows]
-    from ..data.formats import Message
     turns = [m for s in shots for m in (Message("user", s["question"]),
                                         Message("assistant", _clean_solution(s["answer"])))]
     return [chat_prompt_ids(tok, template, turns + [Message("user", r["question"])]) for r in rows]
@@ -136,7 +128,7 @@ def gsm8k_prompts(tok, rows, shots: list[dict], template=None) -> list[list[int]
 def eval_gsm8k(model, tok, rows, shots: list[dict], template=None, batch: int = 8,
                max_new_tokens: int = 256) -> dict:
     ids = gsm8k_prompts(tok, rows, shots, template)
-    outs = complete(model, tok, ids, max_new_tokens, batch, stop_ids_for(tok, template))
+    outs = complete(model, tok, ids, max_new_tokens, batch, stop_ids(tok, template))
     outs = [o.split("Question:")[0] for o in outs]
     return score_gsm8k(rows, outs)
 
@@ -149,7 +141,6 @@ def score_gsm8k(rows, completions) -> dict:
 
 # ---- the synthetic held-out set ---------------------------------------------------------------
 def load_synth(path) -> list[dict]:
-    from ..data.formats import read_rows
     path = Path(path)
     if not path.exists():
         raise DataError("synthetic eval file not found", path, fix="run 'tinygpt data synth' and pass its eval.jsonl")
@@ -162,7 +153,6 @@ def load_synth(path) -> list[dict]:
 
 
 def score_synth(rows, completions) -> dict:
-    from ..data.synth import exact_match
     per: dict[str, list[bool]] = {}
     for r, c in zip(rows, completions):
         per.setdefault(r["task"], []).append(exact_match(c, r["answer"]))
@@ -179,7 +169,6 @@ def eval_synth(model, tok, rows, template, batch: int = 8, max_new_tokens: int =
 
 # ---- IFEval -----------------------------------------------------------------------------------
 def eval_ifeval(model, tok, rows, template, batch: int = 8, max_new_tokens: int = 256) -> dict:
-    from .ifeval import score_ifeval
     outs = _chat_answers(model, tok, template, [_user(r["prompt"]) for r in rows], max_new_tokens, batch)
     res = score_ifeval(rows, outs)
     res["n"] = res.pop("n_prompts")
@@ -190,7 +179,6 @@ def eval_ifeval(model, tok, rows, template, batch: int = 8, max_new_tokens: int 
 def load_winrate_prompts(path) -> list[str]:
     """Prompts from MT-Bench rows ({turns: [...]}: the first turn), {prompt}, {question},
     {instruction} or any SFT/preference row (its last user turn)."""
-    from ..data.formats import read_rows, to_prompt
     path = Path(path)
     if not path.exists():
         raise DataError("prompt file not found", path, fix="check --data")

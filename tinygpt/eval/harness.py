@@ -19,13 +19,24 @@ Design choices:
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..device import setup_device
 from ..errors import UserError
+from ..io import atomic_write_text, file_sha256
+from ..load import load_model_and_tokenizer
+from ..lora import base_fingerprint
+from ..reward_model import load_reward_model
+from ..stages.common import resolve_template
+from . import choice
+from .gen import (eval_gsm8k, eval_ifeval, eval_synth, eval_winrate, load_gsm8k, load_synth,
+                  load_winrate_prompts)
+from .ifeval import load_ifeval
+from .ppl import load_documents, perplexity
 
 
 @dataclass
@@ -66,25 +77,22 @@ def task(name: str, needs_data: bool = True):
 # ---- log-likelihood tasks ---------------------------------------------------------------------
 @task("ppl")
 def _ppl(ctx: EvalContext, path):
-    from .ppl import load_documents, perplexity
     return perplexity(ctx.model, ctx.tok, load_documents(path, ctx.limit), ctx.stride, ctx.batch)
 
 
 def _choice_task(loader):
     def run(ctx: EvalContext, path):
-        from .choice import add_shots, score_choices
         items = loader(path)
         own = not ctx.fewshot_data   # demonstrations from the whole file, never the scored item itself
         pool = items if own else loader(ctx.fewshot_data) if ctx.shots else None
         scored = ctx.cut(items)
-        res = score_choices(ctx.model, ctx.tok, add_shots(scored, ctx.shots, pool, ctx.seed, same_file=own),
+        res = choice.score_choices(ctx.model, ctx.tok, choice.add_shots(scored, ctx.shots, pool, ctx.seed, same_file=own),
                             ctx.batch)
         return {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n}
     return run
 
 
 def _register_choice_tasks():
-    from . import choice
     for name in ("arc", "piqa", "openbookqa", "commonsenseqa", "boolq"):
         task(name)(_choice_task(lambda p, n=name: choice.load_query_choices(p, n)))
     task("hellaswag")(_choice_task(choice.load_hellaswag))
@@ -97,17 +105,14 @@ _register_choice_tasks()
 
 @task("lambada")
 def _lambada(ctx: EvalContext, path):
-    from .choice import add_shots, load_lambada, score_lambada
-    items = load_lambada(path)
-    return score_lambada(ctx.model, ctx.tok, add_shots(ctx.cut(items), ctx.shots, items, ctx.seed, same_file=True),
+    items = choice.load_lambada(path)
+    return choice.score_lambada(ctx.model, ctx.tok, choice.add_shots(ctx.cut(items), ctx.shots, items, ctx.seed, same_file=True),
                          ctx.batch)
 
 
 # ---- generation tasks -------------------------------------------------------------------------
 @task("gsm8k")
 def _gsm8k(ctx: EvalContext, path):
-    import random
-    from .gen import eval_gsm8k, load_gsm8k
     rows = load_gsm8k(path)
     pool = load_gsm8k(ctx.fewshot_data) if ctx.fewshot_data else rows
     scored = ctx.cut(rows)
@@ -119,24 +124,18 @@ def _gsm8k(ctx: EvalContext, path):
 
 @task("synth")
 def _synth(ctx: EvalContext, path):
-    from .gen import eval_synth, load_synth
     return eval_synth(ctx.model, ctx.tok, ctx.cut(load_synth(path)), ctx.template or _chat(ctx),
                       ctx.batch, ctx.new_tokens(16))
 
 
 @task("ifeval")
 def _ifeval(ctx: EvalContext, path):
-    from .gen import eval_ifeval
-    from .ifeval import load_ifeval
     return eval_ifeval(ctx.model, ctx.tok, ctx.cut(load_ifeval(path)), ctx.template or _chat(ctx),
                        ctx.batch, ctx.new_tokens(256))
 
 
 @task("winrate")
 def _winrate(ctx: EvalContext, path):
-    from .. import load_model_and_tokenizer
-    from ..chat import get_template
-    from .gen import eval_winrate, load_winrate_prompts
     o = ctx.options
     if not o.get("against") or not o.get("judge"):
         raise UserError("task winrate needs --against MODEL2 and --judge RM", "--tasks winrate",
@@ -147,7 +146,7 @@ def _winrate(ctx: EvalContext, path):
     budget = min(ctx.new_tokens(128), ctx.max_new_tokens or max(1, other.config.block_size // 2))
     res = eval_winrate(ctx.model, ctx.tok, other, other_tok, lambda ps, xs: reward_scores(rm, ps, xs, ctx.batch),
                        prompts, ctx.template or _chat(ctx),
-                       get_template(adapter_template(o.get("against_lora", ())), other_tok), ctx.batch,
+                       resolve_template(None, other_tok, o["against"], o.get("against_lora", ())), ctx.batch,
                        budget, o.get("tie_margin", 0.0))
     res["against"] = describe_model(o["against"], other, o.get("against_lora", ()))
     res["judge"] = {"path": str(o["judge"]), "sha256": file_sha256(o["judge"])[:16]}
@@ -155,10 +154,6 @@ def _winrate(ctx: EvalContext, path):
 
 
 def _load_judge(path, device):
-    try:
-        from ..reward import load_reward_model
-    except ImportError:
-        raise UserError("reward models are not available in this installation", "--judge") from None
     return load_reward_model(path, device)
 
 
@@ -173,33 +168,14 @@ def reward_scores(rm, prompts: list[str], answers: list[str], batch: int = 8) ->
     return out
 
 
-def adapter_template(lora) -> str | None:
-    """The chat template the last SFT adapter was trained with (recorded in its metadata)."""
-    from ..lora import read_adapter
-    name = None
-    for spec in lora:
-        path = spec if isinstance(spec, (str, Path)) else spec[0]
-        name = read_adapter(path)[1]["extra"].get("sft_template") or name
-    return name
-
-
 def _chat(ctx: EvalContext):
-    from ..chat import get_template
-    ctx.template = get_template(None, ctx.tok)
+    """The template chat tasks render with when none was given or recorded: the tokenizer's own, else chatml."""
+    ctx.template = resolve_template(None, ctx.tok)
     return ctx.template
 
 
 # ---- the entry point --------------------------------------------------------------------------
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def describe_model(path, model, lora) -> dict:
-    from ..lora import base_fingerprint
     specs = [(x, 1.0) if isinstance(x, (str, Path)) else tuple(x) for x in lora]
     return {"path": str(path), "base_fingerprint": base_fingerprint(model),
             "adapters": [{"path": str(p), "weight": w, "sha256": file_sha256(p)[:16]} for p, w in specs]}
@@ -238,10 +214,9 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
              stride: int | None = None, max_new_tokens: int | None = None, against=None,
              against_lora=(), judge=None, tie_margin: float = 0.0, label: str | None = None,
              seed: int = 1234, log=print) -> dict:
-    """Evaluate a model (+ adapters) on tasks; returns (and writes to `out`) the results dict."""
-    from .. import load_model_and_tokenizer
-    from ..chat import get_template
-    from ..train.engine import setup_device
+    """Evaluate a model (+ adapters) on tasks; returns (and writes to `out`) the results dict.
+    Chat tasks render with the one template rule (`stages.common.resolve_template`); GSM8K uses a
+    template only when one is given or recorded in the model files (else plain text, for a base)."""
     names = parse_tasks(tasks)
     data = resolve_data(names, data)
     for name, value in (("--limit", limit), ("--batch", batch)):
@@ -251,8 +226,9 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
         raise UserError(f"--shots must be >= 0, got {shots}")
     dev, _, _ = setup_device(device)
     model, tok = load_model_and_tokenizer(model_path, lora=lora, device=dev)
-    template = template or adapter_template(lora)
-    ctx = EvalContext(model, tok, get_template(template, tok) if template else None, shots, batch, limit,
+    chosen = resolve_template(template, tok, model_path, lora, fallback=False)
+    template = chosen.name if chosen is not None else None
+    ctx = EvalContext(model, tok, chosen, shots, batch, limit,
                       max_new_tokens, fewshot_data, stride, seed,
                       {"against": against, "against_lora": against_lora, "judge": judge,
                        "tie_margin": tie_margin, "device": dev})
@@ -268,6 +244,5 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
         log(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in res.items() if k not in ("data", "against", "judge")))
     if out:
-        from ..checkpoint import atomic_write_text
         atomic_write_text(out, json.dumps(results, indent=1) + "\n")
     return results

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..data.corpus import TEXT_SUFFIXES, read_documents
 from ..errors import DataError, UserError
 from .choice import loglikelihood
 
@@ -55,7 +56,6 @@ def perplexity(model, tok, docs: list[str], stride: int | None = None, batch: in
 
 
 def load_documents(path, limit: int | None = None) -> list[str]:
-    from ..data.corpus import TEXT_SUFFIXES, read_documents
     path = Path(path)
     if not path.is_file():
         raise DataError("text file not found", path, fix="pass --data FILE (.txt .jsonl .json .parquet)")

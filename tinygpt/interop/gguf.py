@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_path, atomic_write_text
 from ..config import ModelConfig
 from ..errors import UserError
-from .hf import FAMILIES, build_model, family_of
+from ..io import atomic_path, atomic_write_text
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from .hf import FAMILIES, build_model, chat_template_of, family_of
 
 _TOP = {"model.embed_tokens": "token_embd", "model.embed_positions": "position_embd", "model.norm": "output_norm",
         "lm_head": "output"}
@@ -117,7 +119,6 @@ def _merges(tk_json: dict) -> list[str]:
 
 def add_tokenizer(w, tok, vocab_size: int) -> None:
     from gguf import TokenType
-    from . import chat_template_of
     tk_json = json.loads(tok.to_json())
     if (tk_json.get("model") or {}).get("type") != "BPE":
         raise UserError("GGUF export supports byte-level BPE tokenizers only", None,
@@ -208,7 +209,6 @@ _OLLAMA_LLAMA3 = ("<|begin_of_text|>{{- range .Messages }}<|start_header_id|>{{ 
 def ollama_modelfile(gguf_file: str, tok) -> str:
     """An Ollama Modelfile: Ollama templates are Go templates, so the Jinja chat template is matched
     to a known family (ChatML, Llama 3); an unknown one falls back to raw completion."""
-    from . import chat_template_of
     jinja = chat_template_of(tok)
     if "<|im_start|>" in jinja:
         tmpl, stops = _OLLAMA_CHATML, ["<|im_end|>"]
@@ -244,7 +244,6 @@ def _config_from_gguf(reader, family: str, vocab: int, where: str) -> ModelConfi
 
 def _tokenizer_from_gguf(reader, where: str):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    from ..tokenizer import Tokenizer
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
         raise UserError("the GGUF file has no tokenizer", where)
@@ -299,7 +298,6 @@ def load_gguf(path):
 
 def _ours_from_gguf(family: str, cfg: ModelConfig, raw: dict) -> dict:
     """llama.cpp tensors -> our state dict (inverse of `gguf_tensors`)."""
-    from ..model import GPT
     raw = dict(raw)
     if family == "gpt2":
         for i in range(cfg.n_layer):

@@ -21,9 +21,25 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import materialise_buffers
 from ..config import ModelConfig
 from ..errors import UserError
+from ..io import atomic_dir, atomic_write_text, load_tensors, save_tensors
+from ..lora import lora_modules
+from ..model import GPT
+from ..tokenizer import Tokenizer
+
+# ChatML, written for models that have no template of their own (the tokenizers we train reserve
+# <|im_start|>/<|im_end|>); renders exactly as tinygpt.chat's built-in "chatml".
+CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+                " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+
+def chat_template_of(tok) -> str:
+    return tok.chat_template or CHATML_JINJA
+
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -133,7 +149,6 @@ def family_of(cfg: ModelConfig) -> str:
 # ---- weights ------------------------------------------------------------------------------------
 def read_weights(folder: Path) -> dict:
     """All tensors of a folder: model.safetensors, sharded safetensors, or pytorch_model.bin (safe load)."""
-    from ..checkpoint import load_tensors
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
@@ -196,8 +211,6 @@ def hf_to_ours(family: str, cfg: ModelConfig, sd: dict) -> dict:
 
 def build_model(cfg: ModelConfig, sd: dict, where: str):
     """A GPT holding exactly `sd`; missing, unexpected or wrongly shaped tensors are a UserError."""
-    from ..checkpoint import _materialise_buffers
-    from ..model import GPT
     with torch.device("meta"):
         model = GPT(cfg)
     expected = model.state_dict()
@@ -215,13 +228,12 @@ def build_model(cfg: ModelConfig, sd: dict, where: str):
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _materialise_buffers(model)
+    materialise_buffers(model)
     return model
 
 
 def load_hf(folder, dtype=torch.float32):
     """(GPT, Tokenizer) from a local Hugging Face folder (config.json, weights, tokenizer.json)."""
-    from ..tokenizer import Tokenizer
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -292,7 +304,6 @@ def hf_config(family: str, cfg: ModelConfig, tok) -> dict:
 def tokenizer_files(tok, block_size: int) -> dict:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json contents (a ChatML template
     is written when the tokenizer has none, so `apply_chat_template` works)."""
-    from . import chat_template_of
     roles = {k: v for k, v in (("bos_token", tok.bos), ("eos_token", tok.eos), ("pad_token", tok.pad)) if v}
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "chat_template": chat_template_of(tok),
            "model_max_length": block_size, "clean_up_tokenization_spaces": False}
@@ -305,7 +316,6 @@ _TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloa
 
 def export_hf(model, tok, out, dtype: str = "f32") -> str:
     """Write a transformers folder (config, weights, tokenizer, generation config); returns the family."""
-    from . import atomic_dir
     family = family_of(model.config)
     cfg = model.config
     sd = {k: v.to(_TORCH_DTYPES[dtype]) for k, v in ours_to_hf(family, model).items()}
@@ -325,8 +335,6 @@ def export_peft(model, name: str, out, base_out=None) -> dict:
     """Write adapter `name` of a model carrying LoRALinear modules as a PEFT LoRA folder, then remove
     it from the model (so what remains is the base it applies to). The adapter's stacking weight is
     folded into B, since PEFT's scale is lora_alpha / r."""
-    from ..lora import lora_modules
-    from . import atomic_dir
     family_of(model.config)
     if model.config.pos_emb == "learned":
         raise UserError("PEFT export supports Llama/Qwen bases (GPT-2 fuses q/k/v into one Conv1D)", None,

@@ -1,103 +1,49 @@
-"""The one training loop every stage uses.
+"""The one training loop every stage runs on (`fit(stage)`; the stage protocol is in `stage.py`).
 
-A stage supplies `loss_step(model, batch) -> (loss_sum, count, metrics)`: the loss SUMMED over its
-`count` units (tokens for language modelling, pairs for DPO, ...) and a dict of scalar metrics.
-The engine owns everything else, once:
+A stage's `loss_step(model, batch) -> (loss_sum, count, metrics)` returns the loss SUMMED over
+its `count` units (tokens for language modelling, pairs for DPO, ...). The engine owns the rest:
 - gradient accumulation scaled by units, not micro-steps: each micro-batch backpropagates its sum,
   and the accumulated gradient is divided by the total count over all micro-batches and ranks,
   so `batch 8 x accum 1` and `batch 2 x accum 4` give the same gradient;
-- gradient clipping, the learning-rate schedule (a pure function of the step), mixed precision
-  (bf16 autocast, or fp16 with a GradScaler), torch.compile of the loss step, DDP under torchrun;
+- normalisation and clipping in one pass over the gradients, the learning-rate schedule (a pure
+  function of the optimizer step), mixed precision (bf16 autocast, or fp16 with a GradScaler),
+  torch.compile of the loss step, DDP under torchrun;
 - a NaN guard: a step with a non-finite loss or gradient norm is skipped (optimizer untouched),
-  and training stops after `max_bad_steps` in a row. With the fused CUDA AdamW the skip is decided
-  on the device (the `found_inf` flag GradScaler also uses), so the step is queued before the host
-  waits for the loss: the host syncs once per step, after the update, as nanoGPT does;
+  and training stops after `max_bad_steps` in a row, RL updates included. With the fused CUDA
+  AdamW the skip is decided on the device (the `found_inf` flag GradScaler also uses), so the
+  host syncs once per step, after the update, as nanoGPT does;
 - the next micro-batch is fetched while the GPU runs the current one (batch i is a pure function
   of i, so fetching early changes nothing but the overlap);
-- logging (progress bar with loss, lr, tokens/s and ETA; every step to `metrics.jsonl`), validation
-  every `val_every` steps, checkpoints every `save_every` steps, and a final save on Ctrl-C;
-- resume: the run folder holds the trainable weights, the optimizer moments, the step, the RNG
-  states and a key of the settings that must match; batch i depends only on i, so resuming at
-  step k and running to N gives the same weights as an uninterrupted run.
+- the outer loop: one optimizer step per round, or the stage's `iteration` hook (RL) per round;
+  progress (a bar on a terminal, a line every ~10 s otherwise), every round to `metrics.jsonl`
+  (strict JSON: a non-finite value is written as null), validation every `val_every` rounds,
+  checkpoints every `save_every` rounds and a final save on Ctrl-C;
+- resume: the run folder holds ONE state file (trainable weights, optimizer moments, counters,
+  RNG states, the stage's extra state and a key of the settings that must match), written
+  atomically, so a kill at any instant leaves the previous state or the new one, whole. Batches
+  are pure functions of their index, so resuming at round k and running to N gives the same
+  weights as an uninterrupted run; metrics.jsonl is cut back to round k.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import atomic_write_text, load_tensors, save_tensors
+from ..device import autocast, resolve_dtype, setup_device
 from ..errors import UserError
+from ..io import clean_temp_files, load_tensors, save_tensors
 from .optim import lr_at, make_optimizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    steps: int
-    batch: int = 8
-    accum: int = 1
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    lr_schedule: str = "cosine"
-    warmup: int = 0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: str = "auto"
-    compile: bool = False
-    save_every: int = 0
-    val_every: int = 0
-    seed: int = 0
-    quiet: bool = False
-    resume: bool = False
-    max_bad_steps: int = 5
-    log_every: int = 1
-    resume_key: dict = field(default_factory=dict)   # settings that must match on --resume
-
-
-# ---- device and distributed set-up ----------------------------------------------------------------
-def setup_device(device: str = "auto"):
-    """Pick the device (auto: cuda, then mps, then cpu). Under torchrun, initialise the process
-    group and use this rank's GPU. Returns (torch.device, rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UserError(f"unknown --device '{device}'", None, "choose auto, cpu, cuda or mps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available", None, "use --device cpu")
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return torch.device(device), rank, world
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown --dtype '{name}'", None, f"choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+STATE_FILE = "state.safetensors"
+PROGRESS_SECONDS = 10.0        # off a terminal, a progress line this often
 
 
 def run_dir_for(out) -> Path:
@@ -106,54 +52,83 @@ def run_dir_for(out) -> Path:
     return out.with_name(out.stem + ".run") if out.suffix else Path(str(out) + ".run")
 
 
-# ---- the engine -------------------------------------------------------------------------------------
+def strict_json(row: dict) -> str:
+    """One metrics line: non-finite floats become null (strict JSON parsers reject NaN)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def _stderr_log(quiet: bool):
+    return (lambda *m: None) if quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
+
+
+def run_context(device, rank: int, world: int, dtype, log) -> SimpleNamespace:
+    """What `Stage.setup` receives: where and how this process trains."""
+    return SimpleNamespace(device=device, rank=rank, world=world, dtype=dtype, log=log, is_main=rank == 0)
+
+
+def fit(stage) -> dict:
+    """Set up `stage` on this process's device (unless `prepare` did) and train it; returns the
+    last logged metrics."""
+    return (getattr(stage, "engine", None) or prepare(stage)).fit()
+
+
+def prepare(stage) -> "Engine":
+    """Set up `stage` on this process's device; returns the engine that will train it (also kept
+    at `stage.engine`), so its data and model can be looked at before training."""
+    opts = stage.opts
+    device, rank, world = setup_device(opts.device)
+    log = stage.log or _stderr_log(opts.quiet)
+    if rank != 0:
+        log = lambda *m: None            # noqa: E731  (one log under torchrun)
+    stage.log = log
+    stage.setup(run_context(device, rank, world, resolve_dtype(opts.dtype, device), log))
+    stage.engine = Engine(stage, device, rank, world, log)
+    return stage.engine
+
+
 class Engine:
-    """Runs `cfg.steps` optimizer steps of `loss_step` over `batches(i)`.
+    """Trains `stage.model`'s trainable parameters with the stage's resolved options `stage.plan`."""
 
-    model: the module whose trainable parameters are optimised (LoRA stages freeze the rest).
-    batches: callable index -> batch (deterministic in the index).
-    save_fn(final: bool): writes the stage's artifact (a .tinygpt, a .lora, ...).
-    val_fn(model) -> dict of validation metrics (optional)."""
-
-    def __init__(self, model, cfg: TrainConfig, loss_step, batches, out, save_fn=None, val_fn=None,
-                 device=None, rank: int = 0, world: int = 1, log=print):
-        self.cfg, self.loss_step, self.batches = cfg, loss_step, batches
-        self.save_fn, self.val_fn, self.log = save_fn, val_fn, log
-        self.device = device or next(model.parameters()).device
+    def __init__(self, stage, device=None, rank: int = 0, world: int = 1, log=print):
+        self.stage, self.cfg, self.log = stage, stage.plan, log
+        self.model = stage.model
+        self.device = device or next(self.model.parameters()).device
         self.rank, self.world = rank, world
-        self.model = model
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.run_dir = run_dir_for(out)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        self.dtype = resolve_dtype(self.cfg.dtype, self.device)
+        self.run_dir = run_dir_for(self.cfg.out)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2),
+                                  self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
-        self.wrapped = model
+        self.wrapped = self.model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step_fn = torch.compile(loss_step) if cfg.compile else loss_step
+            self.wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        compiled = self.cfg.compile and stage.compile_step
+        self.step_fn = torch.compile(stage.loss_step) if compiled else stage.loss_step
         # skip non-finite steps on the device: fused AdamW honours `found_inf` (GradScaler's protocol)
         self.device_skip = self.device.type == "cuda" and not self.scaler.is_enabled() and \
             all(g.get("fused") for g in self.opt.param_groups)
-        self._ahead = None          # (index, batch) fetched early
-        self.step = 0
-        self.tokens_seen = 0
-        self.bad_steps = 0
+        self.rounds = self.cfg.steps                     # optimizer steps, or RL iterations
+        self.total_steps = stage.schedule_steps()        # optimizer steps the schedule spans
+        self._ahead = None                               # (index, batch) fetched early
+        self._samples = None                             # samples.jsonl, opened on first use
+        self.round = self.step = self.tokens_seen = self.bad_steps = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     # ---- state for --resume ------------------------------------------------------------------
     def _trainable_state(self) -> dict:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_state(self) -> None:
+        """The whole resume state as one atomically written file."""
         if not self.is_main:
             return
         tensors = {f"param.{n}": p.detach() for n, p in self._trainable_state().items()}
@@ -164,32 +139,39 @@ class Engine:
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        scalars = {"step": self.step, "tokens_seen": self.tokens_seen, "param_groups":
-                   [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
-                   "resume_key": self.cfg.resume_key, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        save_tensors(self.run_dir / "state.safetensors", tensors)
-        atomic_write_text(self.run_dir / "state.json", json.dumps(scalars, indent=1))
+        scalars = {"round": self.round, "step": self.step, "tokens_seen": self.tokens_seen,
+                   "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
+                   "resume_key": self.stage.resume_key(), "stage": self.stage.state_dict(),
+                   "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        save_tensors(self.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state", "state": json.dumps(scalars)})
 
     def load_state(self) -> None:
-        sj = self.run_dir / "state.json"
-        if not sj.exists():
+        path = self.run_dir / STATE_FILE
+        if not path.exists():
             raise UserError(f"--resume: no training state in {self.run_dir}", None,
                             "train without --resume first, or check --out")
-        scalars = json.loads(sj.read_text())
-        mismatched = {k: (scalars["resume_key"].get(k), v) for k, v in self.cfg.resume_key.items()
-                      if scalars["resume_key"].get(k) != v}
+        tensors, meta = load_tensors(path)
+        try:
+            scalars = json.loads(meta["state"])
+        except (KeyError, json.JSONDecodeError):
+            raise UserError("--resume: the training state is not one this tinygpt wrote", str(path),
+                            "delete the run folder to start again") from None
+        key = self.stage.resume_key()
+        mismatched = {k: (scalars["resume_key"].get(k), v) for k, v in key.items() if scalars["resume_key"].get(k) != v}
         if mismatched:
             k, (was, now) = next(iter(mismatched.items()))
             raise UserError(f"--resume with a different configuration: {k} was {was!r}, now {now!r}",
                             str(self.run_dir), "use the original settings or start a new run")
-        tensors, _ = load_tensors(self.run_dir / "state.safetensors")
+        params = self._trainable_state()
+        if set(f"param.{n}" for n in params) != {k for k in tensors if k.startswith("param.")}:
+            raise UserError("--resume: the saved weights do not match this model", str(path), "start a new run")
         with torch.no_grad():
-            for n, p in self._trainable_state().items():
+            for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"])
         state: dict = {}
-        for key, v in tensors.items():
-            if key.startswith("optim."):
-                _, idx, k = key.split(".", 2)
+        for name, v in tensors.items():
+            if name.startswith("optim."):
+                _, idx, k = name.split(".", 2)
                 state.setdefault(int(idx), {})[k] = v
         groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], self.opt.state_dict()["param_groups"])]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
@@ -198,19 +180,20 @@ class Engine:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if scalars.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(scalars["scaler"])
-        self.step, self.tokens_seen = scalars["step"], scalars["tokens_seen"]
+        self.round, self.step, self.tokens_seen = scalars["round"], scalars["step"], scalars["tokens_seen"]
+        self.stage.load_state_dict(scalars.get("stage") or {})
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _fetch(self, i: int):
-        """Batch i, taken from the early fetch when it is there."""
+        """Micro-batch i, taken from the early fetch when it is there."""
         if self._ahead is not None and self._ahead[0] == i:
             batch, self._ahead = self._ahead[1], None
             return batch
-        return self.batches(i)
+        return self.stage.batch(i)
 
     def accumulate(self, micro_batches=None, normalize: bool = True):
         """Forward/backward over `accum` micro-batches (`micro_batches` when given, else drawn from
-        `batches`); leaves p.grad = d(total loss sum)/dp divided by the total count (over
+        the stage); leaves p.grad = d(total loss sum)/dp divided by the total count (over
         micro-batches and ranks). Returns (mean loss tensor, metrics sums, that divisor's inverse).
         normalize=False leaves the division to the caller (`train_step` folds it into clipping)."""
         cfg = self.cfg
@@ -225,8 +208,8 @@ class Engine:
             with (nullcontext() if sync else self.wrapped.no_sync()):
                 with self.autocast():
                     loss_sum, count, metrics = self.step_fn(self.wrapped, batch)
-                if micro_batches is None and i + 1 < cfg.steps * cfg.accum:
-                    self._ahead = (i + 1, self.batches(i + 1))   # host work overlaps the GPU's
+                if micro_batches is None and i + 1 < self.rounds * cfg.accum:
+                    self._ahead = (i + 1, self.stage.batch(i + 1))   # host work overlaps the GPU's
                 self.scaler.scale(loss_sum).backward()
             total_loss += loss_sum.detach().float()
             total_count += count if torch.is_tensor(count) else float(count)
@@ -256,12 +239,14 @@ class Engine:
         torch._foreach_mul_(grads, coef)
         return norm
 
-    def train_step(self, micro_batches=None):
-        """One optimizer step. Returns (loss, grad norm, lr, finite, metrics averaged per micro-batch)."""
+    def train_step(self, micro_batches=None) -> dict:
+        """One optimizer step (micro-batches from the stage, or the ones given). Counts the step,
+        the tokens and the non-finite steps (raising after `max_bad_steps` in a row). Returns
+        {loss, lr, grad_norm, finite, **metrics averaged per micro-batch}."""
         cfg = self.cfg
         loss_t, sums, scale = self.accumulate(micro_batches, normalize=False)
         norm = self._normalize_and_clip(scale)
-        lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.device_skip:        # the kernel skips the update (and its step count) when found_inf
@@ -275,81 +260,149 @@ class Engine:
             self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        metrics = {k: (v.item() if torch.is_tensor(v) else v) / cfg.accum for k, v in sums.items()}
-        return loss, float(norm), lr, finite, metrics
+        n_micro = len(micro_batches) if micro_batches is not None else cfg.accum
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) / n_micro for k, v in sums.items()}
+        self.tokens_seen += int(round(metrics.get("tokens", 0) * n_micro)) * self.world
+        self.step += 1
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if not finite:
+            self.log(f"step {self.step}: non-finite loss or gradient, step skipped")
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise UserError(f"training diverged: {self.bad_steps} non-finite steps in a row",
+                                str(self.run_dir), "lower --lr or use --dtype float32/bfloat16")
+        return {"loss": loss, "lr": lr, "grad_norm": float(norm), "finite": finite, **metrics}
 
     # ---- the loop ------------------------------------------------------------------------------
+    def _open_log(self, name: str, resume: bool):
+        """A JSONL log of the run folder for appending: on resume, cut back to the rounds the state
+        holds (rows carry their `step`)."""
+        path = self.run_dir / name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and path.exists():
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.round:
+                        keep.append(line + "\n")
+                except json.JSONDecodeError:
+                    break                       # a line cut by the kill: nothing after it is kept
+            path.write_text("".join(keep), encoding="utf-8")
+            return open(path, "a", encoding="utf-8")
+        return open(path, "w", encoding="utf-8")
+
     def fit(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.rank)
+        if self.is_main:
+            clean_temp_files(self.run_dir)
+            clean_temp_files(Path(cfg.out).parent, Path(cfg.out).name)
         if cfg.resume:
             self.load_state()
-            self.log(f"resumed from step {self.step} ({self.run_dir})")
+            self.log(f"resumed from step {self.round} ({self.run_dir})")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a" if cfg.resume else "w") if self.is_main else None
-        bar = None
-        if self.is_main and not cfg.quiet:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True, leave=True,
-                       disable=None)   # None: no bar when stderr is not a terminal (logs, CI)
+        metrics_file = self._open_log("metrics.jsonl", cfg.resume) if self.is_main else None
+        progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
-        t_last, tok_last = time.perf_counter(), self.tokens_seen
-        last = {}
+        last: dict = {}
         try:
-            while self.step < cfg.steps:
-                loss, norm, lr, finite, m = self.train_step()
-                self.tokens_seen += int(m.get("tokens", 0) * cfg.accum) * self.world
-                self.step += 1
-                if not finite:
-                    self.bad_steps += 1
-                    self.log(f"step {self.step}: non-finite loss or gradient, step skipped")
-                    if self.bad_steps >= cfg.max_bad_steps:
-                        raise UserError(f"training diverged: {self.bad_steps} non-finite steps in a row",
-                                        str(self.run_dir), "lower --lr or use --dtype float32/bfloat16")
-                    continue
-                self.bad_steps = 0
-                now = time.perf_counter()
-                tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, self.tokens_seen
-                last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                        "tokens_seen": self.tokens_seen, "tokens_per_s": tps, **m}
-                if cfg.val_every and self.val_fn and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
-                    last.update(self._validate())
+            while self.round < self.rounds:
+                last = self._round()
                 if metrics_file:
-                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.write(strict_json(last) + "\n")
                     metrics_file.flush()
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if progress:
+                    progress.update(last)
+                if cfg.save_every and self.round % cfg.save_every == 0 and self.round < self.rounds:
                     self.checkpoint(final=False)
         except KeyboardInterrupt:
-            if bar:
-                bar.close()
-                bar = None
-            self.log(f"interrupted at step {self.step}: saving a checkpoint")
+            if progress:
+                progress.close()
+                progress = None
+            self.log(f"interrupted at step {self.round}: saving a checkpoint")
             self.checkpoint(final=True)
             raise
         finally:
-            if bar:
-                bar.close()
-            if metrics_file:
-                metrics_file.close()
+            if progress:
+                progress.close()
+            for f in (metrics_file, self._samples):
+                if f:
+                    f.close()
         self.checkpoint(final=True)
+        return last
+
+    def write_samples(self, rows: list[dict]) -> None:
+        """Rows for the run folder's samples.jsonl (RL completions), each with its `step`."""
+        if not self.is_main:
+            return
+        if self._samples is None:
+            self._samples = self._open_log("samples.jsonl", self.cfg.resume)
+        for r in rows:
+            self._samples.write(strict_json(r) + "\n")
+        self._samples.flush()
+
+    def _round(self) -> dict:
+        """One round: an optimizer step, or the stage's RL iteration; then validation."""
+        t0, tok0 = time.perf_counter(), self.tokens_seen
+        if self.stage.iteration is not None:
+            m = self.stage.iteration(self, self.round)
+        else:
+            m = self.train_step()
+            m.pop("finite")
+        self.round += 1
+        tps = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
+        last = {"step": self.round, **m, "tokens_seen": self.tokens_seen, "tokens_per_s": tps}
+        if self.cfg.val_every and (self.round % self.cfg.val_every == 0 or self.round == self.rounds):
+            last.update(self._validate())
         return last
 
     def _validate(self) -> dict:
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            out = self.val_fn(self.model)
+            out = self.stage.validate(self.model)
         self.model.train()
         return out
 
     def checkpoint(self, final: bool) -> None:
-        """Write the stage artifact and the resume state (rank 0 only)."""
+        """Write the resume state and the stage's artifact (rank 0 only)."""
         if not self.is_main:
             return
         self.save_state()
-        if self.save_fn:
-            self.save_fn(final)
+        self.stage.save(final)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (logs, CI) one line every PROGRESS_SECONDS and at the end."""
+
+    def __init__(self, engine: Engine, stage):
+        self.engine, self.stage = engine, stage
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.t_line = time.perf_counter()
+        self.start = engine.round
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=engine.rounds, initial=engine.round, dynamic_ncols=True, leave=True)
+
+    def update(self, last: dict) -> None:
+        fields = {**self.stage.progress(last), "tok/s": f"{last['tokens_per_s']:,.0f}"}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(fields, refresh=False)
+            return
+        now, e = time.perf_counter(), self.engine
+        if now - self.t_line >= PROGRESS_SECONDS or e.round == e.rounds:
+            self.t_line = now
+            done = e.round - self.start
+            eta = (now - self.t0) / max(done, 1) * (e.rounds - e.round)
+            body = ", ".join(f"{k} {v}" for k, v in fields.items())
+            e.log(f"step {e.round}/{e.rounds}: {body}, ETA {_clock(eta)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .chat import encode_segments
+from .data import synth
 from .errors import UserError
 
 STOP_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
@@ -68,8 +69,7 @@ def gsm8k_reward(prompt, completion, answer) -> float:
 
 def synth_reward(prompt, completion, answer) -> float:
     """Exact match on the synthetic world's bare answers (see tinygpt.data.synth)."""
-    from .data.synth import synth_reward as _synth
-    return 0.0 if answer is None else _synth(prompt, strip_stop(completion)[0], answer)
+    return 0.0 if answer is None else synth.synth_reward(prompt, strip_stop(completion)[0], answer)
 
 
 def format_reward(prompt, completion, answer=None, max_words: int = 100) -> float:

@@ -1,4 +1,4 @@
-"""Shared data path of the preference stages (reward model, DPO/SimPO, ORPO, KTO).
+"""Tokenized preference pairs and their batches: the data path of the reward, DPO/SimPO, ORPO and KTO stages.
 
 Design choices:
 - Rows come from `data.formats` (`load_preferences` / `load_unpaired`) as canonical records, so
@@ -22,10 +22,10 @@ import random
 
 import torch
 
-from .chat import encode_segments, ensure_special_tokens, get_template
-from .data.formats import Message
-from .errors import UserError
-from .logprobs import first_fit, make_batch
+from ..chat import encode_segments
+from ..errors import UserError
+from ..logprobs import first_fit, make_batch
+from .formats import Message, load_preferences, load_unpaired
 
 # ---- tokenization -----------------------------------------------------------------------------
 
@@ -49,18 +49,6 @@ def truncate(prompt: list[int], replies: list[list[int]], max_length: int, max_p
     if len(prompt) + max(map(len, replies)) > max_length:
         prompt = prompt[-max_prompt_length:]
     return prompt, [r[:max_length - len(prompt)] for r in replies]
-
-
-def prepare_template(tok, template_name, allow_new_tokens: bool):
-    """The chat template; tokens it needs that the tokenizer lacks are added only when the stage
-    may grow the embeddings (full fine-tuning), since that changes the base an adapter is tied to."""
-    template = get_template(template_name, tok)
-    vocab = tok.tk.get_vocab(with_added_tokens=True)
-    missing = [t for t in template.special_tokens if t not in vocab]
-    if missing and not allow_new_tokens:
-        raise UserError(f"the tokenizer lacks the template's special tokens {missing}", f"--template {template.name}",
-                        "use the template the model was fine-tuned with, or --full to add them")
-    return template, ensure_special_tokens(tok, template) if missing else []
 
 
 def tokenize_pairs(prefs, tok, template, max_length: int, max_prompt_length: int) -> tuple[list[tuple], int]:
@@ -105,18 +93,6 @@ def item_sequences(items, kind: str) -> list[tuple[list[int], list[int]]]:
     if kind == "pair":
         return [seq(p, c) for p, c, _ in items] + [seq(p, r) for p, _, r in items]
     return [seq(p, c) for p, c, *_ in items] + [seq(kp, kc) for *_, kp, kc in items]
-
-
-def split_items(items: list, val_split: float, seed: int) -> tuple[list, list]:
-    """A seeded held-out split (at least one item held out when val_split > 0)."""
-    if val_split <= 0:
-        return items, []
-    order = list(range(len(items)))
-    random.Random(f"split/{seed}").shuffle(order)
-    n_val = max(1, round(len(items) * val_split))
-    if n_val >= len(items):
-        raise UserError(f"--val-split {val_split} leaves no training data ({len(items)} items)")
-    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -209,10 +185,6 @@ class ItemBatches:
             yield self.collate(list(range(s, min(s + self.batch, len(self.items)))), budget=False)
 
 
-def steps_for_epochs(epochs: float, n_items: int, batch: int, accum: int, world: int) -> int:
-    return max(1, round(epochs * n_items / (batch * accum * world)))
-
-
 # ---- reference log-prob cache -----------------------------------------------------------------
 def cache_key(items, *parts) -> str:
     """Hash of the tokenized data and whatever else the reference depends on (model, settings)."""
@@ -224,27 +196,14 @@ def cache_key(items, *parts) -> str:
     return h.hexdigest()[:16]
 
 
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def load_stage(args):
-    """The common start of the reward and preference stages: check the data arguments, set up the
-    device, load model + tokenizer (with any stacked adapters) on the CPU.
-    Returns (device, rank, world, model, tokenizer)."""
-    from pathlib import Path
-    from . import load_model_and_tokenizer
-    from .train.engine import setup_device
-    if not 0 < args.max_prompt_length < args.max_length:
-        raise UserError(f"--max-prompt-length must be in [1, --max-length), got {args.max_prompt_length}")
-    if not Path(args.data).is_file():
-        raise UserError(f"data file not found: {args.data}", "--data", "check the path")
-    device, rank, world = setup_device(args.device)
-    model, tok = load_model_and_tokenizer(args.model, lora=args.lora, device="cpu")
-    model.grad_checkpointing = args.grad_checkpointing
-    return device, rank, world, model, tok
-
+def load_items(path, kind: str, tok, template, fmt, skip_bad_rows: bool, max_length: int, max_prompt_length: int,
+               seed: int = 0) -> tuple[list, dict]:
+    """Tokenized items of a preference file: pairs (kind "pair") or KTO completions ("kto").
+    Returns (items, counts of skipped rows and dropped pairs)."""
+    if kind == "kto":
+        records, skipped = load_unpaired(path, fmt, skip_bad_rows)
+        return tokenize_unpaired(records, tok, template, max_length, max_prompt_length, seed), \
+            {"skipped": skipped, "dropped": 0}
+    records, skipped = load_preferences(path, fmt, skip_bad_rows)
+    items, dropped = tokenize_pairs(records, tok, template, max_length, max_prompt_length)
+    return items, {"skipped": skipped, "dropped": dropped}

@@ -1,0 +1,172 @@
+"""The stage protocol, across stages: the one chat-template rule in every command that renders chat,
+and resume equal to an uninterrupted run for every training stage (RL included)."""
+import json
+
+import pytest
+import torch
+
+import tinygpt.commands.evaluate as evaluate_mod
+import tinygpt.commands.generation as generation_mod
+import tinygpt.eval.harness as harness_mod
+import tinygpt.stages.preference as preference_mod
+import tinygpt.stages.reward as reward_mod
+import tinygpt.stages.rl as rl_mod
+import tinygpt.stages.sft as sft_mod
+import tinygpt.train.engine as engine_mod
+from tinygpt.chat import get_template
+from tinygpt.checkpoint import save_model
+from tinygpt.cli import main
+from tinygpt.config import ModelConfig, pad_vocab
+from tinygpt.errors import UserError
+from tinygpt.io import load_tensors
+from tinygpt.lora import apply_lora, save_adapter
+from tinygpt.model import GPT
+from tinygpt.stages.common import resolve_template, template_record
+from tinygpt.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+JINJA = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def _base(tmp_path, chat_template=None):
+    tok = Tokenizer.byte_level()
+    tok.chat_template = chat_template
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), block_size=128))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    save_model(tmp_path / "base.tinygpt", model, tok)
+    return model, tok
+
+
+def _adapter(tmp_path, model, name, template):
+    apply_lora(model, 2, 4, name=name)
+    save_adapter(model, tmp_path / f"{name}.lora", name, template_record(get_template(template)) if template else {})
+    return str(tmp_path / f"{name}.lora")
+
+
+def test_the_template_rule_by_hand(tmp_path):
+    model, tok = _base(tmp_path)
+    a = _adapter(tmp_path, model, "a", "alpaca")
+    b = _adapter(tmp_path, model, "b", "alpaca")
+    c = _adapter(tmp_path, model, "c", "zephyr")
+    plain = _adapter(tmp_path, model, "plain", None)
+    base = tmp_path / "base.tinygpt"
+    assert resolve_template("llama3", tok, base, [a, c]).name == "llama3"          # explicit wins
+    assert resolve_template(None, tok, base, [a, plain, b]).name == "alpaca"        # recorded, agreeing
+    with pytest.raises(UserError, match=r"different chat templates \(a.lora: alpaca, c.lora: zephyr\)"):
+        resolve_template(None, tok, base, [a, c])
+    assert resolve_template(None, tok, base, [plain]).name == "chatml"              # nothing recorded: chatml
+    tok.chat_template = JINJA
+    assert resolve_template(None, tok, base, [plain]).name == "hf"                  # else the tokenizer's own
+    assert resolve_template(None, tok, base, [plain], fallback=False) is None
+    save_model(tmp_path / "full.tinygpt", model, tok, template_record(get_template("zephyr")))
+    assert resolve_template(None, tok, tmp_path / "full.tinygpt").name == "zephyr"  # a model trained here
+
+
+def _files(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(8)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": "yes", "rejected": f"no {i}"})
+                                                  + "\n" for i in range(8)))
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": "yes", "label": i % 2 == 0})
+                                                + "\n" for i in range(8)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "answer": "yes"}) + "\n"
+                                                 for i in range(4)))
+
+
+def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, monkeypatch):
+    """One table over all commands: with an adapter that recorded `alpaca` and a tokenizer with its own
+    chat template, every command renders with alpaca (explicit --template would win everywhere)."""
+    model, tok = _base(tmp_path, chat_template=JINJA)
+    sft = _adapter(tmp_path, model, "sft", "alpaca")
+    _files(tmp_path)
+    seen = []
+
+    def spy(real):
+        def wrapped(*a, **k):
+            t = real(*a, **k)
+            seen.append(t.name if t is not None else None)
+            return t
+        return wrapped
+    for mod in (sft_mod, reward_mod, preference_mod, rl_mod, generation_mod, harness_mod, evaluate_mod):
+        monkeypatch.setattr(mod, "resolve_template", spy(mod.resolve_template))
+    base = str(tmp_path / "base.tinygpt")
+    common = ["--device", "cpu", "--quiet", "--steps", "1", "--batch", "2", "--lora", sft]
+    rm = str(tmp_path / "rm.tinygpt")
+    runs = {
+        "sft": ["sft", base, "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "s2.lora"), *common],
+        "reward": ["reward", base, "--data", str(tmp_path / "prefs.jsonl"), "--out", rm, *common],
+        "dpo": ["dpo", base, "--data", str(tmp_path / "prefs.jsonl"), "--out", str(tmp_path / "d.lora"), *common],
+        "orpo": ["orpo", base, "--data", str(tmp_path / "prefs.jsonl"), "--out", str(tmp_path / "o.lora"), *common],
+        "kto": ["kto", base, "--data", str(tmp_path / "kto.jsonl"), "--out", str(tmp_path / "k.lora"), *common],
+        "grpo": ["grpo", base, "--prompts", str(tmp_path / "sft.jsonl"), "--reward-fn", "format", "--group-size", "2",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "g.lora"), *common],
+        "ppo": ["ppo", base, "--prompts", str(tmp_path / "sft.jsonl"), "--reward", rm, "--max-new-tokens", "4",
+                "--out", str(tmp_path / "p.lora"), *common],
+        "eval": ["eval", base, "--lora", sft, "--tasks", "synth", "--data", str(tmp_path / "eval.jsonl"), "--device",
+                 "cpu", "--quiet", "--max-new-tokens", "2"],
+        "score": ["score", rm, "--prompt", "q1?", "--text", "yes", "--device", "cpu"],
+    }
+    for name, argv in runs.items():
+        seen.clear()
+        assert main(argv) == 0, name
+        assert seen and set(seen) == {"alpaca"}, (name, seen)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))
+    seen.clear()
+    assert main(["chat", base, "--lora", sft, "--device", "cpu", "--max-new-tokens", "2"]) == 0
+    assert seen == ["alpaca"]
+    for out in ("s2.lora", "d.lora", "o.lora", "k.lora", "g.lora", "p.lora"):   # and each records what it used
+        assert load_tensors(tmp_path / out)[1]["chat_template"] == "alpaca", out
+    assert load_tensors(rm)[1]["chat_template"] == "alpaca"
+
+
+# ---- resume equals uninterrupted, every stage ---------------------------------------------------
+STAGES = {
+    "train": lambda p: ["train", "--corpus", str(p / "corpus.txt"), "--preset", "nano", "--byte-tokenizer",
+                        "--ctx", "32", "--batch", "2", "--lr", "3e-3"],
+    "sft": lambda p: ["sft", str(p / "base.tinygpt"), "--data", str(p / "sft.jsonl"), "--batch", "2", "--lr", "1e-2"],
+    "reward": lambda p: ["reward", str(p / "base.tinygpt"), "--data", str(p / "prefs.jsonl"), "--batch", "2",
+                         "--lr", "1e-3", "--val-split", "0"],
+    "dpo": lambda p: ["dpo", str(p / "base.tinygpt"), "--data", str(p / "prefs.jsonl"), "--batch", "2", "--lr", "1e-2"],
+    "orpo": lambda p: ["orpo", str(p / "base.tinygpt"), "--data", str(p / "prefs.jsonl"), "--batch", "2",
+                       "--lr", "1e-2"],
+    "kto": lambda p: ["kto", str(p / "base.tinygpt"), "--data", str(p / "kto.jsonl"), "--batch", "2", "--lr", "1e-2"],
+    "grpo": lambda p: ["grpo", str(p / "base.tinygpt"), "--prompts", str(p / "sft.jsonl"), "--reward-fn", "format",
+                       "--group-size", "2", "--batch", "2", "--max-new-tokens", "4", "--lr", "1e-2"],
+    "ppo": lambda p: ["ppo", str(p / "base.tinygpt"), "--prompts", str(p / "sft.jsonl"), "--reward-fn", "format",
+                      "--batch", "2", "--max-new-tokens", "4", "--minibatch", "2", "--lr", "1e-2",
+                      "--kl-target", "0.1"],
+}
+SUFFIX = {"train": ".tinygpt", "reward": ".tinygpt"}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
+    _base(tmp_path)
+    _files(tmp_path)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
+    ext = SUFFIX.get(stage, ".lora")
+    argv = STAGES[stage](tmp_path) + ["--steps", "4", "--seed", "3", "--device", "cpu", "--dtype", "float32",
+                                      "--quiet", "--save-every", "1"]
+    straight, resumed = tmp_path / f"a{ext}", tmp_path / f"b{ext}"
+    assert main(argv + ["--out", str(straight)]) == 0
+    real = engine_mod.Engine._round
+
+    def stop_at_2(self):
+        if self.round == 2:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_2)
+    assert main(argv + ["--out", str(resumed)]) == 130
+    monkeypatch.setattr(engine_mod.Engine, "_round", real)
+    assert main(argv + ["--out", str(resumed), "--resume"]) == 0
+    a, b = load_tensors(straight)[0], load_tensors(resumed)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    rows = [json.loads(x) for x in (tmp_path / "b.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]                  # cut back to the state, no duplicates
+    want = [json.loads(x) for x in (tmp_path / "a.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in want]

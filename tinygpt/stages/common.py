@@ -1,0 +1,305 @@
+"""Set-up policies every stage (and every command that samples or renders chat) shares, written once.
+
+- Option groups: `ModelOptions` (the model path and stacked adapters), `LoRAOptions` (LoRA versus
+  full fine-tuning), `SamplingOptions`.
+- Adapters: `--lora PATH[:WEIGHT]` (repeatable, stacked in order); the older `--lora-weight W`
+  pairs with the --lora of the same position (`lora_specs`).
+- The chat template, one rule for every command (`resolve_template`): an explicit `--template`
+  wins; else the template recorded in the adapters (and in the model file, for a model trained
+  here), all of them agreeing or an error; else the tokenizer's own `chat_template`; else chatml.
+  Every stage that trains on chat records the template it used (`template_record`).
+- Stop ids: the tokenizer's end-of-text / end-of-turn ids plus the template's single-token stop
+  strings (`stop_ids`).
+- Run length: epochs become steps by rounding UP (`epochs_to_steps`), so an epoch is never cut
+  short; the default warmup is capped at 10% of the steps.
+- Held-out splits: one seeded split for every kind of item (`split_items`).
+- LoRA versus full: a fresh adapter seeded from --seed (trained in float32 over a possibly bf16
+  base), or every weight trainable with the input adapters merged first (`make_trainable`); the
+  reference of a preference or RL stage is the same model with that adapter off, or a frozen copy
+  (`reference_for`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..chat import ensure_special_tokens, get_template
+from ..errors import UserError
+from ..io import check_writable
+from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload, read_adapter
+from ..options import Options, at_least, between, option
+from ..train.optim import default_warmup  # noqa: F401  (re-exported: the warmup policy)
+
+CHATML = "chatml"
+
+
+# ---- option groups ----------------------------------------------------------------------------
+@dataclass
+class ModelOptions(Options):
+    """The model a command reads and the adapters stacked on it."""
+
+    group = "model"
+    model: str = option(None, ".tinygpt file, Hugging Face folder or .gguf", positional=True, required=True)
+    lora: list[str] = option([], "adapter file, as PATH or PATH:WEIGHT (repeatable; they stack in order)", repeat=True)
+    lora_weight: list[float] = option([], "weight of the --lora at the same position (older spelling of "
+                                          "PATH:WEIGHT)", repeat=True)
+
+    def check(self) -> None:
+        lora_specs(self)
+        super().check()
+
+
+@dataclass
+class LoRAOptions(Options):
+    """A fresh LoRA adapter (the default) or full fine-tuning."""
+
+    group = "LoRA"
+    full: bool = option(False, "train every weight and write a .tinygpt (default: a LoRA adapter, .lora)")
+    lora_rank: int = option(16, "rank of the new adapter", check=at_least(1))
+    lora_alpha: float = option(32.0, "alpha of the new adapter (scale alpha/rank)", check=at_least(1e-12))
+    lora_dropout: float = option(0.0, "dropout on the adapter's input", check=between(0, 1, hi_open=True))
+    lora_targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers the adapter wraps (comma-separated)",
+                                     check=lambda v: None if v else "must name at least one layer")
+
+
+@dataclass
+class SamplingOptions(Options):
+    """How new tokens are drawn."""
+
+    group = "sampling"
+    temperature: float = option(0.8, "0 = greedy", check=at_least(0))
+    top_k: int = option(0, "keep the k most likely tokens (0 = off)", check=at_least(0))
+    top_p: float = option(1.0, "nucleus sampling mass (1 = off)", check=between(0, 1, lo_open=True))
+
+
+@dataclass
+class PairDataOptions(Options):
+    """Preference data and how each pair is cut."""
+
+    group = "data"
+    data: str | None = option(None, "preference file (.jsonl .json .parquet, .gz): prompt/chosen/rejected, "
+                              "UltraFeedback, HH-RLHF, ShareGPT pairs (KTO: label rows too)", required=True)
+    format: str | None = option(None, "row format", auto="detected from the first row")
+    template: str | None = option(None, "chatml, llama3, zephyr, alpaca, raw, hf or FILE.jinja",
+                                  auto="the adapters' recorded template, else the tokenizer's, else chatml")
+    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
+    max_length: int = option(1024, "prompt + reply tokens (replies cut at the end)", check=at_least(2))
+    max_prompt_length: int = option(512, "prompt tokens kept (cut from the left)", check=at_least(1))
+    epochs: float | None = option(None, "train for this many epochs (instead of --steps)", auto="1",
+                                  check=lambda v: None if v is None or v > 0 else "must be > 0")
+    val_split: float = option(0.0, "fraction of pairs held out for validation", check=between(0, 1, hi_open=True))
+    packing: bool = option(True, "one sequence per row, right-padded", negate="--no-packing")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+
+    def check(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(f"--max-prompt-length {self.max_prompt_length} must be below --max-length "
+                            f"{self.max_length}")
+        if getattr(self, "steps", None) and self.epochs:
+            raise UserError("both --steps and --epochs given", None, "give one of them")
+        super().check()
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+def lora_specs(opts) -> list[tuple[str, float]]:
+    """[(path, weight)] from --lora PATH[:WEIGHT] and the --lora-weight of the same position."""
+    specs = []
+    for i, spec in enumerate(opts.lora):
+        path, weight = spec, None
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass                      # a ':' that is part of the path
+        if weight is not None and not math.isfinite(weight):
+            raise UserError(f"--lora {spec}: the weight must be a finite number")
+        if i < len(opts.lora_weight):
+            if weight is not None:
+                raise UserError(f"--lora {spec} has a weight and a --lora-weight too", None, "give one of them")
+            weight = opts.lora_weight[i]
+        specs.append((path, 1.0 if weight is None else weight))
+    if len(opts.lora_weight) > len(opts.lora):
+        raise UserError(f"{len(opts.lora_weight)} --lora-weight for {len(opts.lora)} --lora", None,
+                        "give one weight per adapter, or write --lora PATH:WEIGHT")
+    return specs
+
+
+def check_inputs(opts, *paths) -> None:
+    """Files a command reads exist (checked before any work)."""
+    model = getattr(opts, "model", None)
+    if model is not None and not Path(model).exists():
+        raise UserError(f"model not found: {model}", None, "pass a .tinygpt file, a Hugging Face folder or a .gguf")
+    for path, _ in lora_specs(opts) if hasattr(opts, "lora") else []:
+        if not Path(path).is_file():
+            raise UserError(f"adapter not found: {path}", "--lora", "check the path")
+    for flag, path in paths:
+        if path is not None and not Path(path).exists():
+            raise UserError(f"file not found: {path}", flag, "check the path")
+
+
+def check_out(out, full: bool | None = None) -> None:
+    """--out can be written; with `full` given, its suffix matches what the stage writes."""
+    if out is None:
+        raise UserError("--out is required", None, "give the output file")
+    check_writable(out)
+    if full is None:
+        return
+    lora_out = Path(out).suffix == ".lora"
+    if full and lora_out:
+        raise UserError("--full writes a whole model, not an adapter", str(out), "use --out X.tinygpt")
+    if not full and not lora_out:
+        raise UserError("LoRA training writes an adapter file", str(out),
+                        "use --out X.lora (or --full for a .tinygpt; `tinygpt merge` folds an adapter in)")
+
+
+# ---- the chat template --------------------------------------------------------------------------
+TEMPLATE_KEYS = ("chat_template", "sft_template", "template")   # the first is written; all are read
+
+
+def template_record(template) -> dict:
+    """Metadata a stage writes beside its artifact: the template it rendered chat with."""
+    spec = template.source if template.name == "jinja" else template.name
+    return {"chat_template": spec}
+
+
+def _recorded(meta: dict) -> str | None:
+    return next((meta[k] for k in TEMPLATE_KEYS if meta.get(k)), None)
+
+
+def recorded_templates(model_path=None, adapters=()) -> list[tuple[str, str]]:
+    """(file, template) for each of the model file and the adapters that recorded one."""
+    out = []
+    if model_path is not None and Path(model_path).is_file() and Path(model_path).suffix == ".tinygpt":
+        meta = _file_meta(model_path)
+        if _recorded(meta):
+            out.append((str(model_path), _recorded(meta)))
+    for spec in adapters:
+        path = spec if isinstance(spec, (str, Path)) else spec[0]
+        t = _recorded(read_adapter(path)[1]["extra"])
+        if t:
+            out.append((str(path), t))
+    return out
+
+
+def _file_meta(path) -> dict:
+    """A safetensors file's metadata, read without loading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def resolve_template(explicit, tokenizer, model_path=None, adapters=(), fallback: bool = True):
+    """The chat template by the one rule (see the module docstring). fallback=False: None instead
+    of the tokenizer's template / chatml when nothing was given or recorded."""
+    if explicit:
+        return get_template(explicit, tokenizer)
+    found = recorded_templates(model_path, adapters)
+    names = {t for _, t in found}
+    if len(names) > 1:
+        listing = ", ".join(f"{Path(f).name}: {t if len(t) < 40 else 'a Jinja template'}" for f, t in found)
+        raise UserError(f"the model files were trained with different chat templates ({listing})", None,
+                        "pass --template to choose one")
+    if names:
+        return get_template(names.pop(), tokenizer)
+    return get_template(None, tokenizer) if fallback else None   # the tokenizer's own, else chatml
+
+
+def stop_ids(tokenizer, template=None) -> list[int]:
+    """EOS / end-of-turn ids of the tokenizer plus the template's single-token stop strings."""
+    ids = set(tokenizer.stop_ids())
+    for s in getattr(template, "stop_strings", None) or []:
+        i = tokenizer.token_to_id(s)
+        if i is not None:
+            ids.add(i)
+    return sorted(ids)
+
+
+def template_tokens(model, tokenizer, template, may_add: bool, where) -> list[str]:
+    """The template's special tokens the tokenizer lacks: added (and the embeddings grown) when the
+    stage may change the vocabulary (full fine-tuning: an adapter is tied to its base's), else
+    refused. Returns the added tokens."""
+    vocab = tokenizer.tk.get_vocab(with_added_tokens=True)
+    missing = [t for t in template.special_tokens if t not in vocab]
+    if missing and not may_add:
+        raise UserError(f"the tokenizer lacks the chat template's tokens {', '.join(missing)}", where,
+                        "run SFT with this template first, pick another --template, or use --full")
+    added = ensure_special_tokens(tokenizer, template) if missing else []
+    if added:
+        model.resize_token_embeddings(max(tokenizer.vocab_size, model.config.vocab_size))
+    return added
+
+
+# ---- run length and splits ------------------------------------------------------------------------
+def epochs_to_steps(epochs: float, n_items: int, per_step: int) -> int:
+    """Optimizer steps for `epochs` passes over `n_items` at `per_step` items a step (rounded up)."""
+    return max(1, math.ceil(epochs * n_items / per_step))
+
+
+def split_items(items: list, frac: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split: round(frac * n) items, at least one when frac > 0 (and at least
+    one left to train on)."""
+    if frac <= 0:
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(f"split/{seed}").shuffle(order)
+    n_val = max(1, round(len(items) * frac))
+    if n_val >= len(items):
+        raise UserError(f"--val-split {frac} leaves no training data ({len(items)} items)", None,
+                        "lower --val-split or add data")
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+# ---- LoRA versus full, and the reference ------------------------------------------------------------
+def make_trainable(model, opts, name: str = "default", log=print) -> int:
+    """A fresh adapter `name` (seeded from --seed; trained in float32 over any base dtype), or with
+    --full every weight trainable (input adapters merged first). Returns the trainable count."""
+    if opts.full:
+        merge_and_unload(model)
+        for p in model.parameters():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+    torch.manual_seed(opts.seed)          # the adapter's random A is part of the run's seed
+    n = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.lora_targets, name=name)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return n
+
+
+def reference_for(model, full: bool, name: str = "default"):
+    """The frozen reference: a copy of the weights (full fine-tuning) or the name of the adapter
+    whose switching off gives it (LoRA: no second copy in memory)."""
+    if full:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    return name
+
+
+def compile_blocks(gpt) -> None:
+    """torch.compile each block (for loss steps with data-dependent Python around the model)."""
+    for block in gpt.model.layers:
+        block.compile()
+
+
+
+def resolve_plan(opts, steps: int, lr: float | None = None, warmup_cap: int = 0, validates: bool = False, **more):
+    """The options with every automatic value resolved: steps (epochs are turned into steps by the
+    caller), lr, min_lr (lr/10), warmup (at most `warmup_cap` steps and 10% of the run unless
+    given) and val_every (at least once, at the end, when there is held-out data; 0 when there is
+    none)."""
+    lr = lr if lr is not None else opts.lr
+    warmup = opts.warmup if opts.warmup is not None else default_warmup(steps, warmup_cap)
+    val_every = (opts.val_every or steps) if validates else 0
+    if hasattr(opts, "epochs"):
+        more["epochs"] = None          # now given as steps
+    return replace(opts, steps=steps, lr=lr, min_lr=lr / 10 if opts.min_lr is None else opts.min_lr,
+                   warmup=min(warmup, steps), val_every=val_every, **more)

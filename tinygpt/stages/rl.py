@@ -1,0 +1,422 @@
+"""`tinygpt ppo` and `tinygpt grpo`: online RL for language models on the engine.
+
+Design choices:
+- An RL stage is a `Stage` with an `iteration(engine, it)` hook: rollout (the batched KV-cache
+  `generate`, CUDA-graph decode), scoring (reward, reference log-probs, values and the behaviour
+  log-probs recomputed by the training forward, so the first PPO ratio is exactly 1), advantages,
+  then `epochs` passes over shuffled minibatches, each one `engine.train_step`. The engine counts
+  iterations (`--steps`, alias `--iterations`) and gives RL what it gives every stage: --resume
+  (the adaptive KL coefficient is saved with the weights), the NaN/divergence stop, progress,
+  metrics.jsonl (and samples.jsonl), checkpoints and Ctrl-C.
+- Rollout i is a pure function of (seed, i, rank) and the weights, and the minibatch shuffle of
+  iteration i a pure function of (seed, i), so a resumed run repeats an uninterrupted one.
+- PPO rewards: the reward model's score at the last response token, minus `kl_coef` times a
+  per-token KL estimate (k1 or k3) to the reference; GAE; advantages whitened over real tokens;
+  clipped policy and value losses, entropy bonus. `kl_target` turns on the adaptive KL controller.
+  An iteration's epochs stop early when the approximate KL to the rollout policy passes `max_kl`.
+- GRPO: G completions per prompt, group-relative advantages (`losses.group_advantages`: GRPO with
+  or without std scaling, or RLOO's leave-one-out), no value network, an optional k3 KL term in
+  the loss. The loss is a token-level mean over the minibatch (long and short answers weigh by
+  their tokens, no per-sequence length normalisation).
+- top-k/top-p sampling makes the rollouts slightly off-policy (the loss sees the full distribution).
+- Under torchrun each rank rolls out its own prompts; the engine averages gradients.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import save_model
+from ..data.formats import load_prompts
+from ..device import DTYPE_NAMES, resolve_dtype
+from ..errors import UserError
+from ..generate import generate
+from ..io import save_tensors
+from ..load import load_model_and_tokenizer
+from ..logprobs import make_batch, target_logprobs
+from ..lora import disable_lora, lora_modules, save_adapter
+from ..losses import (explained_variance, gae, group_advantages, kl_penalty, masked_mean, masked_whiten,
+                      ppo_policy_loss, ppo_value_loss)
+from ..options import above, at_least, between, option
+from ..reward_model import load_reward_model
+from ..rollout import (VALUE_FILE, ActorCritic, AdaptiveKL, Episode, RolloutBuffer, ValueNetwork, _head, _per_token,
+                       encode_prompts, policy_hidden, save_value_network)
+from ..train.engine import run_dir_for
+from ..train.stage import Stage, TrainOptions
+from ..verifiers import FunctionReward, ModelReward, get_reward_fn
+from .common import (LoRAOptions, ModelOptions, SamplingOptions, check_inputs, check_out, lora_specs, make_trainable,
+                     reference_for, resolve_plan, resolve_template, stop_ids, template_record, template_tokens)
+
+
+@dataclass
+class RLOptions(ModelOptions, LoRAOptions, SamplingOptions, TrainOptions):
+    """Prompts, the reward, and the rollout and update settings PPO and GRPO share."""
+
+    group = "online RL"
+    prompts: str | None = option(None, "prompt file (SFT, preference, {prompt} or {question, answer} rows)",
+                                 required=True)
+    reward: str | None = option(None, "reward model .tinygpt (from 'tinygpt reward')")
+    reward_fn: str | None = option(None, "verifiable reward: gsm8k, synth, format or module:function")
+    reward_dtype: str = option("auto", "precision of the reward model", choices=DTYPE_NAMES)
+    template: str | None = option(None, "chat template", auto="the adapters' recorded template, else the "
+                                  "tokenizer's, else chatml")
+    steps: int | None = option(100, "rollout + update rounds", aliases=("--iterations",), check=at_least(1))
+    batch: int = option(8, "prompts per iteration (per rank)", check=at_least(1))
+    group_size: int = option(1, "completions per prompt", check=at_least(1))
+    max_new_tokens: int = option(64, "longest completion", check=at_least(1))
+    temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)", check=above(0))
+    minibatch: int = option(8, "sequences per optimizer step (0: the whole rollout)", check=at_least(0))
+    ppo_epochs: int = option(4, "passes over each rollout", check=at_least(1))
+    clip: float = option(0.2, "policy ratio clip", check=above(0))
+    kl_coef: float = option(0.05, "KL-to-reference coefficient (0: no reference)", check=at_least(0))
+    kl_target: float = option(0.0, "adaptive KL controller target (0: fixed)", check=at_least(0))
+    kl_horizon: int = option(10000, "adaptive KL controller horizon, in sequences", check=at_least(1))
+    max_kl: float = option(0.0, "stop an iteration's epochs above this approximate KL (0: off)", check=at_least(0))
+    samples: int = option(4, "completions per iteration written to samples.jsonl", check=at_least(0))
+    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
+    lr: float | None = option(None, "peak learning rate", auto="1e-5, or 1e-6 with --full",
+                              check=between(0, 1, lo_open=True))
+    lr_schedule: str = option("constant", "learning-rate schedule", choices=("cosine", "linear", "constant", "wsd"))
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
+
+    def check(self) -> None:
+        if self.reward and self.reward_fn:
+            raise UserError("both --reward and --reward-fn given", None, "give one of them")
+        super().check()
+
+    def require(self) -> None:
+        super().require()
+        if not (self.reward or self.reward_fn):
+            raise UserError("no reward: give --reward (a reward model) or --reward-fn (a function)", None,
+                            f"see 'tinygpt {self.command} --help'")
+
+
+@dataclass
+class PPOOptions(RLOptions):
+    command = "ppo"
+    group = "PPO"
+    value_model: str | None = option(None, "separate value backbone (.tinygpt, same tokenizer)",
+                                     auto="a head on the policy")
+    kl_kind: str = option("k1", "per-token KL estimator in the reward", choices=("k1", "k3"))
+    gamma: float = option(1.0, "discount", check=between(0, 1))
+    lam: float = option(0.95, "GAE lambda", check=between(0, 1))
+    vf_coef: float = option(0.1, "value loss coefficient", check=at_least(0))
+    vf_clip: float = option(0.2, "value clip", check=above(0))
+    ent_coef: float = option(0.0, "entropy bonus", check=at_least(0))
+    whiten: bool = option(True, "do not whiten advantages", negate="--no-whiten")
+
+
+@dataclass
+class GRPOOptions(RLOptions):
+    command = "grpo"
+    group = "GRPO"
+    group_size: int = option(4, "completions per prompt (the group)", check=at_least(2))
+    minibatch: int = option(0, "sequences per optimizer step (0: the whole rollout)", check=at_least(0))
+    ppo_epochs: int = option(1, "passes over each rollout", check=at_least(1))
+    rloo: bool = option(False, "leave-one-out baseline (RLOO) instead of the group mean")
+    normalize_std: bool = option(True, "do not divide advantages by the group's std", negate="--no-std")
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class RLTrainer(Stage):
+    """Shared rollout / scoring / update loop. Subclasses give `advantages` and `loss_step`.
+
+    PPOTrainer(PPOOptions(model="base.tinygpt", lora=["sft.lora"], prompts="p.jsonl", reward="rm.tinygpt",
+               out="ppo.lora")).train()
+    Python callers may pass `model`/`tokenizer` loaded, `prompts` as `rollout.Prompt`s, `reward` as a
+    callable episodes -> (N,) scores, `stop_ids` (default: the tokenizer's and the template's), and
+    `reference`: the name of a trainable adapter already on the model (reference = policy with it
+    off), a frozen model, or False for no KL; without `reference` the stage adds the fresh adapter
+    (or, with --full, the frozen copy) itself."""
+
+    kind = "rl"
+    uses_value = False
+
+    def __init__(self, options, model=None, tokenizer=None, prompts=None, reward=None, value=None,
+                 reference=None, stop_ids=None, log=None):
+        super().__init__(options, log)
+        self.policy, self.tok, self.prompts, self.reward = model, tokenizer, prompts, reward
+        self.value, self.reference, self.stop_ids = value, reference, stop_ids
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def setup(self, run) -> None:
+        o = self.opts
+        check_out(o.out, o.full)
+        self.device, self.rank, self.world, self.run_dir = run.device, run.rank, run.world, run_dir_for(o.out)
+        if self.policy is None:
+            check_inputs(o, ("--prompts", o.prompts), ("--reward", o.reward), ("--value-model", self._value_path()))
+            # LoRA: the frozen base may live in bf16, the adapter trains in float32; --full keeps fp32 weights
+            self.policy, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o), device=run.device,
+                                                             dtype=torch.float32 if o.full else run.dtype)
+        self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
+        if self.prompts is None:             # prompts given as token ids need no template tokens
+            template_tokens(self.policy, self.tok, self.template, may_add=False, where=str(o.model))
+        if self.stop_ids is None:
+            self.stop_ids = stop_ids(self.tok, self.template)
+        if self.reward is None:
+            if not (o.reward or o.reward_fn):
+                raise UserError("no reward: give --reward (a reward model) or --reward-fn (a function)")
+            self.reward = self._build_reward(run.device)
+        if self.prompts is None:
+            self.prompts = self._load_prompts(run.log)
+        if not self.prompts:
+            raise UserError("no prompts to train on", o.prompts, "give a --prompts file with rows")
+        if self.reference is None:
+            make_trainable(self.policy, o, self.kind)
+            self.reference = reference_for(self.policy, o.full, self.kind)
+        elif self.reference is False:
+            self.reference = None
+        elif isinstance(self.reference, str) and not any(self.reference in m.lora_A
+                                                         for m in lora_modules(self.policy).values()):
+            raise ValueError(f"reference={self.reference!r} names the trainable adapter, but the policy has none "
+                             "of that name (apply_lora(..., name=...) first, or pass no reference)")
+        self._setup_value(run)
+        self.vocab_limit = min(self.tok.vocab_size, self.policy.config.vocab_size)
+        self.pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+        self.model = self.net = ActorCritic(self.policy, self.value, self.vocab_limit, o.temperature)
+        self.kl = AdaptiveKL(o.kl_coef, o.kl_target, o.kl_horizon)
+        n_seq = o.batch * o.group_size
+        self.minibatch = min(o.minibatch or n_seq, n_seq)
+        self.updates_per_iteration = o.ppo_epochs * math.ceil(n_seq / self.minibatch)
+        self.plan = resolve_plan(o, o.steps, lr=o.lr or (1e-6 if o.full else 1e-5))
+        self.order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(o.seed)).tolist()
+        run.log(f"{self.kind}: {len(self.prompts)} prompts, template {self.template.name}, "
+                f"{'full fine-tuning' if o.full else f'LoRA rank {o.lora_rank}'}, device {run.device}")
+
+    def _value_path(self):
+        return None
+
+    def _setup_value(self, run) -> None:
+        pass
+
+    def _build_reward(self, device):
+        o = self.opts
+        if o.reward_fn:
+            return FunctionReward(get_reward_fn(o.reward_fn))
+        rm = load_reward_model(o.reward, device)
+        rm.to(resolve_dtype(o.reward_dtype, device)).requires_grad_(False)
+        return ModelReward(rm, self.tok, self.template)
+
+    def _load_prompts(self, log) -> list:
+        o = self.opts
+        rows = load_prompts(o.prompts, o.skip_bad_rows)
+        prompts, dropped = encode_prompts(self.tok, self.template, rows,
+                                          self.policy.config.block_size - o.max_new_tokens)
+        if dropped:
+            log(f"dropped {dropped} prompt(s) longer than the context minus --max-new-tokens")
+        if not prompts:
+            raise UserError("no usable prompts", o.prompts, "check the file or lower --max-new-tokens")
+        return prompts
+
+    def schedule_steps(self) -> int:
+        return self.plan.steps * self.updates_per_iteration
+
+    def resume_key(self) -> dict:
+        o = self.opts
+        return {"kind": self.kind, "model": self.policy.config.to_json(), "prompts": len(self.prompts),
+                "batch": o.batch, "group_size": o.group_size, "seed": o.seed, "world": self.world,
+                "full": o.full, "minibatch": self.minibatch, "epochs": o.ppo_epochs}
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl.coef = state.get("kl_coef", self.kl.coef)
+
+    # ---- rollout and scoring -------------------------------------------------------------------
+    def rollout(self, it: int) -> list[Episode]:
+        """Sample `group_size` completions for each of this iteration's `batch` prompts."""
+        o = self.opts
+        start = (it * self.world + self.rank) * o.batch
+        chosen = [self.prompts[self.order[(start + j) % len(self.order)]] for j in range(o.batch)]
+        flat = [p for p in chosen for _ in range(o.group_size)]
+        g = generate(self.policy, [p.ids for p in flat], o.max_new_tokens, o.temperature, o.top_k, o.top_p,
+                     self.stop_ids, self.vocab_limit, seed=o.seed * 1_000_003 + it * self.world + self.rank,
+                     pad_id=self.pad)
+        return [Episode(p, t, self.tok.decode(t), f, lp) for p, t, f, lp in zip(flat, g.tokens, g.finished, g.logprobs)]
+
+    def _reference_ctx(self):
+        if isinstance(self.reference, str):
+            return disable_lora(self.policy, names=[self.reference])
+        return nullcontext(self.reference)
+
+    def _needs_reference(self) -> bool:
+        return self.reference is not None and (self.kl.coef > 0 or self.opts.kl_target > 0)
+
+    @torch.no_grad()
+    def score(self, episodes: list[Episode], engine=None):
+        """Rewards, behaviour/reference log-probs, values and advantages -> (RolloutBuffer, info, scores)."""
+        engine = engine or self.engine
+        seqs = [(e.prompt.ids + e.tokens, [0] * len(e.prompt.ids) + [1] * len(e.tokens)) for e in episodes]
+        N, L = len(seqs), max(len(e.tokens) for e in episodes)
+        lengths = torch.tensor([len(e.tokens) for e in episodes], device=self.device)
+        mask = (torch.arange(L, device=self.device)[None, :] < lengths[:, None]).float()  # (N, L)
+        old = torch.zeros(N, L, device=self.device)
+        ent = torch.zeros(N, L, device=self.device)
+        ref = torch.zeros(N, L, device=self.device) if self._needs_reference() else None
+        values = torch.zeros(N, L, device=self.device) if self.uses_value else None
+        self.net.eval()
+        with engine.autocast():
+            for s in range(0, N, self.minibatch):
+                b = make_batch(seqs[s:s + self.minibatch], self.pad, self.device)
+                lp, v, e = self.net(b, values=self.uses_value, entropy=True)
+                rows = slice(s, s + b.n_seqs)
+                old[rows], ent[rows] = _per_token(b, lp, L), _per_token(b, e, L)
+                if values is not None:
+                    values[rows] = _per_token(b, v, L)
+                if ref is not None:
+                    with self._reference_ctx() as rmodel:
+                        h = policy_hidden(rmodel, b) / self.opts.temperature
+                        ref[rows] = _per_token(b, target_logprobs(_head(rmodel, self.vocab_limit), h, b.target), L)
+        self.net.train()
+        scores = self.reward(episodes).to(self.device).float()                              # (N,)
+        tensors, info = self.advantages(scores, old, ref, values, mask)
+        kl = ((old - ref) * mask).sum(1).mean().item() if ref is not None else 0.0
+        info.update(reward_mean=scores.mean().item(), reward_std=scores.std().item() if N > 1 else 0.0,
+                    kl=kl, kl_coef=self.kl.coef, entropy=masked_mean(ent, mask).item(),
+                    response_len=lengths.float().mean().item(),
+                    finished=sum(e.finished for e in episodes) / N, response_tokens=int(lengths.sum()))
+        self.kl.update(kl, N * self.world)
+        buf = RolloutBuffer(seqs, mask, old_logp=old, ref_logp=ref, **tensors)
+        return buf, info, scores
+
+    # ---- update --------------------------------------------------------------------------------
+    def update(self, engine, buf: RolloutBuffer, it: int) -> dict:
+        """`epochs` passes of shuffled minibatches, each one optimizer step of the engine."""
+        gen = torch.Generator().manual_seed(self.opts.seed * 7919 + it)
+        sums: dict = {}
+        n = 0
+        for _ in range(self.opts.ppo_epochs):
+            for idx in buf.minibatches(self.minibatch, gen):
+                m = engine.train_step([buf.gather(idx, self.pad, self.device)])
+                m["skipped"] = float(not m.pop("finite"))
+                n += 1
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if self.opts.max_kl > 0 and m.get("approx_kl", 0.0) > self.opts.max_kl:
+                    return {**{k: v / n for k, v in sums.items()}, "updates": n, "early_stop": 1}
+        return {**{k: v / max(n, 1) for k, v in sums.items()}, "updates": n, "early_stop": 0}
+
+    def _policy_terms(self, model, mb, values: bool):
+        logp, v, ent = model(mb["batch"], values=values, entropy=self.opts.ent_coef > 0 if values else False)
+        ones = torch.ones_like(logp)
+        pg, clip_frac, approx_kl = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], ones, self.opts.clip)
+        metrics = {"policy_loss": pg.detach(), "clip_frac": clip_frac, "approx_kl": approx_kl,
+                   "tokens": mb["batch"].n_tokens}
+        loss = pg
+        if ent is not None:
+            loss = loss - self.opts.ent_coef * ent.mean()
+        return loss, logp, v, metrics
+
+    # ---- the protocol ---------------------------------------------------------------------------
+    def iteration(self, engine, it: int) -> dict:
+        t0 = _clock(self.device)
+        episodes = self.rollout(it)
+        t1 = _clock(self.device)
+        buf, info, scores = self.score(episodes, engine)
+        t2 = _clock(self.device)
+        stats = self.update(engine, buf, it)
+        t3 = _clock(self.device)
+        if self.rank == 0 and self.opts.samples:
+            engine.write_samples([{"step": it + 1, "prompt": e.prompt.text, "completion": e.text, "reward": r}
+                                  for e, r in list(zip(episodes, scores.tolist()))[:self.opts.samples]])
+        return {"iteration": it + 1, **info, **stats, "time_generate": t1 - t0, "time_score": t2 - t1,
+                "time_train": t3 - t2}
+
+    def progress(self, last: dict) -> dict:
+        return {"reward": f"{last['reward_mean']:.3f}", "kl": f"{last['kl']:.3f}"}
+
+    def summary(self, last: dict) -> str:
+        return f"iteration {last['iteration']}: reward {last['reward_mean']:.4f}, kl {last['kl']:.4f} -> {self.opts.out}"
+
+    def save(self, final: bool) -> None:
+        if self.rank != 0:
+            return
+        o = self.opts
+        meta = {"stage": self.kind, **template_record(self.template),
+                "stacked_on": json.dumps([str(p) for p, _ in lora_specs(o)])}
+        if isinstance(self.reference, str):
+            save_adapter(self.policy, o.out, self.reference, meta)
+        else:
+            save_model(o.out, self.policy, self.tok, meta)
+        if self.value is not None and self.value.backbone is None:
+            save_tensors(self.run_dir / "value_head.safetensors", dict(self.value.head.state_dict()))
+        elif self.value is not None:   # its own backbone was trained too: keep all of it
+            save_value_network(self.run_dir / VALUE_FILE, self.value, self.tok, meta)
+        if final:
+            self.log(f"saved {o.out}")
+
+
+class PPOTrainer(RLTrainer):
+    """PPO with a value head, per-token KL penalty in the reward, GAE and clipped losses.
+    `value`: a ValueNetwork (default: a fresh head shared with the policy backbone)."""
+
+    Options = PPOOptions
+    name = kind = "ppo"
+    uses_value = True
+
+    def _value_path(self):
+        return self.opts.value_model
+
+    def _setup_value(self, run) -> None:
+        if self.value is None and self.opts.value_model:
+            vmodel, vtok = load_model_and_tokenizer(self.opts.value_model, device=run.device)
+            if vtok.to_json() != self.tok.to_json():
+                raise UserError("the value model's tokenizer differs from the policy's", self.opts.value_model,
+                                "use a value model with the same tokenizer")
+            self.value = ValueNetwork(vmodel.config.n_embd, vmodel.requires_grad_(True).train())
+        if self.value is None:
+            self.value = ValueNetwork(self.policy.config.n_embd)
+        self.value.to(run.device)
+
+    def advantages(self, scores, old, ref, values, mask):
+        o, N = self.opts, mask.shape[0]
+        kl_tok = kl_penalty(old, ref, o.kl_kind) * mask if ref is not None else torch.zeros_like(mask)
+        rewards = -self.kl.coef * kl_tok                                                     # (N, L)
+        last = mask.sum(1).long() - 1                                                        # (N,)
+        rewards[torch.arange(N, device=mask.device), last] += scores   # score at the last response token
+        adv, ret = gae(rewards, values, mask, o.gamma, o.lam)
+        if o.whiten:
+            adv = masked_whiten(adv, mask)
+        ev = explained_variance(values, ret, mask).item()
+        return {"advantages": adv, "returns": ret, "values": values}, {"explained_var": ev}
+
+    def loss_step(self, model, mb):
+        loss, logp, v, metrics = self._policy_terms(model, mb, values=True)
+        vf, vf_clip = ppo_value_loss(v, mb["values"], mb["returns"], torch.ones_like(v), self.opts.vf_clip)
+        loss = loss + self.opts.vf_coef * vf
+        n = logp.numel()
+        return loss * n, n, {**metrics, "value_loss": vf.detach(), "value_clip_frac": vf_clip}
+
+
+class GRPOTrainer(RLTrainer):
+    """GRPO / RLOO: group-relative advantages over `group_size` completions per prompt, no value
+    network, optional k3 KL to the reference in the loss."""
+
+    Options = GRPOOptions
+    name = kind = "grpo"
+
+    def advantages(self, scores, old, ref, values, mask):
+        o = self.opts
+        adv = group_advantages(scores, o.group_size, o.normalize_std, o.rloo)                  # (N,)
+        solved = (scores.view(-1, o.group_size).std(1) == 0).float().mean().item()
+        return {"advantages": adv[:, None] * mask}, {"zero_std_groups": solved}
+
+    def loss_step(self, model, mb):
+        loss, logp, _, metrics = self._policy_terms(model, mb, values=False)
+        if mb["ref_logp"] is not None and self.kl.coef > 0:
+            kl = kl_penalty(logp, mb["ref_logp"], "k3").mean()
+            loss = loss + self.kl.coef * kl
+            metrics["kl_loss"] = kl.detach()
+        n = logp.numel()
+        return loss * n, n, metrics
