@@ -122,3 +122,10 @@ def test_values_are_converted_and_checked_the_same_from_every_source(tmp_path):
     path.write_text("'off': true\nrate: 0.5\n")
     assert parse(_Toy, ["--config", str(path)], "tinygpt toy") == _Toy(on=False, rate=0.5)
     assert parse(_Toy, ["--config", str(path), "--rate", "0.25"], "tinygpt toy").rate == 0.25   # flags win
+
+
+def test_the_command_reference_in_docs_is_up_to_date():
+    from pathlib import Path
+    from tinygpt.commands import reference_markdown
+    doc = Path(__file__).resolve().parents[1] / "docs" / "commands.md"
+    assert doc.read_text() == reference_markdown() + "\n", "run: python -m tinygpt.commands > docs/commands.md"

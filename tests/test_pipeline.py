@@ -1,7 +1,6 @@
 """Pipeline: wiring, resumability after a failed stage, and the report built from the results."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 

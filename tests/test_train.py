@@ -13,7 +13,7 @@ from tinygpt.data.corpus import TokenBatches, read_documents, tokenize_corpus
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step
-from tinygpt.train.engine import Engine, prepare, run_dir_for
+from tinygpt.train.engine import prepare, run_dir_for
 from tinygpt.train.stage import FunctionStage, TrainOptions
 
 TEXT = "\n\n".join(f"Story {i}. The cat number {i} sat on mat {i % 7} and looked at the moon." for i in range(60))

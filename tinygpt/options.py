@@ -231,52 +231,63 @@ def _help(spec: Spec) -> str:
     text = m["help"] or ""
     if m["auto"]:
         text += f" (default: {m['auto']})"
-    elif spec.default not in (None, False, [], ()) and not m["negate"]:
-        text += f" (default: {spec.default})"
+    elif spec.default is not None and not isinstance(spec.default, bool) and spec.default != []:
+        shown = ",".join(map(str, spec.default)) if isinstance(spec.default, (list, tuple)) else spec.default
+        text += f" (default: {shown})"
     return text.replace("%", "%%").strip()
+
+
+def grouped(cls) -> list[tuple[str, list[Spec]]]:
+    """The command-line options of `cls` by --help section, the command's own sections first."""
+    owners, groups = _owners(cls), {}
+    for spec in specs(cls):
+        if spec.meta["cli"]:
+            groups.setdefault(owners.get(spec.name, "options"), []).append(spec)
+    return list(reversed(groups.items()))
 
 
 def build_parser(cls, prog: str, description: str = "") -> Parser:
     """The argparse parser of an Options class: every option read as text (switches as True), so
     `convert` does all checking; absent options stay absent (argument_default=SUPPRESS)."""
     p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    groups: dict = {}
-    owners = _owners(cls)
-    for spec in specs(cls):
-        m = spec.meta
-        if not m["cli"]:
-            continue
-        title = owners.get(spec.name, "options")
-        g = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
-        kind, is_list, _ = _base(spec.type)
-        if m["positional"]:
-            g.add_argument(spec.name, nargs="?", help=_help(spec), metavar=m["metavar"] or spec.name.upper())
-        elif kind is bool:
-            if m["negate"]:
-                g.add_argument(m["negate"], dest=spec.name, action="store_const", const=False, help=_help(spec))
-            else:
-                g.add_argument(spec.flag, *m["aliases"], dest=spec.name, action="store_const", const=True,
-                               help=_help(spec))
-        else:
-            kw = dict(dest=spec.name, help=_help(spec), metavar=m["metavar"] or spec.name.upper())
-            if m["choices"] is not None:
-                kw["metavar"] = "{" + ",".join(map(str, m["choices"])) + "}"
-            if is_list and m["many"]:
-                kw["nargs"] = "+"
-            elif is_list:
-                kw["action"] = "append"
-            g.add_argument(spec.flag, *m["aliases"], **kw)
+    for title, members in grouped(cls):
+        g = p.add_argument_group(title)
+        for spec in members:
+            _add_argument(g, spec)
     p.add_argument("--config", dest="_config_file", metavar="FILE.yaml",
                    help="read these options from a YAML file (flags win)")
     return p
 
 
+def _add_argument(g, spec: Spec) -> None:
+    m = spec.meta
+    kind, is_list, _ = _base(spec.type)
+    if m["positional"]:
+        g.add_argument(spec.name, nargs="?", help=_help(spec), metavar=m["metavar"] or spec.name.upper())
+    elif kind is bool:
+        if m["negate"]:
+            g.add_argument(m["negate"], dest=spec.name, action="store_const", const=False, help=_help(spec))
+        else:
+            g.add_argument(spec.flag, *m["aliases"], dest=spec.name, action="store_const", const=True,
+                           help=_help(spec))
+    else:
+        kw = dict(dest=spec.name, help=_help(spec), metavar=m["metavar"] or spec.name.upper())
+        if m["choices"] is not None:
+            kw["metavar"] = "{" + ",".join(map(str, m["choices"])) + "}"
+        if is_list and m["many"]:
+            kw["nargs"] = "+"
+        elif is_list:
+            kw["action"] = "append"
+        g.add_argument(spec.flag, *m["aliases"], **kw)
+
+
 def _owners(cls) -> dict:
-    """field name -> the `group` of the class in the MRO that declares it (for --help sections)."""
+    """field name -> the `group` of the class that first declares it (for --help sections; a
+    subclass that only changes a default keeps the option in its original group)."""
     out = {}
     for klass in reversed(cls.__mro__):
-        for name in getattr(klass, "__annotations__", {}):
-            out[name] = klass.__dict__.get("group", getattr(klass, "group", "options"))
+        for name in klass.__dict__.get("__annotations__", {}):
+            out.setdefault(name, klass.__dict__.get("group", getattr(klass, "group", "options")))
     return out
 
 

@@ -21,8 +21,6 @@ are rendered with it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn

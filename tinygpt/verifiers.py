@@ -143,7 +143,7 @@ def user_reward_fn(fn, name: str):
     return reward
 
 
-# ---- reward sources for the RL trainers ----------------------------------------------------------------------------------
+# ---- reward sources for the RL trainers -------------------------------------------------------------
 class FunctionReward:
     """fn(prompt text of the last user turn, completion with its stop marker, answer) -> float."""
 

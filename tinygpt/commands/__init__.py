@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..options import parse, values_from_mapping
+from ..options import _help, grouped, parse, values_from_mapping
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "data synth": ("tinygpt.commands.data:synth", "write the synthetic world (corpus, SFT, preferences, eval)"),
@@ -88,3 +88,22 @@ def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
         if len(argv) >= n and name in COMMANDS:
             return name, argv[n:]
     return None, argv
+
+
+def reference_markdown() -> str:
+    """docs/commands.md: every command with every option, from the Options classes themselves."""
+    out = ["# Commands and their options", "",
+           "Generated from the commands' Options classes (`python -m tinygpt.commands > docs/commands.md`); "
+           "every option is also a `--config FILE.yaml` key (the field name or the flag, with - or _).", ""]
+    for name, (_, help_text) in COMMANDS.items():
+        out += [f"## tinygpt {name}", "", help_text + ".", "", "| option | meaning |", "|---|---|"]
+        for title, members in grouped(command(name).options):
+            out.append(f"| **{title}** | |")
+            for s in members:
+                flag = s.name.upper() if s.meta["positional"] else (s.meta["negate"] or s.flag)
+                flags = ", ".join(f"`{f}`" for f in [flag, *([] if s.meta["positional"] else s.meta["aliases"])])
+                choices = f" ({', '.join(map(str, s.meta['choices']))})" if s.meta["choices"] else ""
+                req = " Required." if s.meta["required"] else ""
+                out.append(f"| {flags} | {_help(s).replace('%%', '%').replace('|', '/')}{choices}{req} |")
+        out.append("")
+    return "\n".join(out)

@@ -11,11 +11,11 @@ from ..eval.harness import TASKS, evaluate
 from ..io import check_writable
 from ..options import at_least, option
 from ..reward_model import load_reward_model
-from ..stages.common import ModelOptions, check_inputs, lora_specs, resolve_template
+from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs, resolve_template
 
 
 @dataclass
-class EvalOptions(ModelOptions, DeviceOptions):
+class EvalOptions(ModelOptions, TemplateOptions, DeviceOptions):
     """Tasks, their data and how they are scored."""
 
     command = "eval"
@@ -24,8 +24,6 @@ class EvalOptions(ModelOptions, DeviceOptions):
     data: list[str] = option([], "data file for every task, or TASK=FILE (repeatable)", repeat=True)
     limit: int | None = option(None, "first N items of each task", check=at_least(1))
     out: str | None = option(None, "results JSON")
-    template: str | None = option(None, "chat template for generation tasks",
-                                  auto="the adapters' recorded template, else the tokenizer's, else chatml")
     shots: int = option(0, "few-shot demonstrations", check=at_least(0))
     fewshot_data: str | None = option(None, "draw demonstrations from this file/folder (MMLU dev, GSM8K train)")
     batch: int = option(8, "items per forward", check=at_least(1))
@@ -56,13 +54,11 @@ def eval_command(opts: EvalOptions) -> None:
 
 
 @dataclass
-class ScoreOptions(DeviceOptions):
+class ScoreOptions(TemplateOptions, DeviceOptions):
     command = "score"
     model: str | None = option(None, "reward model .tinygpt (from 'tinygpt reward')", positional=True, required=True)
     text: str | None = option(None, "the reply (or whole text) to score", required=True)
     prompt: str | None = option(None, "user prompt: score --text as the reply to it, rendered with the template")
-    template: str | None = option(None, "chat template used with --prompt", auto="the one the reward model was "
-                                  "trained with")
 
 
 def score_text(model_path, text: str, prompt: str | None = None, template=None, device: str = "auto") -> float:

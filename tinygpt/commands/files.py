@@ -21,8 +21,8 @@ from ..checkpoint import save_model
 from ..device import DeviceOptions, check_device_name, setup_device
 from ..errors import UserError
 from ..eval.ppl import load_documents, perplexity
-from ..interop.gguf import export_gguf, load_gguf
-from ..interop.hf import export_hf, export_peft, load_hf
+from ..interop.gguf import export_gguf
+from ..interop.hf import export_hf, export_peft
 from ..load import load_model_and_tokenizer
 from ..lora import merge_and_unload
 from ..options import Options, at_least, option
@@ -46,14 +46,11 @@ class ImportOptions(Options):
 def import_model(src, out) -> dict:
     """Convert a Hugging Face folder or a .gguf file into a .tinygpt file; returns a summary."""
     src = Path(src)
-    if src.is_dir():
-        model, tok = load_hf(src)
-    elif src.suffix == ".gguf":
-        model, tok = load_gguf(src)
-    elif not src.exists():
+    if not src.exists():
         raise UserError(f"not found: {src}", None, "pass a Hugging Face model folder or a .gguf file")
-    else:
+    if not (src.is_dir() or src.suffix == ".gguf"):
         raise UserError(f"cannot import {src.name}", str(src), "pass a Hugging Face model folder or a .gguf file")
+    model, tok = load_model_and_tokenizer(src)
     save_model(out, model, tok, {"source": str(src)})
     return {"params": model.num_params(), "vocab": model.config.vocab_size, "layers": model.config.n_layer}
 
@@ -99,7 +96,8 @@ def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out
         rows = model._lora_meta[last].get("trained_tokens")
         if rows and not base_out:   # loading wrote them into the base: only an exported base has them
             raise UserError(f"the adapter also trained the rows of {', '.join(rows)}, which a PEFT LoRA folder "
-                            "does not hold", str(lora[-1][0]), "pass --base-out DIR: the base written there carries them")
+                            "does not hold", str(lora[-1][0]),
+                            "pass --base-out DIR: the base written there carries them")
         info = export_peft(model, last, out, base_out=base_out)
         if base_out:   # what remains: the base with the earlier adapters (and any tokens they added)
             export_hf(merge_and_unload(model), tok, base_out, dtype)
@@ -114,7 +112,8 @@ def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out
 def export_command(opts: ExportOptions) -> None:
     check_inputs(opts)
     info = export_model(opts.model, opts.out, opts.format, lora_specs(opts), opts.dtype, opts.base_out)
-    print(f"wrote {opts.out} ({opts.format}, {info['family']})" + (f"; {info['modelfile']}" if "modelfile" in info else ""))
+    extra = f"; {info['modelfile']}" if "modelfile" in info else ""
+    print(f"wrote {opts.out} ({opts.format}, {info['family']}){extra}")
 
 
 # ---- merge ------------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 from ..chat import encode_segments
 from ..data.formats import Message
-from ..device import DeviceOptions, setup_device
+from ..device import DeviceOptions
 from ..errors import UserError
 from ..generate import generate
-from ..load import load_model_and_tokenizer
 from ..options import at_least, option
-from ..stages.common import ModelOptions, SamplingOptions, check_inputs, lora_specs, resolve_template, stop_ids
+from ..stages.common import (ModelOptions, SamplingOptions, TemplateOptions, load_for_command, lora_specs,
+                             resolve_template, stop_ids)
 
 
 @dataclass
@@ -45,9 +45,7 @@ class SampleOptions(ModelOptions, SamplingOptions, DeviceOptions):
 
 def sample(opts: SampleOptions) -> None:
     """Stream samples to stdout, separated by a line of dashes."""
-    check_inputs(opts)
-    device, _, _ = setup_device(opts.device)
-    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), device=device)
+    _, model, tok = load_for_command(opts, opts.device)
     prompt = tok.encode(opts.prompt) if opts.prompt else [tok.bos_id if tok.bos_id is not None else tok.eos_id]
     max_new = min(opts.max_new_tokens, model.config.block_size - len(prompt))
     if max_new < 1:
@@ -74,13 +72,11 @@ def sample(opts: SampleOptions) -> None:
 
 
 @dataclass
-class ChatOptions(ModelOptions, SamplingOptions, DeviceOptions):
+class ChatOptions(ModelOptions, TemplateOptions, SamplingOptions, DeviceOptions):
     """The conversation's settings."""
 
     command = "chat"
     group = "chat"
-    template: str | None = option(None, "chat template", auto="the adapters' recorded template, else the "
-                                  "tokenizer's, else chatml")
     system: str | None = option(None, "system prompt")
     max_new_tokens: int | None = option(None, "longest reply", auto="256, at most half the model's context",
                                         check=at_least(1))
@@ -90,9 +86,7 @@ class ChatOptions(ModelOptions, SamplingOptions, DeviceOptions):
 
 def chat(opts: ChatOptions) -> None:
     """One user message per line of stdin; replies stream to stdout."""
-    check_inputs(opts)
-    device, _, _ = setup_device(opts.device)
-    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), device=device)
+    _, model, tok = load_for_command(opts, opts.device)
     template = resolve_template(opts.template, tok, opts.model, lora_specs(opts))
     max_new = opts.max_new_tokens if opts.max_new_tokens is not None else min(256, model.config.block_size // 2)
     session = ChatSession(model, tok, template, opts.system, max_new, opts.temperature, opts.top_k, opts.top_p,

@@ -154,7 +154,8 @@ def tokenize_corpus(specs, tokenizer, cache_root, val_split: float = 0.0, seed: 
             ids += tokenizer.encode_batch(docs[i:i + 4096])
         eos = tokenizer.eos_id
         n_train = _write_shard(cache / "train.bin", [d for i, d in enumerate(ids) if i not in val_idx], eos, dtype)
-        n_val_tok = _write_shard(cache / "val.bin", [d for i, d in enumerate(ids) if i in val_idx], eos, dtype) if n_val else 0
+        val_docs = [d for i, d in enumerate(ids) if i in val_idx]
+        n_val_tok = _write_shard(cache / "val.bin", val_docs, eos, dtype) if n_val else 0
         meta = {"files": [str(p) for p in paths], "documents": len(docs), "val_documents": n_val,
                 "train_tokens": n_train, "val_tokens": n_val_tok, "dtype": np.dtype(dtype).name}
         atomic_write_text(meta_path, json.dumps(meta, indent=1))

@@ -103,7 +103,7 @@ def load_gsm8k(path) -> list[dict]:
         raise DataError("GSM8K file not found", path, fix="check --data")
     rows = []
     for line, row in read_rows(path):
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+        if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
             raise DataError("row needs 'question' and 'answer' strings", path, line)
         if extract_number(row["answer"].split("####")[-1]) is None or "####" not in row["answer"]:
             raise DataError("answer has no final '#### <number>'", path, line)

@@ -86,8 +86,8 @@ def _choice_task(loader):
         own = not ctx.fewshot_data   # demonstrations from the whole file, never the scored item itself
         pool = items if own else loader(ctx.fewshot_data) if ctx.shots else None
         scored = ctx.cut(items)
-        res = choice.score_choices(ctx.model, ctx.tok, choice.add_shots(scored, ctx.shots, pool, ctx.seed, same_file=own),
-                            ctx.batch)
+        shot = choice.add_shots(scored, ctx.shots, pool, ctx.seed, same_file=own)
+        res = choice.score_choices(ctx.model, ctx.tok, shot, ctx.batch)
         return {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n}
     return run
 
@@ -106,8 +106,8 @@ _register_choice_tasks()
 @task("lambada")
 def _lambada(ctx: EvalContext, path):
     items = choice.load_lambada(path)
-    return choice.score_lambada(ctx.model, ctx.tok, choice.add_shots(ctx.cut(items), ctx.shots, items, ctx.seed, same_file=True),
-                         ctx.batch)
+    shot = choice.add_shots(ctx.cut(items), ctx.shots, items, ctx.seed, same_file=True)
+    return choice.score_lambada(ctx.model, ctx.tok, shot, ctx.batch)
 
 
 # ---- generation tasks -------------------------------------------------------------------------

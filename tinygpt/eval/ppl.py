@@ -60,7 +60,8 @@ def load_documents(path, limit: int | None = None) -> list[str]:
     if not path.is_file():
         raise DataError("text file not found", path, fix="pass --data FILE (.txt .jsonl .json .parquet)")
     if path.suffix not in TEXT_SUFFIXES:
-        raise DataError(f"unsupported text file type '{path.suffix}'", path, fix=f"use one of {', '.join(TEXT_SUFFIXES)}")
+        raise DataError(f"unsupported text file type '{path.suffix}'", path,
+                        fix=f"use one of {', '.join(TEXT_SUFFIXES)}")
     docs = read_documents(path)
     if not docs:
         raise DataError("no documents in the file", path)

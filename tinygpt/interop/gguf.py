@@ -135,7 +135,8 @@ def add_tokenizer(w, tok, vocab_size: int) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(_merges(tk_json))
-    for setter, i in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id), (w.add_pad_token_id, tok.pad_id)):
+    roles = ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id), (w.add_pad_token_id, tok.pad_id))
+    for setter, i in roles:
         if i is not None:
             setter(i)
     w.add_add_bos_token(_adds_bos(tk_json, tok.bos))
@@ -232,7 +233,8 @@ def _config_from_gguf(reader, family: str, vocab: int, where: str) -> ModelConfi
     if _field(reader, p + "rope.scaling.type", "none") not in ("none",):
         raise UserError("rope scaling is not implemented", where, "use a model without rope scaling")
     n_embd, n_head = _field(reader, p + "embedding_length"), _field(reader, p + "attention.head_count")
-    eps = _field(reader, p + ("attention.layer_norm_epsilon" if family == "gpt2" else "attention.layer_norm_rms_epsilon"))
+    eps_key = "attention.layer_norm_epsilon" if family == "gpt2" else "attention.layer_norm_rms_epsilon"
+    eps = _field(reader, p + eps_key)
     kw = dict(FAMILIES[family], bias=True) if family == "gpt2" else FAMILIES[family]
     return ModelConfig(vocab_size=vocab, n_layer=_field(reader, p + "block_count"), n_embd=n_embd, n_head=n_head,
                        n_kv_head=_field(reader, p + "attention.head_count_kv", n_head),

@@ -139,7 +139,8 @@ def family_of(cfg: ModelConfig) -> str:
         return "gpt2"
     if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.bias:
         raise UserError(f"RoPE models map to Llama/Qwen, which need RMSNorm, SwiGLU and no biases on every layer "
-                        f"(this one: {cfg.norm}, {cfg.mlp}, bias={cfg.bias})", None, "this shape has no Hugging Face class")
+                        f"(this one: {cfg.norm}, {cfg.mlp}, bias={cfg.bias})", None,
+                        "this shape has no Hugging Face class")
     if cfg.qk_norm and cfg.qkv_bias:
         raise UserError("QK-norm together with q/k/v biases has no Hugging Face class", None,
                         "Qwen3 has QK-norm without biases, Qwen2 biases without QK-norm")

@@ -30,11 +30,13 @@ import torch
 from safetensors import safe_open
 
 from ..chat import ensure_special_tokens, get_template
+from ..device import setup_device
 from ..errors import UserError
 from ..io import check_writable
+from ..load import load_model_and_tokenizer
 from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload, read_adapter
 from ..options import Options, at_least, between, option
-from ..train.optim import default_warmup  # noqa: F401  (re-exported: the warmup policy)
+from ..train.optim import default_warmup
 
 CHATML = "chatml"
 
@@ -53,6 +55,24 @@ class ModelOptions(Options):
     def check(self) -> None:
         lora_specs(self)
         super().check()
+
+
+@dataclass
+class TemplateOptions(Options):
+    """The chat template (the one rule of `resolve_template` when not given)."""
+
+    group = "chat"
+    template: str | None = option(None, "chatml, llama3, zephyr, alpaca, raw, hf or FILE.jinja",
+                                  auto="the adapters' recorded template, else the tokenizer's, else chatml")
+
+
+@dataclass
+class RowOptions(Options):
+    """How a data file's rows are read."""
+
+    group = "data"
+    format: str | None = option(None, "row format", auto="detected from the first row")
+    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
 
 
 @dataclass
@@ -79,16 +99,12 @@ class SamplingOptions(Options):
 
 
 @dataclass
-class PairDataOptions(Options):
+class PairDataOptions(RowOptions, TemplateOptions):
     """Preference data and how each pair is cut."""
 
     group = "data"
     data: str | None = option(None, "preference file (.jsonl .json .parquet, .gz): prompt/chosen/rejected, "
                               "UltraFeedback, HH-RLHF, ShareGPT pairs (KTO: label rows too)", required=True)
-    format: str | None = option(None, "row format", auto="detected from the first row")
-    template: str | None = option(None, "chatml, llama3, zephyr, alpaca, raw, hf or FILE.jinja",
-                                  auto="the adapters' recorded template, else the tokenizer's, else chatml")
-    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
     max_length: int = option(1024, "prompt + reply tokens (replies cut at the end)", check=at_least(2))
     max_prompt_length: int = option(512, "prompt tokens kept (cut from the left)", check=at_least(1))
     epochs: float | None = option(None, "train for this many epochs (instead of --steps)", auto="1",
@@ -129,6 +145,15 @@ def lora_specs(opts) -> list[tuple[str, float]]:
         raise UserError(f"{len(opts.lora_weight)} --lora-weight for {len(opts.lora)} --lora", None,
                         "give one weight per adapter, or write --lora PATH:WEIGHT")
     return specs
+
+
+def load_for_command(opts, device="auto"):
+    """(device, model, tokenizer) of a command that reads a model: inputs checked first, the model
+    loaded with its stacked adapters on this process's device."""
+    check_inputs(opts)
+    dev, _, _ = setup_device(device)
+    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), device=dev)
+    return dev, model, tok
 
 
 def check_inputs(opts, *paths) -> None:

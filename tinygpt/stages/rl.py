@@ -49,12 +49,12 @@ from ..rollout import (VALUE_FILE, ActorCritic, AdaptiveKL, Episode, RolloutBuff
 from ..train.engine import run_dir_for
 from ..train.stage import Stage, TrainOptions
 from ..verifiers import FunctionReward, ModelReward, get_reward_fn
-from .common import (LoRAOptions, ModelOptions, SamplingOptions, check_inputs, check_out, lora_specs, make_trainable,
+from .common import (LoRAOptions, ModelOptions, SamplingOptions, TemplateOptions, check_inputs, check_out, lora_specs, make_trainable,
                      reference_for, resolve_plan, resolve_template, stop_ids, template_record, template_tokens)
 
 
 @dataclass
-class RLOptions(ModelOptions, LoRAOptions, SamplingOptions, TrainOptions):
+class RLOptions(ModelOptions, TemplateOptions, LoRAOptions, SamplingOptions, TrainOptions):
     """Prompts, the reward, and the rollout and update settings PPO and GRPO share."""
 
     group = "online RL"
@@ -63,8 +63,6 @@ class RLOptions(ModelOptions, LoRAOptions, SamplingOptions, TrainOptions):
     reward: str | None = option(None, "reward model .tinygpt (from 'tinygpt reward')")
     reward_fn: str | None = option(None, "verifiable reward: gsm8k, synth, format or module:function")
     reward_dtype: str = option("auto", "precision of the reward model", choices=DTYPE_NAMES)
-    template: str | None = option(None, "chat template", auto="the adapters' recorded template, else the "
-                                  "tokenizer's, else chatml")
     steps: int | None = option(100, "rollout + update rounds", aliases=("--iterations",), check=at_least(1))
     batch: int = option(8, "prompts per iteration (per rank)", check=at_least(1))
     group_size: int = option(1, "completions per prompt", check=at_least(1))
@@ -337,7 +335,8 @@ class RLTrainer(Stage):
         return {"reward": f"{last['reward_mean']:.3f}", "kl": f"{last['kl']:.3f}"}
 
     def summary(self, last: dict) -> str:
-        return f"iteration {last['iteration']}: reward {last['reward_mean']:.4f}, kl {last['kl']:.4f} -> {self.opts.out}"
+        return (f"iteration {last['iteration']}: reward {last['reward_mean']:.4f}, kl {last['kl']:.4f} "
+                f"-> {self.opts.out}")
 
     def save(self, final: bool) -> None:
         if self.rank != 0:

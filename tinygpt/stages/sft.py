@@ -41,28 +41,24 @@ from ..losses import token_cross_entropy
 from ..model import packed_mask
 from ..options import above, at_least, between, option
 from ..train.stage import Stage, TrainOptions
-from .common import (LoRAOptions, ModelOptions, check_inputs, check_out, epochs_to_steps, lora_specs,
+from .common import (LoRAOptions, ModelOptions, RowOptions, TemplateOptions, check_inputs, check_out, epochs_to_steps, lora_specs,
                      make_trainable, resolve_plan, resolve_template, split_items, template_record)
 
 
 @dataclass
-class SFTOptions(ModelOptions, LoRAOptions, TrainOptions):
+class SFTOptions(ModelOptions, RowOptions, TemplateOptions, LoRAOptions, TrainOptions):
     """The chat data and how it is cut and packed."""
 
     command = "sft"
     group = "data"
     data: str | None = option(None, "SFT file (.jsonl .json .parquet): messages, sharegpt, alpaca, dolly, "
                               "prompt/completion, ...", required=True)
-    format: str | None = option(None, "row format", auto="detected from the first row")
-    template: str | None = option(None, "chatml, llama3, zephyr, alpaca, raw, hf or FILE.jinja",
-                                  auto="the adapters' recorded template, else the tokenizer's, else chatml")
     epochs: float | None = option(None, "train for this many epochs (instead of --steps)", check=above(0))
     ctx: int | None = option(None, "positions per packed row", auto="the model's context", check=at_least(2))
     max_length: int | None = option(None, "longest example in tokens; prompts are cut from the left",
                                     auto="ctx + 1", check=at_least(2))
     packing: bool = option(True, "one example per row, right-padded", negate="--no-packing")
     val_split: float = option(0.0, "fraction of conversations held out", check=between(0, 1, hi_open=True))
-    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     steps: int | None = option(None, "optimizer steps", auto="one epoch", check=at_least(1))
     lr: float | None = option(None, "peak learning rate", auto="2e-4, or 2e-5 with --full",

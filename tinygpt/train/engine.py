@@ -143,7 +143,8 @@ class Engine:
                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
                    "resume_key": self.stage.resume_key(), "stage": self.stage.state_dict(),
                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        save_tensors(self.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state", "state": json.dumps(scalars)})
+        save_tensors(self.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state",
+                                                          "state": json.dumps(scalars)})
 
     def load_state(self) -> None:
         path = self.run_dir / STATE_FILE
@@ -173,7 +174,8 @@ class Engine:
             if name.startswith("optim."):
                 _, idx, k = name.split(".", 2)
                 state.setdefault(int(idx), {})[k] = v
-        groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], self.opt.state_dict()["param_groups"])]
+        own = self.opt.state_dict()["param_groups"]
+        groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], own)]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
