@@ -71,11 +71,10 @@ def run_mode(mode, base, tok, items, a, device) -> dict:
     model = copy.deepcopy(base)
     if a.base_bf16:
         model.to(torch.bfloat16)
-    model.grad_checkpointing = a.grad_checkpointing
     with tempfile.TemporaryDirectory() as tmp:
         opts = DPOOptions(out=str(Path(tmp) / "bench.lora"), lora_rank=a.lora_rank, lora_alpha=2 * a.lora_rank,
                           precompute_ref=(mode == "precompute"), pack_rows=a.pack_rows, max_length=a.max_length,
-                          max_prompt_length=a.max_prompt_length,
+                          max_prompt_length=a.max_prompt_length, grad_checkpointing=a.grad_checkpointing,
                           steps=a.warmup + a.steps, batch=a.batch, lr=5e-6, dtype=a.dtype, compile=a.compile,
                           quiet=True, device=str(device))
         t0 = time.perf_counter()

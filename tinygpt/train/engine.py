@@ -44,6 +44,7 @@ from .optim import lr_at, make_optimizer
 
 STATE_FILE = "state.safetensors"
 PROGRESS_SECONDS = 10.0        # off a terminal, a progress line this often
+FLUSH_SECONDS = 2.0            # metrics.jsonl reaches the disk at least this often (and at every checkpoint)
 
 
 def run_dir_for(out) -> Path:
@@ -307,20 +308,27 @@ class Engine:
         progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
         last: dict = {}
+        self._t_round = flushed = time.perf_counter()
         try:
             while self.round < self.rounds:
                 last = self._round()
                 if metrics_file:
                     metrics_file.write(strict_json(last) + "\n")
-                    metrics_file.flush()
+                    if time.perf_counter() - flushed > FLUSH_SECONDS:   # a write per step costs on some disks
+                        metrics_file.flush()
+                        flushed = time.perf_counter()
                 if progress:
                     progress.update(last)
                 if cfg.save_every and self.round % cfg.save_every == 0 and self.round < self.rounds:
+                    if metrics_file:
+                        metrics_file.flush()       # the lines up to a saved state are on disk with it
                     self.checkpoint(final=False)
         except KeyboardInterrupt:
             if progress:
                 progress.close()
                 progress = None
+            if metrics_file:
+                metrics_file.flush()
             self.log(f"interrupted at step {self.round}: saving a checkpoint")
             self.checkpoint(final=True)
             raise
@@ -344,18 +352,22 @@ class Engine:
         self._samples.flush()
 
     def _round(self) -> dict:
-        """One round: an optimizer step, or the stage's RL iteration; then validation."""
-        t0, tok0 = time.perf_counter(), self.tokens_seen
+        """One round: an optimizer step, or the stage's RL iteration; then validation. tokens/s is
+        over the wall time since the previous round ended (its bookkeeping included)."""
+        tok0 = self.tokens_seen
         if self.stage.iteration is not None:
             m = self.stage.iteration(self, self.round)
         else:
             m = self.train_step()
             m.pop("finite")
         self.round += 1
-        tps = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
+        now = time.perf_counter()
+        t0, self._t_round = getattr(self, "_t_round", now), now
+        tps = (self.tokens_seen - tok0) / max(now - t0, 1e-9)
         last = {"step": self.round, **m, "tokens_seen": self.tokens_seen, "tokens_per_s": tps}
         if self.cfg.val_every and (self.round % self.cfg.val_every == 0 or self.round == self.rounds):
             last.update(self._validate())
+            self._t_round = time.perf_counter()     # validation is not training time
         return last
 
     def _validate(self) -> dict:
