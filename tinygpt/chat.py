@@ -33,10 +33,15 @@ no tokens to add (that vocabulary already decides what is special).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .data.formats import ROLES, Conversation, Message
 from .errors import UserError
@@ -155,13 +160,11 @@ def builtin_template(name: str, eos: str | None = None) -> BuiltinTemplate:
 
 # ---- Jinja templates --------------------------------------------------------------------------
 def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
-    import json
     return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
                       ensure_ascii=ensure_ascii)
 
 
 def _raise_exception(message):
-    from jinja2.exceptions import TemplateError
     raise TemplateError(message)
 
 
@@ -176,9 +179,6 @@ class JinjaTemplate(ChatTemplate):
         """`own_tokenizer`: the template came with the tokenizer, whose vocabulary already says
         which strings are special; then nothing is proposed for adding (e.g. Zephyr's `<|user|>`
         is plain text in its own tokenizer and must stay so)."""
-        from jinja2.exceptions import TemplateSyntaxError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[loopcontrols])

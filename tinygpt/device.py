@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-
 from dataclasses import dataclass
 
 import torch

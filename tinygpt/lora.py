@@ -28,6 +28,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -36,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import load_tensors, save_tensors
 from .errors import UserError
+from .io import load_tensors, save_tensors
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_FORMAT = "tinygpt-lora"
@@ -212,7 +213,6 @@ def _swap(model, targets) -> dict[str, LoRALinear]:
 
 def base_fingerprint(model) -> str:
     """Fingerprint of the base weights (adapters excluded), rounded to bf16 (dtype-independent)."""
-    import hashlib
     cached = getattr(model, "_base_fingerprint", None)
     if cached:
         return cached

@@ -26,7 +26,11 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import (
+        BlockMask,
+        create_block_mask,
+        flex_attention,
+    )
 except ImportError:  # older torch: packed documents fall back to a dense mask
     BlockMask = create_block_mask = flex_attention = None
 

@@ -28,6 +28,8 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+import yaml
+
 from .errors import UserError
 
 # ---- declaring -------------------------------------------------------------------------------
@@ -309,7 +311,6 @@ def knows(cls, key: str) -> bool:
 
 def read_config(path) -> dict:
     """The mapping in a --config YAML file (a user error when missing or malformed)."""
-    import yaml
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}", "--config", "check the path")

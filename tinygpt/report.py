@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+
 matplotlib.use("Agg")                  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 

@@ -21,7 +21,6 @@ are rendered with it.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 

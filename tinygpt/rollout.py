@@ -29,6 +29,7 @@ from .errors import UserError
 from .logprobs import make_batch, target_logprobs
 from .losses import entropy_from_logits
 
+
 @dataclass
 class Prompt:
     messages: list                 # the conversation (ends with a user turn)

@@ -11,7 +11,13 @@ from ..eval.harness import TASKS, evaluate
 from ..io import check_writable
 from ..options import at_least, option
 from ..reward_model import load_reward_model
-from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs, resolve_template
+from ..stages.common import (
+    ModelOptions,
+    TemplateOptions,
+    check_inputs,
+    lora_specs,
+    resolve_template,
+)
 
 
 @dataclass

@@ -27,8 +27,15 @@ from ..device import DeviceOptions
 from ..errors import UserError
 from ..generate import generate
 from ..options import at_least, option
-from ..stages.common import (ModelOptions, SamplingOptions, TemplateOptions, load_for_command, lora_specs,
-                             resolve_template, stop_ids)
+from ..stages.common import (
+    ModelOptions,
+    SamplingOptions,
+    TemplateOptions,
+    load_for_command,
+    lora_specs,
+    resolve_template,
+    stop_ids,
+)
 
 
 @dataclass

@@ -21,10 +21,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from ..io import atomic_path, atomic_write_text
 from ..errors import DataError, UserError
+from ..io import atomic_path, atomic_write_text
 from ..tokenizer import EOS
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -76,7 +77,6 @@ def _json_text(obj, path, line) -> str:
 def read_documents(path: Path) -> list[str]:
     """Documents (non-empty strings) from one corpus file."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
         try:
             table = pq.read_table(path, columns=["text"])
         except Exception as e:

@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow.parquet as pq
+
 from ..errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -116,7 +118,6 @@ def _json_rows(path: Path, opener) -> Iterator[tuple[int, object]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
-    import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several unrelated types for a bad file

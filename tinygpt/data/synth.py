@@ -47,10 +47,31 @@ import re
 from pathlib import Path
 
 from ..io import atomic_write_text
-
-from .synth_text import (TASKS, NAMES, ATTRS, WORDS, THINGS, ALPHABET, SKILLS, EVAL_SKILLS, FACT_Q, ARITH_Q,
-                          STRING_Q, COUNT_Q, SYSTEMS, RAMBLE, EXPLAIN, EXPLAIN_SHARE, FACT_S, STORY_OPEN,
-                          STORY_CLOSE, ARITH_S, ARITH_OPEN, WORD_S, COUNT_S)
+from .synth_text import (
+    ALPHABET,
+    ARITH_OPEN,
+    ARITH_Q,
+    ARITH_S,
+    ATTRS,
+    COUNT_Q,
+    COUNT_S,
+    EVAL_SKILLS,
+    EXPLAIN,
+    EXPLAIN_SHARE,
+    FACT_Q,
+    FACT_S,
+    NAMES,
+    RAMBLE,
+    SKILLS,
+    STORY_CLOSE,
+    STORY_OPEN,
+    STRING_Q,
+    SYSTEMS,
+    TASKS,
+    THINGS,
+    WORD_S,
+    WORDS,
+)
 
 
 def fact_sentence(name: str, attr: str, value: str) -> str:

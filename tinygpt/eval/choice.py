@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import csv
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,6 @@ def score_lambada(model, tok, items: list[ChoiceItem], batch: int = 8) -> dict:
     scores = loglikelihood(model, requests, batch, vocab_limit=tok.vocab_size)
     n_tok = sum(s[2] for s in scores)
     nll = -sum(s[0] for s in scores)
-    import math
     return {"acc": sum(s[1] for s in scores) / len(items), "ppl": math.exp(nll / max(1, n_tok)),
             "n": len(items)}
 

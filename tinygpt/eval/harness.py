@@ -33,8 +33,15 @@ from ..lora import base_fingerprint
 from ..reward_model import load_reward_model
 from ..stages.common import resolve_template
 from . import choice
-from .gen import (eval_gsm8k, eval_ifeval, eval_synth, eval_winrate, load_gsm8k, load_synth,
-                  load_winrate_prompts)
+from .gen import (
+    eval_gsm8k,
+    eval_ifeval,
+    eval_synth,
+    eval_winrate,
+    load_gsm8k,
+    load_synth,
+    load_winrate_prompts,
+)
 from .ifeval import load_ifeval
 from .ppl import load_documents, perplexity
 

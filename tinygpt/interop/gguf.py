@@ -15,6 +15,8 @@ Design choices:
 - Tokenizer: the "gpt2" (byte-level BPE) model: tokens, token types, merges, bos/eos/pad ids, the
   chat template, and the full tokenizer.json under the standard `tokenizer.huggingface.json` key,
   which lets `load_gguf` rebuild our tokenizer exactly. An Ollama `Modelfile` is written beside it.
+- The `gguf` package is imported where a GGUF file is written or read, so every other command
+  works where it is not installed (a GPU image without it, say).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from ..config import ModelConfig
 from ..errors import UserError
@@ -245,7 +249,6 @@ def _config_from_gguf(reader, family: str, vocab: int, where: str) -> ModelConfi
 
 
 def _tokenizer_from_gguf(reader, where: str):
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
         raise UserError("the GGUF file has no tokenizer", where)

@@ -17,6 +17,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -173,7 +174,6 @@ def read_weights(folder: Path) -> dict:
 
 
 def _load_bin(path: Path) -> dict:
-    import pickle
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:

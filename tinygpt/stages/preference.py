@@ -40,9 +40,23 @@ from ..losses import DPO_LOSS_TYPES, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from ..options import above, at_least, between, option
 from ..train.engine import run_dir_for
 from ..train.stage import Stage, TrainOptions
-from .common import (LoRAOptions, ModelOptions, PairDataOptions, check_inputs, check_out, compile_blocks,
-                     epochs_to_steps, lora_specs, make_trainable, reference_for, resolve_plan, resolve_template,
-                     split_items, template_record, template_tokens)
+from .common import (
+    LoRAOptions,
+    ModelOptions,
+    PairDataOptions,
+    check_inputs,
+    check_out,
+    compile_blocks,
+    epochs_to_steps,
+    lora_specs,
+    make_trainable,
+    reference_for,
+    resolve_plan,
+    resolve_template,
+    split_items,
+    template_record,
+    template_tokens,
+)
 
 NEW = "default"                       # name of the adapter being trained
 DPO_LOSSES = DPO_LOSS_TYPES + ("simpo",)

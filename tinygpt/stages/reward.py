@@ -20,8 +20,20 @@ from ..losses import bradley_terry_loss
 from ..options import at_least, between, option
 from ..reward_model import RewardModel
 from ..train.stage import Stage, TrainOptions
-from .common import (ModelOptions, PairDataOptions, check_inputs, check_out, compile_blocks, epochs_to_steps,
-                     lora_specs, resolve_plan, resolve_template, split_items, template_record, template_tokens)
+from .common import (
+    ModelOptions,
+    PairDataOptions,
+    check_inputs,
+    check_out,
+    compile_blocks,
+    epochs_to_steps,
+    lora_specs,
+    resolve_plan,
+    resolve_template,
+    split_items,
+    template_record,
+    template_tokens,
+)
 
 
 @dataclass

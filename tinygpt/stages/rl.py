@@ -40,17 +40,50 @@ from ..io import save_tensors
 from ..load import load_model_and_tokenizer
 from ..logprobs import make_batch, target_logprobs
 from ..lora import disable_lora, lora_modules, save_adapter
-from ..losses import (explained_variance, gae, group_advantages, kl_penalty, masked_mean, masked_whiten,
-                      ppo_policy_loss, ppo_value_loss)
+from ..losses import (
+    explained_variance,
+    gae,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from ..options import above, at_least, between, option
 from ..reward_model import load_reward_model
-from ..rollout import (VALUE_FILE, ActorCritic, AdaptiveKL, Episode, RolloutBuffer, ValueNetwork, _head, _per_token,
-                       encode_prompts, policy_hidden, save_value_network)
+from ..rollout import (
+    VALUE_FILE,
+    ActorCritic,
+    AdaptiveKL,
+    Episode,
+    RolloutBuffer,
+    ValueNetwork,
+    _head,
+    _per_token,
+    encode_prompts,
+    policy_hidden,
+    save_value_network,
+)
 from ..train.engine import run_dir_for
 from ..train.stage import Stage, TrainOptions
 from ..verifiers import FunctionReward, ModelReward, get_reward_fn
-from .common import (LoRAOptions, ModelOptions, SamplingOptions, TemplateOptions, check_inputs, check_out, lora_specs, make_trainable,
-                     reference_for, resolve_plan, resolve_template, stop_ids, template_record, template_tokens)
+from .common import (
+    LoRAOptions,
+    ModelOptions,
+    SamplingOptions,
+    TemplateOptions,
+    check_inputs,
+    check_out,
+    lora_specs,
+    make_trainable,
+    reference_for,
+    resolve_plan,
+    resolve_template,
+    stop_ids,
+    template_record,
+    template_tokens,
+)
 
 
 @dataclass

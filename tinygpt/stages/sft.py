@@ -36,13 +36,32 @@ from ..data.formats import Conversation, load_sft
 from ..data.packing import RowOrder, pack_rows, pad_examples, prepare_examples
 from ..errors import UserError
 from ..load import load_model_and_tokenizer
-from ..lora import base_fingerprint, lora_modules, merge_and_unload, save_adapter, train_token_rows
+from ..lora import (
+    base_fingerprint,
+    lora_modules,
+    merge_and_unload,
+    save_adapter,
+    train_token_rows,
+)
 from ..losses import token_cross_entropy
 from ..model import packed_mask
 from ..options import above, at_least, between, option
 from ..train.stage import Stage, TrainOptions
-from .common import (LoRAOptions, ModelOptions, RowOptions, TemplateOptions, check_inputs, check_out, epochs_to_steps, lora_specs,
-                     make_trainable, resolve_plan, resolve_template, split_items, template_record)
+from .common import (
+    LoRAOptions,
+    ModelOptions,
+    RowOptions,
+    TemplateOptions,
+    check_inputs,
+    check_out,
+    epochs_to_steps,
+    lora_specs,
+    make_trainable,
+    resolve_plan,
+    resolve_template,
+    split_items,
+    template_record,
+)
 
 
 @dataclass

@@ -36,6 +36,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from ..device import autocast, resolve_dtype, setup_device
 from ..errors import UserError
@@ -104,7 +106,6 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
         self.wrapped = self.model
         if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             self.wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         compiled = self.cfg.compile and stage.compile_step
         self.step_fn = torch.compile(stage.loss_step) if compiled else stage.loss_step
@@ -395,7 +396,6 @@ class Progress:
         self.start = engine.round
         self.bar = None
         if self.tty:
-            from tqdm import tqdm
             self.bar = tqdm(total=engine.rounds, initial=engine.round, dynamic_ncols=True, leave=True)
 
     def update(self, last: dict) -> None:

@@ -31,6 +31,7 @@ template rule, stop ids, epochs to steps, splits) live in `stages/common.py`, wr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
 from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
 from ..options import at_least, between, option
