@@ -137,6 +137,9 @@ STAGES = {
     "kto": lambda p: ["kto", str(p / "base.tinygpt"), "--data", str(p / "kto.jsonl"), "--batch", "2", "--lr", "1e-2"],
     "grpo": lambda p: ["grpo", str(p / "base.tinygpt"), "--prompts", str(p / "sft.jsonl"), "--reward-fn", "format",
                        "--group-size", "2", "--batch", "2", "--max-new-tokens", "4", "--lr", "1e-2"],
+    "distill": lambda p: ["distill", str(p / "base.tinygpt"), "--teacher", str(p / "base.tinygpt"), "--teacher-lora",
+                          str(p / "t.lora"), "--data", str(p / "sft.jsonl"), "--batch", "2", "--lr", "1e-2",
+                          "--alpha", "0.5", "--lmbda", "0.5", "--max-new-tokens", "4"],
     "ppo": lambda p: ["ppo", str(p / "base.tinygpt"), "--prompts", str(p / "sft.jsonl"), "--reward-fn", "format",
                       "--batch", "2", "--max-new-tokens", "4", "--minibatch", "2", "--lr", "1e-2",
                       "--kl-target", "0.1"],
@@ -146,8 +149,16 @@ SUFFIX = {"train": ".tinygpt", "reward": ".tinygpt"}
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
-    _base(tmp_path)
+    model, _ = _base(tmp_path)
     _files(tmp_path)
+    if stage == "distill":                     # the teacher: the base with a random adapter on it
+        torch.manual_seed(5)
+        apply_lora(model, 2, 4, name="t")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        save_adapter(model, tmp_path / "t.lora", "t")
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
     ext = SUFFIX.get(stage, ".lora")
     argv = STAGES[stage](tmp_path) + ["--steps", "4", "--seed", "3", "--device", "cpu", "--dtype", "float32",

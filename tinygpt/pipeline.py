@@ -54,7 +54,8 @@ from .report import STATE_FILE, build_report, compare_line, read_state
 
 EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
               "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",
-              "ppo": ".lora", "grpo": ".lora", "eval": ".json", "sample": ".txt"}
+              "ppo": ".lora", "grpo": ".lora", "distill": ".lora", "generate": ".jsonl", "eval": ".json",
+              "sample": ".txt"}
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STAGE_KEYS = {"name", "cmd", "model", "out", "args"}
