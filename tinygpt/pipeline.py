@@ -289,7 +289,7 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
 class PipelineOptions(Options):
     command = "pipeline"
     config: str | None = option(None, "pipeline YAML (stages and their options)", positional=True)
-    preset: str | None = option(None, "a built-in pipeline: demo, demo-rl")
+    preset: str | None = option(None, "a built-in pipeline: demo, demo-rl, distill")
     out: str | None = option(None, "run folder", auto="runs/<name>")
     force: bool = option(False, "re-run every stage, even those up to date")
     device: str | None = option(None, "device for every stage", auto="the config's, else auto")

@@ -312,5 +312,5 @@ def generate_command(opts: GenerateOptions) -> None:
     finally:
         progress.close()
     skipped = len(rows) - len(prompts)
-    print(f"{written} rows from {len(todo)} prompts ({len(prompts) - len(todo)} already done, {skipped} too long, "
-          f"{empty} empty replies not written) -> {opts.out}")
+    print(f"{written} rows from {len(todo)} prompts ({len(prompts) - len(todo)} already done, {skipped} too long "
+          f"for the context; {empty} samples with an empty reply) -> {opts.out}")

@@ -113,13 +113,17 @@ def distill_token_loss(student_logits: torch.Tensor, targets: torch.Tensor, hard
     `topk_logprobs` (a cache); with either top-k form both sides are coarsened to k + 1."""
     if teacher_topk is None and k:
         teacher_topk = topk_logprobs(teacher_logits, k, temperature)
+    ce = None
     if teacher_topk is not None:
         t_logp, ids = teacher_topk
         s, t = coarsen(student_logits, ids, temperature), topk_with_rest(t_logp)
     else:
-        s = torch.log_softmax(_f32(student_logits) / temperature, dim=-1)
+        s = torch.log_softmax(_f32(student_logits) / temperature, dim=-1)         # (N, V)
         t = torch.log_softmax(_f32(teacher_logits).detach() / temperature, dim=-1)
+        if temperature == 1.0:                 # the CE's log-softmax is this one: no second (N, V) pass
+            ce = -s.gather(-1, targets[:, None]).squeeze(-1)
     div = generalized_jsd(s, t, beta)                                             # (N,)
-    ce = F.cross_entropy(_f32(student_logits), targets, reduction="none")         # (N,)
+    if ce is None:
+        ce = F.cross_entropy(_f32(student_logits), targets, reduction="none")     # (N,)
     loss = (1.0 - alpha) * div + alpha * _f32(hard) * ce
     return torch.stack([loss, div.detach(), ce.detach()])

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -59,7 +59,16 @@ from ..options import above, at_least, between, option
 from ..quantize import quantize_model
 from ..rollout import encode_prompts
 from ..train.engine import run_dir_for
-from .common import adapter_specs, check_inputs, compile_blocks, lora_specs, resolve_template, stop_ids, weights_key
+from .common import (
+    adapter_specs,
+    check_inputs,
+    check_out,
+    compile_blocks,
+    lora_specs,
+    resolve_template,
+    stop_ids,
+    weights_key,
+)
 from .sft import SFTOptions, SFTTrainer
 
 TEACHER_DTYPES = ("auto", *DTYPES, "int8")
@@ -102,7 +111,6 @@ class DistillBatch:
     topk: tuple | None = None           # cached teacher (log-probs (M, K), ids (M, K))
     n_tokens: object = 0                # real tokens (throughput)
     on_policy: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class TopKTable:
@@ -203,6 +211,7 @@ class DistillTrainer(SFTTrainer):
         o = self.opts
         self.teacher_specs = adapter_specs(o.teacher_lora, flag="--teacher-lora")
         self.dtype = run.dtype
+        check_out(o.out, o.full)
         if self.model is None:
             check_inputs(o, ("--data", o.data))
         if self.teacher is None:
