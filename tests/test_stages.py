@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import tinygpt.commands.evaluate as evaluate_mod
+import tinygpt.commands.generate_data as generate_data_mod
 import tinygpt.commands.generation as generation_mod
 import tinygpt.eval.harness as harness_mod
+import tinygpt.stages.distill as distill_mod
 import tinygpt.stages.preference as preference_mod
 import tinygpt.stages.reward as reward_mod
 import tinygpt.stages.rl as rl_mod
@@ -92,7 +94,8 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
             seen.append(t.name if t is not None else None)
             return t
         return wrapped
-    for mod in (sft_mod, reward_mod, preference_mod, rl_mod, generation_mod, harness_mod, evaluate_mod):
+    for mod in (sft_mod, reward_mod, preference_mod, rl_mod, generation_mod, harness_mod, evaluate_mod, distill_mod,
+                generate_data_mod):
         monkeypatch.setattr(mod, "resolve_template", spy(mod.resolve_template))
     base = str(tmp_path / "base.tinygpt")
     common = ["--device", "cpu", "--quiet", "--steps", "1", "--batch", "2", "--lora", sft]
@@ -107,6 +110,10 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
                  "--max-new-tokens", "4", "--out", str(tmp_path / "g.lora"), *common],
         "ppo": ["ppo", base, "--prompts", str(tmp_path / "sft.jsonl"), "--reward", rm, "--max-new-tokens", "4",
                 "--out", str(tmp_path / "p.lora"), *common],
+        "distill": ["distill", base, "--teacher", base, "--data", str(tmp_path / "sft.jsonl"), "--out",
+                    str(tmp_path / "kd.lora"), *common],
+        "generate": ["generate", base, "--lora", sft, "--prompts", str(tmp_path / "sft.jsonl"), "--out",
+                     str(tmp_path / "g.jsonl"), "--max-new-tokens", "2", "--device", "cpu", "--quiet"],
         "eval": ["eval", base, "--lora", sft, "--tasks", "synth", "--data", str(tmp_path / "eval.jsonl"), "--device",
                  "cpu", "--quiet", "--max-new-tokens", "2"],
         "score": ["score", rm, "--prompt", "q1?", "--text", "yes", "--device", "cpu"],
@@ -119,7 +126,7 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
     seen.clear()
     assert main(["chat", base, "--lora", sft, "--device", "cpu", "--max-new-tokens", "2"]) == 0
     assert seen == ["alpaca"]
-    for out in ("s2.lora", "d.lora", "o.lora", "k.lora", "g.lora", "p.lora"):   # and each records what it used
+    for out in ("s2.lora", "d.lora", "o.lora", "k.lora", "g.lora", "p.lora", "kd.lora"):   # and each records it
         assert load_tensors(tmp_path / out)[1]["chat_template"] == "alpaca", out
     assert load_tensors(rm)[1]["chat_template"] == "alpaca"
 

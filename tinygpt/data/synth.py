@@ -1,8 +1,9 @@
 """A small synthetic world with verifiable answers: the project's embedded default data.
 
 `generate(out_dir, seed)` writes a pretraining corpus, an SFT set, a preference set, GRPO prompts,
-train-side questions with answers (for generating and verifying samples) and a held-out eval set, deterministically from the seed (same seed -> byte-identical files), with
-private `random.Random` generators derived from it (the global RNG is never touched).
+train-side questions with answers (for generating and verifying samples) and a held-out eval set,
+deterministically from the seed (same seed -> byte-identical files), with private `random.Random`
+generators derived from it (the global RNG is never touched).
 
 Design choices:
 - The world is small and closed so that a 4-layer, 128-wide model trained for about a minute can
