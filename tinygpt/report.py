@@ -41,7 +41,7 @@ from .train.engine import run_dir_for
 
 STATE_FILE = "pipeline.json"        # written by `tinygpt pipeline`
 LOWER_IS_BETTER = ("ppl", "bpb", "nll", "loss")
-NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions"}
+NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions", "truncated"}
 BOOKKEEPING = {"step", "iteration", "epoch", "tokens_seen", "tokens", "skipped", "updates", "early_stop"}
 # substring -> panel: keys containing it share one panel (checked in this order)
 PANELS = ("loss", "accuracy", "reward", "kl", "time", "logps", "entropy")   # DPO rewards/accuracy is 0..1
@@ -110,7 +110,8 @@ def eval_table(evals: list[dict]) -> tuple[list[str], list[str], list[list], lis
     for res in evals:
         for t, m in res["tasks"].items():
             for k, v in m.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS \
+                        and not k.endswith("_stderr"):
                     if f"{t}/{k}" not in cols:
                         cols.append(f"{t}/{k}")
     labels = [str(r.get("label") or Path(r["model"]["path"]).stem) for r in evals]
