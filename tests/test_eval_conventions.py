@@ -13,7 +13,7 @@ from tinygpt.eval import choice, harness
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
 
-from test_eval import Bigram, const_model, ids, lp_text  # noqa: E402  (the crafted models)
+from test_eval import Bigram, ids, lp_text  # the crafted models
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def _truthful_file(tmp_path):
 
 def test_truthfulqa_mc1_and_mc2_by_hand(tmp_path, tok):
     V = tok.vocab_size
-    N, Y = ids(tok, "N")[0], ids(tok, "Y")[0]
+    Y = ids(tok, "Y")[0]
     table = torch.zeros(V, V)
     table[ids(tok, " ")[0], Y] = 2.0         # after the joining space, "Y" is likelier than "N"
     m = Bigram(table)
