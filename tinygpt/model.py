@@ -92,16 +92,31 @@ def packed_mask(doc_ids: torch.Tensor):
 class KVCache:
     """Pre-allocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, cfg: ModelConfig | None, batch: int, max_len: int, device=None, dtype=torch.float32):
+        if cfg is not None:
+            shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
+    def view(self, batch: int, length: int) -> "KVCache":
+        """The first `batch` rows and `length` positions, sharing storage (a decode step over the
+        rows in use attends over `length` keys, not the whole pre-allocated length)."""
+        out = KVCache(None, batch, length)
+        out.k, out.v = self.k[:, :batch, :, :length], self.v[:, :batch, :, :length]
+        return out
+
     def update(self, layer: int, k, v, slots):
-        """Write k/v (B, Hkv, T, hd) at cache positions `slots` (T,); return the whole layer cache."""
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        """Write k/v (B, Hkv, T, hd) at cache positions `slots`: (T,) the same for every row, or
+        (B, T) each row its own (rows of different lengths decoding together); return the whole
+        layer cache (B, Hkv, L, hd)."""
+        if slots.dim() == 1:
+            self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]                  # (B, 1)
+            self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)          # (B, T, Hkv, hd)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer], self.v[layer]
 
 
