@@ -73,7 +73,8 @@ class SlotEngine:
     `set_row(slot, stack)`, `move(src, dst)`; the engine keeps it in step with its slots."""
 
     def __init__(self, model, max_batch: int, max_len: int, vocab_limit: int | None = None, rows=None,
-                 cuda_graph: bool | None = None, length_bucket: int = 64, seed: int = 0):
+                 cuda_graph: bool | None = None, length_bucket: int = 64, seed: int = 0,
+                 bucketed: bool | None = None):
         self.model, self.vocab_limit, self.rows = model, vocab_limit, rows
         self.S, self.L = max_batch, max_len
         device = self.device = next(model.parameters()).device
@@ -93,6 +94,7 @@ class SlotEngine:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed)
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.bucketed = self.use_graph if bucketed is None else bucketed or self.use_graph   # graphs need buckets
         self.length_bucket = length_bucket
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graph else None
@@ -132,10 +134,6 @@ class SlotEngine:
             self.rows.set_row(slot, ())
 
     # ---- forward passes -------------------------------------------------------------------------
-    def _select(self, rows, lo: int, hi: int) -> None:
-        if self.rows is not None:
-            self.rows.select(rows, any(self.uses_adapters[lo:hi]))
-
     def prefill(self, lo: int, prompts: list[list[int]]):
         """Fill slots lo..lo+k-1 with the prompts; returns the next-token logits (k, V')."""
         k, P = len(prompts), max(len(p) for p in prompts)
@@ -143,7 +141,8 @@ class SlotEngine:
         idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)   # (k, P)
         q = self.key_pos[:P]
         see = (q[None, None, :] <= q[None, :, None]) & (q[None, None, :] < lens[:, None, None])  # (k, P, P)
-        self._select(self.slot_ids[lo:lo + k], lo, lo + k)
+        if self.rows is not None:
+            self.rows.select(self.slot_ids[lo:lo + k], any(self.uses_adapters[lo:lo + k]))
         cache = KVCache(None, k, P)
         cache.k, cache.v = self.cache.k[:, lo:lo + k, :, :P], self.cache.v[:, lo:lo + k, :, :P]
         h = self.model.hidden(idx, pos=q, mask=see[:, None], cache=cache, slots=q)          # (k, P, C)
@@ -167,11 +166,12 @@ class SlotEngine:
         """Feed each of rows 0..n-1 its next token at its own position; logits (n, V')."""
         longest = max(self.host_len[:n]) + 1
         on = any(self.uses_adapters[:n])
+        nb, Lb = n, longest
+        if self.bucketed:
+            nb, Lb = _bucket(n, self.S), min(self.L, -(-longest // self.length_bucket) * self.length_bucket)
         if not self.use_graph:
-            logits = self._step(n, longest, on)
+            logits = self._step(nb, Lb, on)[:n]
         else:
-            nb = _bucket(n, self.S)
-            Lb = min(self.L, -(-longest // self.length_bucket) * self.length_bucket)
             key = (nb, Lb, on)
             if key not in self.graphs:
                 self.graphs[key] = capture_graph(lambda: self._step(nb, Lb, on), self.pool)

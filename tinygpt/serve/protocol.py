@@ -188,8 +188,17 @@ def completion_logprobs(entries, text_of: TokenText, offset: int = 0) -> dict:
         tokens.append(text_of(i))
         offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{text_of(j): v for j, v in (top or [])} for _, _, top in entries],
+            "top_logprobs": [_by_text(top or [], text_of) for _, _, top in entries],
             "text_offset": offsets}
+
+
+def _by_text(top, text_of) -> dict:
+    """{token text: log-prob}, the legacy format; tokens with the same text (pieces of multi-byte
+    characters) keep the most likely one."""
+    out: dict = {}
+    for j, v in top:
+        out.setdefault(text_of(j), v)
+    return out
 
 
 class Shape:

@@ -127,6 +127,7 @@ class Scheduler:
         self.active: list[Sequence] = []            # index = slot
         self.inflight: list = []                    # [(sequences, real?, Outputs)] of the last iteration
         self.closing = False
+        self.cancelled = 0                          # sequences that left because their client did
         self.thread = threading.Thread(target=self._run, name="tinygpt-scheduler", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -151,7 +152,8 @@ class Scheduler:
             self.thread.join(timeout)
 
     def stats(self) -> dict:
-        return {"running": len(self.active), "waiting": len(self.waiting) + len(self.inbox)}
+        return {"running": len(self.active), "waiting": len(self.waiting) + len(self.inbox),
+                "cancelled": self.cancelled}
 
     # ---- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -171,8 +173,6 @@ class Scheduler:
                 self._fail_all()
 
     def _iteration(self) -> None:
-        while self.waiting and self.waiting[0].gone():
-            self.waiting.popleft()
         outputs = [o for o in (self._admit(), self._launch()) if o is not None]
         updates = self._process(self.inflight)
         self.inflight = outputs
@@ -187,6 +187,7 @@ class Scheduler:
         while self.waiting and len(batch) < free:
             seq = self.waiting[0]
             if seq.gone():
+                self.cancelled += 1
                 self.waiting.popleft()
                 continue
             if batch and len(seq.prompt) > budget:
@@ -255,6 +256,7 @@ class Scheduler:
         leave = [s.gone() or s.launched >= s.params.max_new for s in active]
         if not any(leave):
             return
+        self.cancelled += sum(s.job.cancelled and not s.done for s in active)
         m = len(active) - sum(leave)
         holes = [i for i in range(m) if leave[i]]
         movers = [i for i in range(m, len(active)) if not leave[i]]
