@@ -16,9 +16,11 @@ from tinygpt.load import load_model_and_tokenizer
 from tinygpt.lora import apply_lora, lora_modules, save_adapter, train_token_rows
 from tinygpt.model import GPT
 from tinygpt.serve.adapters import ServedAdapters, adapter_files
+from tinygpt.serve.command import ServeOptions, build_service
 from tinygpt.serve.engine import SlotEngine
+from tinygpt.serve.protocol import ApiError, LoraEntry
 from tinygpt.serve.scheduler import Job, Params, Scheduler, Sequence
-from tinygpt.serve.text import StopMatcher, TextStream
+from tinygpt.serve.text import ByteStream, Detokenizer, StopMatcher, TextStream
 from tinygpt.tokenizer import IM_END, Tokenizer
 from tinygpt.errors import UserError
 
@@ -63,8 +65,8 @@ def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None
     engine = SlotEngine(model, max_batch, model.config.block_size, tok.vocab_size, rows=adapters, **engine_kw)
     got: dict = {}
     sch = Scheduler(engine, lambda ups: [got.setdefault(s.index, []).append(u) for s, u in ups], **scheduler_kw)
-    job = Job(len(requests))
-    seqs = [Sequence(job, i, ids, p, stack, tok) for i, (ids, p, stack) in enumerate(requests)]
+    job, detok = Job(len(requests)), Detokenizer(tok)
+    seqs = [Sequence(job, i, ids, p, stack, detok) for i, (ids, p, stack) in enumerate(requests)]
     torch.set_grad_enabled(False)
     try:   # driven by hand, iteration by iteration (no thread): arrivals at chosen steps
         step = 0
@@ -165,14 +167,25 @@ def test_stop_ids_and_stop_strings(tmp_path):
     assert out[1][0] == text[:text.index(stop_s)] and out[1][2] == "stop"
 
 
-def test_text_stream_and_stop_matcher():
-    tok = Tokenizer.byte_level()
-    text = "naïve café — 日本語 ok"
-    ids = tok.encode(text)
-    ts = TextStream(tok)
-    pieces = [ts.push(i) for i in ids]
-    assert "".join(pieces) + ts.flush() == text
-    assert all("\ufffd" not in p for p in pieces)
+def test_text_streams_equal_decode():
+    trained = Tokenizer.train(["naïve café — 日本語 ok, the cat sat on the mat. " * 20], vocab_size=300)
+    for tok in (Tokenizer.byte_level(), trained):
+        text = "naïve café — 日本語 ok"
+        ids = tok.encode(text)
+        detok = Detokenizer(tok)
+        assert detok.byte_level and isinstance(detok.stream(), ByteStream)
+        g = torch.Generator().manual_seed(0)
+        randoms = [torch.randint(0, tok.vocab_size, (40,), generator=g).tolist() for _ in range(20)]
+        for seq in [ids] + randoms:           # random ids: specials and broken UTF-8 included
+            for skip in (False, True):
+                for ts in (detok.stream(skip), TextStream(tok, skip)):
+                    pieces = [ts.push(i) for i in seq]
+                    assert "".join(pieces) + ts.flush() == tok.decode(seq, skip_special=skip)
+                    if seq is ids:
+                        assert all("\ufffd" not in p for p in pieces)   # characters come out whole
+
+
+def test_stop_matcher():
     m = StopMatcher(["END", "xyz"])
     out = [m.feed(s) for s in ["abc E", "N", "Dq"]]
     assert out == [("abc ", False), ("", False), ("", True)]      # "E", "EN" held back, then cut
@@ -232,3 +245,27 @@ def test_adapter_files_names_and_refusals(tmp_path):
     model, tok = load_model_and_tokenizer(other)
     with pytest.raises(UserError, match="another base model"):
         ServedAdapters(model, tok, files, 2)
+
+
+def test_service_ids_stacks_and_the_template_rule(tmp_path):
+    """--lora makes the model id's stack (with its weights); every adapter is an id too; a request's
+    `lora` entries stack on top; templates follow the one rule per stack, conflicts are a 400."""
+    base, paths = make_world(tmp_path)
+    model, tok = load_model_and_tokenizer(base)
+    apply_lora(model, rank=2, targets=("q_proj",))
+    save_adapter(model, tmp_path / "z.lora", extra={"chat_template": "zephyr"})
+    save_adapter(model, tmp_path / "l3.lora", extra={"chat_template": "llama3"})
+    service = build_service(ServeOptions(model=base, lora=[f"{paths[0]}:0.5"], adapters=str(tmp_path), device="cpu"))
+    assert list(service.stacks) == ["base", "a", "b", "l3", "z"]
+    a, b, z = (service.adapters.index[n] for n in ("a", "b", "z"))
+    assert service.stacks["base"] == [(a, 0.5)] and service.stacks["a"] == [(a, 1.0)]
+    entry = LoraEntry(name="b", weight=2.0)
+    assert service.stack("a", [entry, LoraEntry(name="a", weight=-1.0)]) == [(b, 2.0)]     # a: 1 - 1 = off
+    assert service.template_for(service.stack("base", None)).name == "chatml"            # nothing recorded
+    assert service.template_for(service.stack("z", None)).name == "zephyr"                # the adapter's record
+    with pytest.raises(ApiError, match="different chat templates") as e:
+        service.template_for(service.stack("z", [LoraEntry(name="l3")]))
+    assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        service.stack("base", [LoraEntry(name=paths[1])])                                 # a path is no name
+    assert e.value.status == 404

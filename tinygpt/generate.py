@@ -19,6 +19,10 @@ Design choices:
 - Per-row stop on any of `stop_ids` (EOS, `<|im_end|>`); rows that stopped keep decoding padding
   but emit nothing. Whether every row is done is checked only every `check_every` steps (one host
   sync), except on the streaming path (`on_token`), which reads each token anyway.
+- `filter_logits_rows` / `sample_rows` are the same filters and race with per-row settings (B,)
+  tensors, for a server batch whose rows asked for different temperatures, top-k and top-p; row b
+  equals the scalar path with row b's settings. `capture_graph` is the warm-up-and-capture both
+  this module and the server's slot engine use.
 - The log-prob of every sampled token under the temperature-scaled distribution is returned
   (before top-k/top-p filtering): what PPO/GRPO need as the behaviour policy's log-probs.
 - Ids past the tokenizer's vocabulary (padding rows of the embedding) are never sampled: the

@@ -9,6 +9,10 @@ Design choices:
   adapter off at once: the model is then exactly the base, which DPO/PPO use as their frozen
   reference without a second copy in memory; `disable_lora(model, names=[...])` turns off only
   those adapters (the one being trained), so the reference keeps an SFT adapter underneath.
+- A served batch mixes rows with different stacks: `LoRALinear.rows`, when set (by
+  serve/adapters.py), adds each row's own weighted stack; the default path pays one attribute
+  check for it. `checked_adapter` and `adapter_pairs` are the reading and checking steps that
+  `load_adapters` and the server share.
 - `merge_lora` folds adapters into the weights (and `unmerge_lora` takes them out again);
   `merge_and_unload` returns plain `nn.Linear` modules for export.
 - A `.lora` file holds only the adapter tensors (safetensors) plus metadata: rank, alpha,

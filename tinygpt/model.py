@@ -12,7 +12,9 @@ Design choices:
   flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding; a FlexAttention
   BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
 - The KV cache is pre-allocated for the whole generation; writes go to explicit slots so a decode
-  step has static shapes (CUDA-graph and compile friendly). Masks always let a query see itself,
+  step has static shapes (CUDA-graph and compile friendly). Slots are shared by every row, or
+  (B, T) per row, for rows of different lengths decoding together (the server); `view` gives the
+  first rows and positions of a cache without a copy. Masks always let a query see itself,
   so padded rows never produce NaN.
 - Residual projections (o_proj, down_proj) start at zero: every block begins as the identity.
 """
@@ -239,7 +241,7 @@ class GPT(nn.Module):
         """Final normalised hidden states (B, T, C).
         idx (B, T) token ids; pos (B, T) or (T,) position ids (default 0..T-1, or `slots` when
         decoding); mask None (causal), a boolean (B, 1, T, Tk) or a BlockMask; cache + slots (T,)
-        write this chunk's keys/values at those cache positions."""
+        or (B, T) write this chunk's keys/values at those cache positions."""
         B, T = idx.shape
         if pos is None:
             pos = slots if slots is not None else None

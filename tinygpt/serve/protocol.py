@@ -6,8 +6,9 @@ Design choices:
   `invalid_request_error` naming the field (`param`), never a silent default. Fields of the
   OpenAI API that this server cannot honour (penalties, logit bias, tools) are accepted only at
   their neutral value and refused otherwise.
-- Extension fields, as vLLM spells them where it has them: `top_k`, and `lora`: a list of
-  {"name", "weight"} naming served adapters, stacked on top of the adapters of `model`.
+- Extension fields, as vLLM spells them where it has them: `top_k`, `ignore_eos` (run to
+  max_tokens: for benchmarks), and `lora`: a list of {"name", "weight"} naming served adapters,
+  stacked on top of the adapters of `model`.
 - Log-probs are those of the temperature-scaled distribution before top-k/top-p (the untempered
   one when greedy), the behaviour log-probs `generate` returns. A token's text is its own decode;
   a piece of a multi-byte character shows as U+FFFD, its `bytes` as those of that text.
@@ -76,6 +77,7 @@ class Common(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     lora: list[LoraEntry] | None = Field(None, max_length=16)
+    ignore_eos: bool = False
     user: str | None = None
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .text import StopMatcher, TextStream
+from .text import Detokenizer, StopMatcher
 
 log = logging.getLogger("tinygpt.serve")
 
@@ -97,12 +97,14 @@ class Job:
 
 
 class Sequence:
-    def __init__(self, job: Job, index: int, prompt: list[int], params: Params, stack=(), tok=None):
+    def __init__(self, job: Job, index: int, prompt: list[int], params: Params, stack=(), detok=None):
+        """detok: a `text.Detokenizer` (or a tokenizer, for a single use)."""
         self.job, self.index, self.prompt, self.params, self.stack = job, index, prompt, params, list(stack)
         self.launched = 0       # tokens whose sampling has been queued on the device
         self.received = 0       # tokens turned into text
         self.done = False
-        self.text = TextStream(tok, params.skip_special)
+        detok = detok if isinstance(detok, Detokenizer) else Detokenizer(detok)
+        self.text = detok.stream(params.skip_special)
         self.stop = StopMatcher(params.stop)
 
     def gone(self) -> bool:

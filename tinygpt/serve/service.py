@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..stages.common import resolve_template, stop_ids
 from .protocol import ApiError, ChatRequest, CompletionRequest
 from .scheduler import Closed, Full, Job, Params, Scheduler, Sequence
+from .text import Detokenizer
 
 
 def _post_all(updates) -> None:
@@ -52,6 +53,7 @@ class Service:
         self.loop = None
         self.scheduler = Scheduler(engine, self._on_updates, max_waiting, prefill_tokens)
         self.text_stop_ids = frozenset(tok.stop_ids())
+        self.detok = Detokenizer(tok)
         self.template_for(self.stacks[self.model_id])          # a conflict is found at start-up
 
     # ---- lifetime -------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class Service:
         return asked if asked is not None else min(room, default or room)
 
     def _params(self, req, max_new: int, stops, skip_special: bool, logprobs: bool, top: int) -> Params:
+        stops = frozenset() if req.ignore_eos else stops
         return Params(max_new=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                       top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
                       stop_ids=stops, stop=req.stops(), logprobs=logprobs, top_logprobs=top,
@@ -155,7 +158,7 @@ class Service:
         for i, (ids, p) in enumerate(zip(prompts, params)):
             for j in range(n):
                 q = p if p.seed is None else Params(**{**p.__dict__, "seed": p.seed + j})
-                seqs.append(Sequence(job, i * n + j, ids, q, stack, self.tok))
+                seqs.append(Sequence(job, i * n + j, ids, q, stack, self.detok))
         try:
             self.scheduler.submit(seqs)
         except Closed:

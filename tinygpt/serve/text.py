@@ -6,11 +6,69 @@ Design choices:
   incomplete UTF-8 character (U+FFFD), so multi-byte characters split over byte-level tokens come
   out whole, and decoders that depend on the previous token (leading-space rules) stay right.
   Any tokenizer works; the cost per token is two decodes of a few tokens.
+- Byte-level BPE tokenizers (GPT-2's decoder, ours) skip the window: each id maps to its bytes
+  once (GPT-2's byte-to-unicode table inverted; added tokens as their own decode) and an
+  incremental UTF-8 decoder releases whole characters, the same text for a fraction of the cost
+  per token. `Detokenizer` picks the path and keeps the table per tokenizer.
 - `StopMatcher` holds back the longest tail of the text that could still begin a stop string,
   and cuts the text before the first stop string found; the stop string is not returned (as the
   OpenAI API does).
 """
 from __future__ import annotations
+
+import codecs
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character byte-level BPE writes it as."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+class Detokenizer:
+    """Text streams for one tokenizer (`stream(skip_special)`)."""
+
+    def __init__(self, tok):
+        self.tok, self.tables = tok, {}
+        self.byte_level = type(tok.tk.decoder).__name__ == "ByteLevel"
+
+    def _table(self, skip_special: bool) -> list[bytes] | None:
+        if skip_special not in self.tables:
+            to_byte = {c: b for b, c in bytes_to_unicode().items()}
+            added = self.tok.tk.get_added_tokens_decoder()
+            table = []
+            for i in range(self.tok.vocab_size):
+                if i in added:
+                    table.append(self.tok.decode([i], skip_special=skip_special).encode("utf-8"))
+                    continue
+                piece = self.tok.id_to_token(i) or ""
+                if any(c not in to_byte for c in piece):
+                    table = None               # not a pure byte-level vocabulary: use the window
+                    break
+                table.append(bytes(to_byte[c] for c in piece))
+            self.tables[skip_special] = table
+        return self.tables[skip_special]
+
+    def stream(self, skip_special: bool = False):
+        table = self._table(skip_special) if self.byte_level else None
+        return ByteStream(table) if table is not None else TextStream(self.tok, skip_special)
+
+
+class ByteStream:
+    def __init__(self, table: list[bytes]):
+        self.table = table
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        return self.decoder.decode(self.table[token])
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
 
 
 class TextStream:
