@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.generate_throughput import generation_args, timed
 from tinygpt.checkpoint import save_model
 from tinygpt.config import ModelConfig
 from tinygpt.generate import generate
@@ -95,23 +97,11 @@ def prompts_for(n: int, length: int, seed: int, tok) -> list[str]:
     return out
 
 
-def timed_rounds(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 # ---- in-process columns -------------------------------------------------------------------------------
-def static_tok_s(model, tok, prompts, a, sync) -> float:
+def static_tok_s(model, tok, prompts, a) -> float:
     ids = [tok.encode(p) for p in prompts]
-    t = timed_rounds(lambda: generate(model, ids, a.new_tokens, temperature=0, vocab_limit=tok.vocab_size),
-                     a.repeats, sync)
+    t, _ = timed(lambda: generate(model, ids, a.new_tokens, temperature=0, vocab_limit=tok.vocab_size),
+                 a.repeats, model.lm_head.weight.device)
     return len(prompts) * a.new_tokens / t
 
 
@@ -136,6 +126,7 @@ def engine_round(model, tok, prompts, a, engine) -> dict:
 
 # ---- HTTP columns -------------------------------------------------------------------------------------
 async def _streams(url: str, bodies: list[dict], start: float, out) -> None:
+    count_events = "stream_options" not in bodies[0]
     limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
         async def one(body):
@@ -146,12 +137,12 @@ async def _streams(url: str, bodies: list[dict], start: float, out) -> None:
                 async for line in r.aiter_lines():
                     if not line.startswith("data: {"):
                         continue
-                    if '"usage":{' in line and '"choices":[]' in line:
-                        usage = json.loads(line[6:])["usage"]["completion_tokens"]
-                        continue
                     first = first or time.perf_counter()
-                    chunks += line.count('"text":"') - line.count('"text":""')
-            return t_send, first, time.perf_counter(), usage if usage is not None else chunks
+                    if count_events:          # one token an event (no usage in the stream)
+                        chunks += sum(bool(c.get("text")) for c in json.loads(line[6:])["choices"])
+                    elif '"usage":{' in line and '"choices":[]' in line:
+                        usage = json.loads(line[6:])["usage"]["completion_tokens"]
+            return t_send, first, time.perf_counter(), chunks if count_events else usage
         while time.perf_counter() < start:          # every client process starts together
             await asyncio.sleep(0.001)
         out.extend(await asyncio.gather(*(one(b) for b in bodies)))
@@ -210,16 +201,8 @@ def measured(fn, repeats: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--embd", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    generation_args(ap)
     ap.add_argument("--streams", default="1,16,64,256")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--no-static", action="store_true", help="skip the static `generate` column")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine column")
@@ -228,7 +211,6 @@ def main():
     a = ap.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(a.threads)
     folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     path = make_model(a, folder)
@@ -237,11 +219,11 @@ def main():
     for s in streams:
         prompts = prompts_for(s, a.prompt_len, s, tok)
         if not a.no_static:
-            rows[s]["static_tok_s"] = static_tok_s(model, tok, prompts, a, sync)
+            rows[s]["static_tok_s"] = static_tok_s(model, tok, prompts, a)
         if not a.no_engine:
             engine = SlotEngine(model, s, model.config.block_size, tok.vocab_size)
-            rows[s].update({f"engine_{k}": v for k, v in
-                            measured(lambda: engine_round(model, tok, prompts, a, engine), a.repeats).items()})
+            run = functools.partial(engine_round, model, tok, prompts, a, engine)
+            rows[s].update({f"engine_{k}": v for k, v in measured(run, a.repeats).items()})
             del engine
     del model
     if device.type == "cuda":
@@ -251,24 +233,15 @@ def main():
     server = start_server([sys.executable, "-m", "tinygpt.cli", "serve", str(path), "--port", str(port), "--device",
                            a.device, "--dtype", a.dtype, "--max-batch", str(max(streams)), "--max-queue",
                            str(4 * max(streams)), "--log-level", "warning"], port, folder / "serve.log", env)
-    try:
-        for s in streams:
-            bodies = [{"model": path.stem, "prompt": p, "max_tokens": a.new_tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True, "stream_options": {"include_usage": True}}
-                      for p in prompts_for(s, a.prompt_len, s, tok)]
-            rows[s].update({f"server_{k}": v for k, v in
-                            measured(lambda: http_round(f"http://127.0.0.1:{port}", bodies, a.client_procs),
-                                     a.repeats).items()})
-    finally:
-        server.terminate()
-        server.wait(60)
+    body = {"model": path.stem, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    http_columns(a, server, port, streams, rows, "server", tok, body)
     if a.llama_python:
         llama_columns(a, path, streams, rows)
     report(a, streams, rows)
 
 
 def llama_columns(a, path: Path, streams, rows) -> None:
-    from tinygpt.interop.gguf import export_gguf       # needs the optional gguf package
+    from tinygpt.interop.gguf import export_gguf  # needs the optional gguf package
     model, tok = load_model_and_tokenizer(path)
     gguf = path.with_suffix(".gguf")
     export_gguf(model, tok, gguf, "f16")
@@ -277,13 +250,18 @@ def llama_columns(a, path: Path, streams, rows) -> None:
                            "--port", str(port), "--n_ctx", str(model.config.block_size), "--n_threads", str(a.threads),
                            "--n_threads_batch", str(a.threads), "--interrupt_requests", "False"],
                           port, path.parent / "llama.log")
+    http_columns(a, server, port, streams, rows, "llama", tok, {"model": "m"})
+
+
+def http_columns(a, server, port: int, streams, rows, prefix: str, tok, body: dict) -> None:
+    """The `prefix` columns: rounds of streamed completions against a started server, which is
+    stopped at the end."""
     try:
         for s in streams:
-            bodies = [{"model": "m", "prompt": p, "max_tokens": a.new_tokens, "temperature": 0, "stream": True}
+            bodies = [{**body, "prompt": p, "max_tokens": a.new_tokens, "temperature": 0, "stream": True}
                       for p in prompts_for(s, a.prompt_len, s, tok)]
-            rows[s].update({f"llama_{k}": v for k, v in
-                            measured(lambda: http_round(f"http://127.0.0.1:{port}", bodies, a.client_procs),
-                                     a.repeats).items()})
+            run = functools.partial(http_round, f"http://127.0.0.1:{port}", bodies, a.client_procs)
+            rows[s].update({f"{prefix}_{k}": v for k, v in measured(run, a.repeats).items()})
     finally:
         server.terminate()
         server.wait(60)

@@ -10,8 +10,14 @@ import torch
 
 from tinygpt.checkpoint import save_model
 from tinygpt.config import ModelConfig, pad_vocab
-from tinygpt.generate import filter_logits, generate, sample_next, sample_rows
-from tinygpt.generate import filter_logits_rows
+from tinygpt.errors import UserError
+from tinygpt.generate import (
+    filter_logits,
+    filter_logits_rows,
+    generate,
+    sample_next,
+    sample_rows,
+)
 from tinygpt.load import load_model_and_tokenizer
 from tinygpt.lora import apply_lora, lora_modules, save_adapter, train_token_rows
 from tinygpt.model import GPT
@@ -22,7 +28,6 @@ from tinygpt.serve.protocol import ApiError, LoraEntry
 from tinygpt.serve.scheduler import Job, Params, Scheduler, Sequence
 from tinygpt.serve.text import ByteStream, Detokenizer, StopMatcher, TextStream
 from tinygpt.tokenizer import IM_END, Tokenizer
-from tinygpt.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,12 +62,14 @@ def make_world(folder, block_size: int = 128, seed: int = 0, **over):
     return str(folder / "base.tinygpt"), paths
 
 
-def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None):
+def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None, device="cpu", engines=None):
     """Serve `requests` [(prompt ids, Params, stack)] on a fresh engine; returns per request
     (text, n_tokens, finish). `arrive`: per request, the scheduler iteration to submit it at."""
-    model, tok = load_model_and_tokenizer(base)
+    model, tok = load_model_and_tokenizer(base, device=device)
     adapters = ServedAdapters(model, tok, [(f"x{i}", p) for i, p in enumerate(paths)], max_batch) if paths else None
     engine = SlotEngine(model, max_batch, model.config.block_size, tok.vocab_size, rows=adapters, **engine_kw)
+    if engines is not None:
+        engines.append(engine)
     got: dict = {}
     sch = Scheduler(engine, lambda ups: [got.setdefault(s.index, []).append(u) for s, u in ups], **scheduler_kw)
     job, detok = Job(len(requests)), Detokenizer(tok)
@@ -269,3 +276,23 @@ def test_service_ids_stacks_and_the_template_rule(tmp_path):
     with pytest.raises(ApiError) as e:
         service.stack("base", [LoraEntry(name=paths[1])])                                 # a path is no name
     assert e.value.status == 404
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_and_the_reference(tmp_path):
+    """On a GPU: the captured, bucketed decode steps (several row and length buckets, adapters on
+    and off) give the same greedy tokens as eager steps and as the reference path."""
+    base, paths = make_world(tmp_path, block_size=256)
+    tok = Tokenizer.byte_level()
+    stacks = [[], [(0, 1.0)], [(1, 0.5)], [(0, 1.0), (1, -0.7)]]
+    reqs = [(tok.encode(f"prompt number {i} " * (1 + i % 3)), Params(max_new=20 + 7 * (i % 5), temperature=0),
+             stacks[i % 4]) for i in range(12)]
+    arrive = [0, 0, 0, 1, 2, 2, 5, 9, 9, 14, 30, 31]
+    engines: list = []
+    graphs, _ = run({}, dict(cuda_graph=True, length_bucket=32), base, paths, reqs, 8, arrive, "cuda", engines)
+    eager, _ = run({}, dict(cuda_graph=False), base, paths, reqs, 8, arrive, "cuda")
+    assert graphs == eager and len(engines[0].graphs) > 2
+    for i, (ids, p, st) in enumerate(reqs):
+        ref = load_model_and_tokenizer(base, lora=[(paths[j], w) for j, w in st], device="cuda")[0]
+        g = generate(ref, [ids], p.max_new, temperature=0, vocab_limit=tok.vocab_size, cuda_graph=False)
+        assert graphs[i][0] == tok.decode(g.tokens[0])

@@ -17,6 +17,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from test_serve import make_world
 
 from tinygpt.chat import encode_segments
 from tinygpt.data.formats import Message
@@ -25,8 +26,6 @@ from tinygpt.load import load_model_and_tokenizer
 from tinygpt.serve.app import create_app
 from tinygpt.serve.command import ServeOptions, build_service
 from tinygpt.stages.common import resolve_template, stop_ids
-
-from test_serve import make_world
 
 KEY = "sekrit-key"
 ROOT = Path(__file__).resolve().parents[1]
