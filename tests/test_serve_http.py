@@ -131,6 +131,8 @@ def test_completions_logprobs_n_seed_stop(world, client):
     assert "".join(lp.tokens) == text and len(lp.token_logprobs) == r.usage.completion_tokens
     for tok_text, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert 1 <= len(top) <= 3 and value <= 0 and abs(max(top.values()) - value) < 1e-5   # greedy: the top one
+    tiny = client.completions.create(model="base", prompt="Once upon", max_tokens=10, temperature=1e-7, logprobs=1)
+    assert tiny.choices[0].text == text and all(v == v for v in tiny.choices[0].logprobs.token_logprobs)  # no NaN
     stop = text[3:5]
     cut = client.completions.create(model="base", prompt="Once upon", max_tokens=10, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
@@ -180,6 +182,8 @@ BAD = [
     ("n 100", CHAT, {**GOOD, "n": 100}, None, 400, "n"),
     ("top_logprobs 50", CHAT, {**GOOD, "logprobs": True, "top_logprobs": 50}, None, 400, "top_logprobs"),
     ("negative seed", CHAT, {**GOOD, "seed": -1}, None, 400, "seed"),
+    ("huge top_k", CHAT, {**GOOD, "top_k": 1 << 70}, None, 400, "top_k"),
+    ("huge adapter weight", CHAT, {**GOOD, "lora": [{"name": "a", "weight": 1e300}]}, None, 400, "lora.0.weight"),
     ("unknown field", CHAT, {**GOOD, "tempreature": 1}, None, 400, "tempreature"),
     ("tool role", CHAT, {**GOOD, "messages": [{"role": "tool", "content": "x"}]}, None, 400, "messages.0.role"),
     ("five stops", CHAT, {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),

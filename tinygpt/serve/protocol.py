@@ -9,6 +9,8 @@ Design choices:
 - Extension fields, as vLLM spells them where it has them: `top_k`, `ignore_eos` (run to
   max_tokens: for benchmarks), and `lora`: a list of {"name", "weight"} naming served adapters,
   stacked on top of the adapters of `model`.
+- Every number is bounded before it reaches a tensor (top_k, seeds, adapter weights in
+  [-100, 100]); a temperature below 1e-4 is greedy (dividing logits by it would overflow).
 - Log-probs are those of the temperature-scaled distribution before top-k/top-p (the untempered
   one when greedy), the behaviour log-probs `generate` returns. A token's text is its own decode;
   a piece of a multi-byte character shows as U+FFFD, its `bytes` as those of that text.
@@ -46,7 +48,7 @@ class Strict(BaseModel):
 
 class LoraEntry(Strict):
     name: str
-    weight: float = Field(1.0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
 
 
 class TextPart(Strict):
@@ -70,7 +72,7 @@ class Common(Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2 ** 63)

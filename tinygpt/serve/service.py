@@ -54,6 +54,7 @@ class Service:
         self.scheduler = Scheduler(engine, self._on_updates, max_waiting, prefill_tokens)
         self.text_stop_ids = frozenset(tok.stop_ids())
         self.detok = Detokenizer(tok)
+        self.detok.stream(True), self.detok.stream(False)       # build the byte tables now, not on a request
         self.template_for(self.stacks[self.model_id])          # a conflict is found at start-up
 
     # ---- lifetime -------------------------------------------------------------------------------
@@ -112,7 +113,8 @@ class Service:
 
     def _params(self, req, max_new: int, stops, skip_special: bool, logprobs: bool, top: int) -> Params:
         stops = frozenset() if req.ignore_eos else stops
-        return Params(max_new=max_new, temperature=1.0 if req.temperature is None else req.temperature,
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return Params(max_new=max_new, temperature=temperature if temperature >= 1e-4 else 0.0,
                       top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
                       stop_ids=stops, stop=req.stops(), logprobs=logprobs, top_logprobs=top,
                       skip_special=skip_special)
