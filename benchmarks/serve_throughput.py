@@ -20,8 +20,11 @@ the median of --repeats rounds.
   started with --interrupt_requests False, so a new request waits instead of cutting the running one.
 
     PYTHONPATH=. python3 benchmarks/serve_throughput.py                          # GPU, gpt2 shape
-    PYTHONPATH=. python3 benchmarks/serve_throughput.py --device cpu --dtype float32 --streams 1,4,16 \
-        --new-tokens 32 --no-static --llama-python /path/to/venv/bin/python     # CPU vs llama.cpp
+    PYTHONPATH=. python3 benchmarks/serve_throughput.py --device cpu --dtype float32 --vocab 2048 \
+        --streams 1,4,16 --new-tokens 32 --threads 1 --llama-python /path/to/venv/bin/python   # CPU vs llama.cpp
+
+On the CPU give --vocab 2048 (the tokenizer's size): with a wider head llama.cpp samples over the
+placeholder ids of the padded GGUF vocabulary too (empty text), tinygpt only over real tokens.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from benchmarks.generate_throughput import generation_args, timed
 from tinygpt.checkpoint import save_model
 from tinygpt.config import ModelConfig
 from tinygpt.generate import generate
+from tinygpt.interop.gguf import export_gguf
 from tinygpt.load import load_model_and_tokenizer
 from tinygpt.model import GPT
 from tinygpt.serve.engine import SlotEngine
@@ -138,8 +142,9 @@ async def _streams(url: str, bodies: list[dict], start: float, out) -> None:
                     if not line.startswith("data: {"):
                         continue
                     first = first or time.perf_counter()
-                    if count_events:          # one token an event (no usage in the stream)
-                        chunks += sum(bool(c.get("text")) for c in json.loads(line[6:])["choices"])
+                    if count_events:          # one token an event (no usage in that stream)
+                        chunks += sum(bool(c.get("text")) or c.get("finish_reason") is None
+                                      for c in json.loads(line[6:])["choices"])
                     elif '"usage":{' in line and '"choices":[]' in line:
                         usage = json.loads(line[6:])["usage"]["completion_tokens"]
             return t_send, first, time.perf_counter(), chunks if count_events else usage
@@ -241,7 +246,6 @@ def main():
 
 
 def llama_columns(a, path: Path, streams, rows) -> None:
-    from tinygpt.interop.gguf import export_gguf  # needs the optional gguf package
     model, tok = load_model_and_tokenizer(path)
     gguf = path.with_suffix(".gguf")
     export_gguf(model, tok, gguf, "f16")
@@ -274,9 +278,9 @@ def report(a, streams, rows) -> None:
     cols = [c for c in cols if any(c[0] in rows[s] for s in streams)]
     for s in streams:
         r = rows[s]
-        if "static_tok_s" in r:
+        if r.get("static_tok_s"):
             r["server_vs_static"] = r["server_tok_s"] / r["static_tok_s"]
-        if "llama_tok_s" in r:
+        if r.get("llama_tok_s"):
             r["server_vs_llama"] = r["server_tok_s"] / r["llama_tok_s"]
     ratios = [k for k in ("server_vs_static", "server_vs_llama") if k in rows[streams[0]]]
     print(f"{'streams':>8} " + " ".join(f"{t:>16}" for _, t in cols) + " " + " ".join(f"{k:>16}" for k in ratios))
@@ -284,7 +288,7 @@ def report(a, streams, rows) -> None:
         r = rows[s]
         print(f"{s:>8} " + " ".join(f"{r.get(k, float('nan')):>16,.3f}" if "ttft" in k else
                                     f"{r.get(k, float('nan')):>16,.0f}" for k, _ in cols)
-              + " " + " ".join(f"{r[k]:>16.2f}" for k in ratios))
+              + " " + " ".join(f"{r.get(k, float('nan')):>16.2f}" for k in ratios))
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu x{a.threads}"
     print(json.dumps({"bench": "serve_throughput", "device": device, "dtype": a.dtype, "layers": a.layers,
                       "embd": a.embd, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
