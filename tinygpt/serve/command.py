@@ -10,6 +10,7 @@ Design choices:
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -64,11 +65,25 @@ def build_service(opts: ServeOptions) -> Service:
                    opts.prefill_tokens)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (a user error when that is impossible), before any loading."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})", "--host/--port",
+                        "pick another port or address") from None
+    return sock
+
+
 def serve_command(opts: ServeOptions) -> None:
     """Serve until SIGINT / SIGTERM."""
     key = opts.api_key if opts.api_key is not None else os.environ.get("TINYGPT_API_KEY") or None
     if key is not None and not key.strip():
         raise UserError("--api-key is empty", None, "give a key or leave the option out")
+    sock = listen(opts.host, opts.port)
     service = build_service(opts)
     # Two busy threads share the GIL (the event loop, the scheduler); a shorter switch interval
     # than the 5 ms default keeps the scheduler from waiting that long to launch the next step.
@@ -78,4 +93,5 @@ def serve_command(opts: ServeOptions) -> None:
     if opts.host not in LOOPBACK and key is None:
         print("warning: listening beyond loopback without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    uvicorn.run(create_app(service, key, opts.max_body), host=opts.host, port=opts.port, log_level=opts.log_level)
+    config = uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level)
+    uvicorn.Server(config).run(sockets=[sock])
