@@ -62,18 +62,23 @@ def timed(fn, repeats: int, device) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def generation_args(ap: argparse.ArgumentParser) -> None:
+    """The model shape (GPT-2 124M by default), prompt and reply lengths, repeats, dtype, device."""
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batches", default="1,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    generation_args(ap)
+    ap.add_argument("--batches", default="1,64")
     ap.add_argument("--no-hf", action="store_true", help="time only tinygpt")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel

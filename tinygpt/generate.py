@@ -23,6 +23,10 @@ Design choices:
 - Per-row stop on any of `stop_ids` (EOS, `<|im_end|>`); rows that stopped keep decoding padding
   but emit nothing. Whether every row is done is checked only every `check_every` steps (one host
   sync), except on the streaming path (`on_token`), which reads each token anyway.
+- `filter_logits_rows` / `sample_rows` are the same filters and race with per-row settings (B,)
+  tensors, for a server batch whose rows asked for different temperatures, top-k and top-p; row b
+  equals the scalar path with row b's settings. `capture_graph` is the warm-up-and-capture both
+  this module and the server's slot engine use.
 - The log-prob of every sampled token under the temperature-scaled distribution is returned
   (before top-k/top-p filtering): what PPO/GRPO need as the behaviour policy's log-probs.
 - Ids past the tokenizer's vocabulary (padding rows of the embedding) are never sampled: the
@@ -59,6 +63,35 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return logits
+
+
+def filter_logits_rows(logits, top_k, top_p):
+    """`filter_logits` with each row its own settings: logits (B, V), top_k (B,) ints (0 = off),
+    top_p (B,) floats (1 = off). Row b equals filter_logits(logits[b:b+1], top_k[b], top_p[b])."""
+    V = logits.shape[-1]
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)                    # (B, V)
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])                                    # (B, 1)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+def sample_rows(logits, temperature, top_k, top_p, race=None, filtered: bool = True):
+    """`sample_next` with each row its own settings: logits (B, V) float32, temperature / top_k /
+    top_p (B,) (temperature 0 = greedy). race (B, V): Exp(1) draws for the exponential race (None
+    when every row is greedy). filtered=False skips top-k/top-p (no row asks for them).
+    Returns (next ids (B,), their log-probs (B,), log-probs of the whole vocabulary (B, V))."""
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    logp = F.log_softmax(scaled, -1)                                                    # (B, V)
+    nxt = logits.argmax(-1)
+    if race is not None:
+        probs = (filter_logits_rows(scaled, top_k, top_p) if filtered else scaled).softmax(-1)
+        nxt = torch.where(greedy, nxt, (probs / race).argmax(-1))
+    return nxt, logp.gather(-1, nxt[:, None])[:, 0], logp
 
 
 def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=None):
@@ -131,15 +164,7 @@ class _DecodeState:
         """Record `step` as a CUDA graph. Runs before prefill: the warm-up writes garbage only at
         the first decode slot, which the first real decode step overwrites."""
         self.slot.fill_(first_slot)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):          # warm-up: lazy kernel selection, allocator pools
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.step()
+        self.graph, self.out = capture_graph(self.step)
 
     def decode(self, tok, slot: int):
         """Next logits after feeding tok (B,) at cache slot `slot`."""
@@ -149,6 +174,22 @@ class _DecodeState:
             return self.step()
         self.graph.replay()
         return self.out
+
+
+def capture_graph(fn, pool=None):
+    """(CUDA graph, its output) of `fn()`, a function of static buffers only. Two warm-up calls on
+    a side stream first (lazy kernel selection, allocator pools): `fn` must tolerate running three
+    times. `pool` shares one memory pool between graphs that never run at the same time."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def _structure_key(model) -> tuple:

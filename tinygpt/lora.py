@@ -9,6 +9,10 @@ Design choices:
   adapter off at once: the model is then exactly the base, which DPO/PPO use as their frozen
   reference without a second copy in memory; `disable_lora(model, names=[...])` turns off only
   those adapters (the one being trained), so the reference keeps an SFT adapter underneath.
+- A served batch mixes rows with different stacks: `LoRALinear.rows`, when set (by
+  serve/adapters.py), adds each row's own weighted stack; the default path pays one attribute
+  check for it. `checked_adapter` and `adapter_pairs` are the reading and checking steps that
+  `load_adapters` and the server share.
 - `merge_lora` folds adapters into the weights (and `unmerge_lora` takes them out again);
   `merge_and_unload` returns plain `nn.Linear` modules for export.
 - A `.lora` file holds only the adapter tensors (safetensors) plus metadata: rank, alpha,
@@ -58,6 +62,7 @@ class LoRALinear(nn.Module):
         self.merged: set[str] = set()
         self.disabled: set[str] = set()   # adapters switched off by `disable_lora(names=...)`
         self.enabled = True
+        self.rows = None                  # per-row adapter stacks of a serving batch (serve/adapters.py)
 
     def add(self, name: str, rank: int, alpha: float, dropout: float = 0.0, weight: float = 1.0):
         w = self.weight
@@ -74,6 +79,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        if self.rows is not None:         # each row of the batch its own weighted stack
+            y = self.rows(x, y)
         if not self.enabled:
             return y
         for name, a in self.lora_A.items():
@@ -194,7 +201,7 @@ def lora_modules(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _swap(model, targets) -> dict[str, LoRALinear]:
+def wrap_linears(model, targets) -> dict[str, LoRALinear]:
     """Replace every target nn.Linear (matched by the last name component) by a LoRALinear."""
     out = {}
     for name, module in list(model.named_modules()):
@@ -236,7 +243,7 @@ def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, t
     if rank < 1:
         raise UserError(f"--lora-rank must be >= 1, got {rank}")
     fp = base_fingerprint(model)           # computed before any adapter exists
-    mods = _swap(model, set(targets))
+    mods = wrap_linears(model, set(targets))
     if not mods:
         raise UserError(f"no linear layers named {', '.join(targets)} in this model", None,
                         f"choose targets among {', '.join(DEFAULT_TARGETS)}")
@@ -343,28 +350,42 @@ def read_adapter(path) -> tuple[dict, dict]:
     return tensors, info
 
 
+def checked_adapter(model, path) -> tuple[dict, dict]:
+    """(tensors, info) of an adapter file, refused unless it was trained on this model's base."""
+    fp = base_fingerprint(model)
+    tensors, info = read_adapter(path)
+    if info["base_fingerprint"] != fp:
+        raise UserError(f"adapter was trained on another base model (adapter base {info['base_fingerprint']}, "
+                        f"this model {fp})", str(path), "load the base model the adapter was trained on")
+    return tensors, info
+
+
+def adapter_pairs(model, tensors: dict, info: dict, path) -> dict[str, tuple[LoRALinear, torch.Tensor, torch.Tensor]]:
+    """module name -> (its LoRALinear, A (r, in), B (out, r)) for every linear the adapter trained;
+    the target linears are wrapped first and the shapes checked against them."""
+    out = {}
+    for mod_name, m in wrap_linears(model, set(info["targets"])).items():
+        a, b = tensors.get(f"{mod_name}.lora_A"), tensors.get(f"{mod_name}.lora_B")
+        if a is None:
+            continue
+        if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+            raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {mod_name}", str(path))
+        out[mod_name] = (m, a, b)
+    return out
+
+
 def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list[str]:
     """Stack adapters from (path, weight) pairs onto the model; returns their names.
     An adapter whose base fingerprint differs from this model's is refused. An adapter that trained
     token rows needs the tokenizer: tokens it lacks are added and the rows written into the model."""
-    fp = base_fingerprint(model)
     names = []
     existing = {n for m in lora_modules(model).values() for n in m.lora_A}
     for path, weight in specs:
-        tensors, info = read_adapter(path)
-        if info["base_fingerprint"] != fp:
-            raise UserError(f"adapter was trained on another base model (adapter base {info['base_fingerprint']}, "
-                            f"this model {fp})", str(path), "load the base model the adapter was trained on")
+        tensors, info = checked_adapter(model, path)
         if info["trained_tokens"]:
             _restore_token_rows(model, tokenizer, info["trained_tokens"], tensors, path)
         name = f"a{len(existing) + len(names)}"
-        mods = _swap(model, set(info["targets"]))
-        for mod_name, m in mods.items():
-            a, b = tensors.get(f"{mod_name}.lora_A"), tensors.get(f"{mod_name}.lora_B")
-            if a is None:
-                continue
-            if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
-                raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {mod_name}", str(path))
+        for m, a, b in adapter_pairs(model, tensors, info, path).values():
             m.add(name, info["rank"], info["alpha"], 0.0, weight)
             with torch.no_grad():
                 m.lora_A[name].copy_(a)

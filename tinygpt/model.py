@@ -12,7 +12,9 @@ Design choices:
   flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding; a FlexAttention
   BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
 - The KV cache is pre-allocated for the whole generation; writes go to explicit slots so a decode
-  step has static shapes (CUDA-graph and compile friendly). Masks always let a query see itself,
+  step has static shapes (CUDA-graph and compile friendly). Slots are shared by every row, or
+  (B, T) per row, for rows of different lengths decoding together (the server); `view` gives the
+  first rows and positions of a cache without a copy. Masks always let a query see itself,
   so padded rows never produce NaN.
 - Residual projections (o_proj, down_proj) start at zero: every block begins as the identity.
 """
@@ -92,16 +94,31 @@ def packed_mask(doc_ids: torch.Tensor):
 class KVCache:
     """Pre-allocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, cfg: ModelConfig | None, batch: int, max_len: int, device=None, dtype=torch.float32):
+        if cfg is not None:
+            shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
+    def view(self, batch: int, length: int) -> "KVCache":
+        """The first `batch` rows and `length` positions, sharing storage (a decode step over the
+        rows in use attends over `length` keys, not the whole pre-allocated length)."""
+        out = KVCache(None, batch, length)
+        out.k, out.v = self.k[:, :batch, :, :length], self.v[:, :batch, :, :length]
+        return out
+
     def update(self, layer: int, k, v, slots):
-        """Write k/v (B, Hkv, T, hd) at cache positions `slots` (T,); return the whole layer cache."""
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        """Write k/v (B, Hkv, T, hd) at cache positions `slots`: (T,) the same for every row, or
+        (B, T) each row its own (rows of different lengths decoding together); return the whole
+        layer cache (B, Hkv, L, hd)."""
+        if slots.dim() == 1:
+            self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]                  # (B, 1)
+            self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)          # (B, T, Hkv, hd)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer], self.v[layer]
 
 
@@ -224,7 +241,7 @@ class GPT(nn.Module):
         """Final normalised hidden states (B, T, C).
         idx (B, T) token ids; pos (B, T) or (T,) position ids (default 0..T-1, or `slots` when
         decoding); mask None (causal), a boolean (B, 1, T, Tk) or a BlockMask; cache + slots (T,)
-        write this chunk's keys/values at those cache positions."""
+        or (B, T) write this chunk's keys/values at those cache positions."""
         B, T = idx.shape
         if pos is None:
             pos = slots if slots is not None else None

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("tinygpt.commands.generation:chat", "talk with a model: one user message per line, /reset, /exit"),
     "generate": ("tinygpt.commands.generate_data:generate_command", "write a data set with a model: samples, "
                  "best-of-n, rejection sampling or preference pairs"),
+    "serve": ("tinygpt.serve.command:serve_command", "serve a model and its adapters over an OpenAI-compatible API "
+              "and a chat page"),
     "eval": ("tinygpt.commands.evaluate:eval_command", "evaluate a model on benchmark tasks"),
     "score": ("tinygpt.commands.evaluate:score_command", "print the reward a reward model gives a text"),
     "merge": ("tinygpt.commands.files:merge_command", "fold LoRA adapters into a model and write a .tinygpt"),

@@ -1,0 +1,97 @@
+"""`tinygpt serve`: an OpenAI-compatible server for a model and its adapters, and a chat page.
+
+Design choices:
+- Everything a request may use is loaded at start-up: the model, the `--lora` stack and the
+  adapters of `--adapters DIR`; a request can name them, never a path. Listening is on loopback
+  unless --host says otherwise; --api-key (or $TINYGPT_API_KEY) guards /v1/*.
+- uvicorn runs the ASGI app in this process; its graceful shutdown (SIGINT / SIGTERM) lets open
+  responses finish before the scheduler is closed.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import uvicorn
+
+from ..device import DTYPE_NAMES, DeviceOptions, resolve_dtype, setup_device
+from ..errors import UserError
+from ..load import load_model_and_tokenizer
+from ..options import at_least, between, option
+from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs
+from .adapters import ServedAdapters, adapter_files
+from .app import create_app
+from .engine import SlotEngine
+from .service import Service
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeOptions(ModelOptions, TemplateOptions, DeviceOptions):
+    """Where to listen and how many sequences to run at once."""
+
+    command = "serve"
+    group = "serve"
+    adapters: str | None = option(None, "folder of .lora files, each served under its file name")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 opens it to the network)")
+    port: int = option(8000, "port to listen on", check=between(1, 65535))
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/*",
+                                 auto="$TINYGPT_API_KEY, else no key")
+    max_batch: int = option(64, "sequences decoded together (KV-cache slots)", check=at_least(1))
+    max_queue: int = option(1024, "sequences waiting for a slot before requests get 429", check=at_least(1))
+    prefill_tokens: int = option(2048, "prompt tokens prefilled per scheduler step (at least one prompt)",
+                                 check=at_least(1))
+    max_body: int = option(1 << 20, "largest request body, in bytes", check=at_least(1024))
+    dtype: str = option("auto", "weights and KV cache dtype", choices=DTYPE_NAMES)
+    cuda_graph: bool = option(True, "replay decode steps as CUDA graphs on CUDA", negate="--no-cuda-graph")
+    seed: int = option(0, "seed of the sampler of requests without a seed")
+    log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def build_service(opts: ServeOptions) -> Service:
+    """The model, its served adapters, the slot engine and the scheduler (not started)."""
+    check_inputs(opts)
+    files = adapter_files(lora_specs(opts), opts.adapters)
+    device, _, _ = setup_device(opts.device)
+    model, tok = load_model_and_tokenizer(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+    adapters = ServedAdapters(model, tok, files, opts.max_batch) if files else None
+    engine = SlotEngine(model, opts.max_batch, model.config.block_size, tok.vocab_size, rows=adapters,
+                        cuda_graph=opts.cuda_graph and device.type == "cuda", seed=opts.seed)
+    stack = [(name, w) for (name, _), (_, w) in zip(files, lora_specs(opts))]
+    return Service(model, tok, engine, opts.model, stack, adapters, opts.template, opts.max_queue,
+                   opts.prefill_tokens)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (a user error when that is impossible), before any loading."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})", "--host/--port",
+                        "pick another port or address") from None
+    return sock
+
+
+def serve_command(opts: ServeOptions) -> None:
+    """Serve until SIGINT / SIGTERM."""
+    key = opts.api_key if opts.api_key is not None else os.environ.get("TINYGPT_API_KEY") or None
+    if key is not None and not key.strip():
+        raise UserError("--api-key is empty", None, "give a key or leave the option out")
+    sock = listen(opts.host, opts.port)
+    service = build_service(opts)
+    # Two busy threads share the GIL (the event loop, the scheduler); a shorter switch interval
+    # than the 5 ms default keeps the scheduler from waiting that long to launch the next step.
+    sys.setswitchinterval(0.0005)
+    ids = ", ".join(service.stacks)
+    print(f"serving {ids} on http://{opts.host}:{opts.port} (chat page at /, API at /v1)", file=sys.stderr)
+    if opts.host not in LOOPBACK and key is None:
+        print("warning: listening beyond loopback without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    config = uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level)
+    uvicorn.Server(config).run(sockets=[sock])
