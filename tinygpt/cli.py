@@ -55,9 +55,11 @@ def main(argv=None) -> int:
         print(overview())
         return 0
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         cmd, opts = parse_args(argv)
+        if main_thread and not getattr(cmd.run, "manages_signals", False):   # the server shuts down itself
+            signal.signal(signal.SIGTERM, _interrupt)
         with warnings.catch_warnings():    # skipped data rows are reported even with --quiet
             warnings.simplefilter("always", SkippedRowsWarning)
             warnings.showwarning = _show_warning

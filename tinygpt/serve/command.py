@@ -95,3 +95,6 @@ def serve_command(opts: ServeOptions) -> None:
               file=sys.stderr)
     config = uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+serve_command.manages_signals = True   # uvicorn: SIGTERM finishes in-flight requests, then exits
