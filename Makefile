@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-rl test test-slow clean
+.PHONY: demo demo-rl demo-distill test test-slow clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 demo-rl: $(STAMP)
 	$(VENV)/bin/tinygpt pipeline --preset demo-rl --out runs/demo
+
+demo-distill: $(STAMP)
+	$(VENV)/bin/tinygpt pipeline --preset distill --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x

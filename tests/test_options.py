@@ -9,7 +9,7 @@ from tinygpt.commands import COMMANDS, command
 from tinygpt.errors import UserError
 from tinygpt.options import Options, _base, at_least, convert, option, parse, specs, to_argv
 
-SAMPLES = {int: [3, 1, 8, 300, 2000], float: [0.5, 0.25, 0.01, 2.0, 300.0], str: ["m.tinygpt", "x", "a,b", "cpu"]}
+SAMPLES = {int: [3, 1, 8, 300, 2000], float: [0.5, 0.25, 0.01, 2.0, 300.0], str: ["m.tinygpt", "x", "a,b", "cpu", "best"]}
 BAD = {int: "seven", float: "nan"}
 
 

@@ -142,7 +142,7 @@ def test_unknown_flag_names_the_stage(tmp_path):
         pipeline.run_pipeline(cfg, tmp_path / "r")
 
 
-@pytest.mark.parametrize("name", ["demo", "demo-rl"])
+@pytest.mark.parametrize("name", ["demo", "demo-rl", "distill"])
 def test_presets_are_valid(name, tmp_path):
     from tinygpt.cli import parse_args
     pipe = pipeline.load_pipeline(pipeline.preset_path(name))

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import tinygpt.commands.evaluate as evaluate_mod
+import tinygpt.commands.generate_data as generate_data_mod
 import tinygpt.commands.generation as generation_mod
 import tinygpt.eval.harness as harness_mod
+import tinygpt.stages.distill as distill_mod
 import tinygpt.stages.preference as preference_mod
 import tinygpt.stages.reward as reward_mod
 import tinygpt.stages.rl as rl_mod
@@ -92,7 +94,8 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
             seen.append(t.name if t is not None else None)
             return t
         return wrapped
-    for mod in (sft_mod, reward_mod, preference_mod, rl_mod, generation_mod, harness_mod, evaluate_mod):
+    for mod in (sft_mod, reward_mod, preference_mod, rl_mod, generation_mod, harness_mod, evaluate_mod, distill_mod,
+                generate_data_mod):
         monkeypatch.setattr(mod, "resolve_template", spy(mod.resolve_template))
     base = str(tmp_path / "base.tinygpt")
     common = ["--device", "cpu", "--quiet", "--steps", "1", "--batch", "2", "--lora", sft]
@@ -107,6 +110,10 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
                  "--max-new-tokens", "4", "--out", str(tmp_path / "g.lora"), *common],
         "ppo": ["ppo", base, "--prompts", str(tmp_path / "sft.jsonl"), "--reward", rm, "--max-new-tokens", "4",
                 "--out", str(tmp_path / "p.lora"), *common],
+        "distill": ["distill", base, "--teacher", base, "--data", str(tmp_path / "sft.jsonl"), "--out",
+                    str(tmp_path / "kd.lora"), *common],
+        "generate": ["generate", base, "--lora", sft, "--prompts", str(tmp_path / "sft.jsonl"), "--out",
+                     str(tmp_path / "g.jsonl"), "--max-new-tokens", "2", "--device", "cpu", "--quiet"],
         "eval": ["eval", base, "--lora", sft, "--tasks", "synth", "--data", str(tmp_path / "eval.jsonl"), "--device",
                  "cpu", "--quiet", "--max-new-tokens", "2"],
         "score": ["score", rm, "--prompt", "q1?", "--text", "yes", "--device", "cpu"],
@@ -119,7 +126,7 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
     seen.clear()
     assert main(["chat", base, "--lora", sft, "--device", "cpu", "--max-new-tokens", "2"]) == 0
     assert seen == ["alpaca"]
-    for out in ("s2.lora", "d.lora", "o.lora", "k.lora", "g.lora", "p.lora"):   # and each records what it used
+    for out in ("s2.lora", "d.lora", "o.lora", "k.lora", "g.lora", "p.lora", "kd.lora"):   # and each records it
         assert load_tensors(tmp_path / out)[1]["chat_template"] == "alpaca", out
     assert load_tensors(rm)[1]["chat_template"] == "alpaca"
 
@@ -137,6 +144,9 @@ STAGES = {
     "kto": lambda p: ["kto", str(p / "base.tinygpt"), "--data", str(p / "kto.jsonl"), "--batch", "2", "--lr", "1e-2"],
     "grpo": lambda p: ["grpo", str(p / "base.tinygpt"), "--prompts", str(p / "sft.jsonl"), "--reward-fn", "format",
                        "--group-size", "2", "--batch", "2", "--max-new-tokens", "4", "--lr", "1e-2"],
+    "distill": lambda p: ["distill", str(p / "base.tinygpt"), "--teacher", str(p / "base.tinygpt"), "--teacher-lora",
+                          str(p / "t.lora"), "--data", str(p / "sft.jsonl"), "--batch", "2", "--lr", "1e-2",
+                          "--alpha", "0.5", "--lmbda", "0.5", "--max-new-tokens", "4"],
     "ppo": lambda p: ["ppo", str(p / "base.tinygpt"), "--prompts", str(p / "sft.jsonl"), "--reward-fn", "format",
                       "--batch", "2", "--max-new-tokens", "4", "--minibatch", "2", "--lr", "1e-2",
                       "--kl-target", "0.1"],
@@ -146,8 +156,16 @@ SUFFIX = {"train": ".tinygpt", "reward": ".tinygpt"}
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
-    _base(tmp_path)
+    model, _ = _base(tmp_path)
     _files(tmp_path)
+    if stage == "distill":                     # the teacher: the base with a random adapter on it
+        torch.manual_seed(5)
+        apply_lora(model, 2, 4, name="t")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        save_adapter(model, tmp_path / "t.lora", "t")
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
     ext = SUFFIX.get(stage, ".lora")
     argv = STAGES[stage](tmp_path) + ["--steps", "4", "--seed", "3", "--device", "cpu", "--dtype", "float32",

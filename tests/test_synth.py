@@ -9,7 +9,7 @@ import pytest
 from tinygpt.data import synth
 from tinygpt.data.synth import exact_match, normalize_answer, synth_reward
 
-FILES = ["corpus.txt", "sft.jsonl", "prefs.jsonl", "eval.jsonl", "prompts.jsonl", "README.md"]
+FILES = ["corpus.txt", "sft.jsonl", "prefs.jsonl", "eval.jsonl", "prompts.jsonl", "questions.jsonl", "README.md"]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,7 @@ def test_eval_is_held_out(out):
     eval_prompts = {r["prompt"] for r in _rows(paths["eval"])}
     train = set(_user_prompts(_rows(paths["sft"])))
     train |= {r["prompt"] for r in _rows(paths["prefs"])} | {r["prompt"] for r in _rows(paths["prompts"])}
+    train |= {r["prompt"] for r in _rows(paths["questions"])}
     assert not eval_prompts & train
     # held out at the item level too: other person/attribute pairs, number pairs, words, lists
     train_items = {_item(p) for p in train}
@@ -172,6 +173,11 @@ def test_every_answer_is_derivable(out):
     assert explained["other"] == 0 and 0.5 * n_sums < explained["arithmetic"] < 0.75 * n_sums
     for r in _rows(paths["prompts"]):
         assert _oracle(r["prompt"]) == ("arithmetic", r["answer"]), r
+    questions = _rows(paths["questions"])                 # every task, each answer checked like the eval's
+    assert {r["task"] for r in questions} == set(synth.TASKS) and 700 <= len(questions) <= 900
+    for r in questions:
+        assert set(r) == {"prompt", "answer", "task"} and _oracle(r["prompt"])[0] == r["task"], r
+        assert _check(r["prompt"], r["answer"], corpus), r
 
 
 def test_preferences(out):

@@ -7,7 +7,9 @@ Public API (every name is imported on first use, so `import tinygpt` stays cheap
     the training stages, each with its Options dataclass (its fields are the command's flags):
         PretrainStage/PretrainOptions, SFTTrainer/SFTOptions, RewardModelTrainer/RewardOptions,
         DPOTrainer/DPOOptions, ORPOTrainer/ORPOOptions, KTOTrainer/KTOOptions,
-        PPOTrainer/PPOOptions, GRPOTrainer/GRPOOptions;  stage(options, ...).train() -> metrics
+        PPOTrainer/PPOOptions, GRPOTrainer/GRPOOptions, DistillTrainer/DistillOptions;
+        stage(options, ...).train() -> metrics
+    generate_command/GenerateOptions (`tinygpt generate`: data sets written by a model)
     RewardModel, ValueNetwork, RolloutBuffer, compute_dpo_loss
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ _LAZY = {
     "ORPOOptions": "stages.preference", "KTOTrainer": "stages.preference", "KTOOptions": "stages.preference",
     "compute_dpo_loss": "stages.preference",
     "PPOTrainer": "stages.rl", "PPOOptions": "stages.rl", "GRPOTrainer": "stages.rl", "GRPOOptions": "stages.rl",
+    "DistillTrainer": "stages.distill", "DistillOptions": "stages.distill",
+    "generate_command": "commands.generate_data", "GenerateOptions": "commands.generate_data",
     "ValueNetwork": "rollout", "RolloutBuffer": "rollout",
 }
 __all__ = list(_LAZY)

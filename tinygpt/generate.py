@@ -16,6 +16,10 @@ Design choices:
 - Sampling stays outside the graph (a handful of kernels, and it may use a seeded generator):
   temperature, top-k, top-p (nucleus), greedy at temperature 0. Multinomial sampling uses the
   exponential-race trick (argmax p / E, E ~ Exp(1)), which never syncs with the host.
+- `seed` is one generator for the batch, or one seed PER ROW (a list): each row then draws its
+  noise from its own generator, one draw per step, so its samples depend only on its seed and
+  prompt, never on the other rows of the batch (what `tinygpt generate` needs for a data set
+  that does not change with --batch or a resume). It costs one small kernel per row per step.
 - Per-row stop on any of `stop_ids` (EOS, `<|im_end|>`); rows that stopped keep decoding padding
   but emit nothing. Whether every row is done is checked only every `check_every` steps (one host
   sync), except on the streaming path (`on_token`), which reads each token anyway.
@@ -91,7 +95,8 @@ def sample_rows(logits, temperature, top_k, top_p, race=None, filtered: bool = T
 
 
 def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=None):
-    """logits (B, V) float32 -> (next ids (B,), their log-probs (B,))."""
+    """logits (B, V) float32 -> (next ids (B,), their log-probs (B,)). generator: None, one
+    torch.Generator, or a list of B (one per row)."""
     if temperature <= 0:  # greedy; the log-prob is under the untempered distribution
         nxt = logits.argmax(-1)
         return nxt, F.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0]
@@ -99,7 +104,12 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
     logp = F.log_softmax(scaled, -1)                                                  # (B, V)
     probs = filter_logits(scaled, top_k, top_p).softmax(-1)
     # argmax_v p_v / E_v with E ~ Exp(1) is a draw from p (the exponential race); no host sync
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = torch.empty_like(probs)
+    if isinstance(generator, (list, tuple)):          # one generator per row
+        for row, g in zip(race, generator):
+            row.exponential_(1.0, generator=g)
+    else:
+        race.exponential_(1.0, generator=generator)
     nxt = (probs / race).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None])[:, 0]
 
@@ -227,10 +237,11 @@ def release_graphs(model) -> None:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), vocab_limit: int | None = None,
-             seed: int | None = None, pad_id: int = 0, on_token=None, cuda_graph: bool | None = None,
+             seed: int | list[int] | None = None, pad_id: int = 0, on_token=None, cuda_graph: bool | None = None,
              check_every: int = 16) -> Generation:
     """Generate continuations for a batch of token-id prompts.
 
+    seed: None (the global generator), one seed for the batch, or a list of one seed per row.
     on_token(row, token_id) is called for every emitted token (streaming; a slower path).
     cuda_graph: replay the decode step as a CUDA graph (default: on CUDA, unless streaming)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -256,7 +267,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, tempera
         state.pads.copy_(torch.tensor([P - len(p) for p in prompts]))
         idx = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
         gen = None
-        if seed is not None:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != B:
+                raise ValueError(f"{len(seed)} seeds for {B} prompts")
+            gen = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+        elif seed is not None:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed)
         logits = state.prefill(idx)

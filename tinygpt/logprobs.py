@@ -14,6 +14,8 @@ Design choices:
     chunk, log p(target) and its gradient with respect to the hidden state, (onehot - softmax) W,
     already in the forward pass; backward is one multiply. No logits are kept and none recomputed.
   * Trainable head (full fine-tuning): each chunk is checkpointed and recomputed in backward.
+- `chunked_head_loss` is the same two paths for any per-position loss of the logits (distillation:
+  a divergence to a teacher's distribution): the loss function sees one chunk of logits at a time.
 - DDP hooks only run through `forward`, so the training pass goes through `LogProbModel`, a thin
   module whose forward returns the per-target log-probs. Stages hand it (not the bare GPT) to the
   engine; `sequence_logprobs` accepts a GPT, a LogProbModel or a DDP-wrapped LogProbModel.
@@ -179,6 +181,56 @@ def target_logprobs(head: nn.Linear, h: torch.Tensor, target: torch.Tensor, chun
     parts = [checkpoint(_chunk_logprobs, h[s:s + chunk], head.weight, target[s:s + chunk], use_reentrant=False)
              for s in range(0, h.shape[0], chunk)]
     return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Per-position values fn(h W^T, *args) (K, M) under a FROZEN head W, chunk by chunk. The
+    gradient of row 0 (the loss) w.r.t. each chunk of h is taken in forward, by autograd on that
+    chunk's logits while they exist, and saved (M, C): backward is one multiply, no logits kept."""
+
+    @staticmethod
+    def forward(ctx, h, weight, fn, chunk: int, *args):
+        need = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need else None
+        outs = []
+        for s in range(0, max(h.shape[0], 1), chunk):
+            part = [a[s:s + chunk] if torch.is_tensor(a) else a for a in args]
+            hc = h[s:s + chunk].detach().requires_grad_(need)
+            with torch.enable_grad():
+                vals = fn(hc @ weight.t().to(hc.dtype), *part)                     # (K, c)
+                if need:
+                    grad_h[s:s + chunk] = torch.autograd.grad(vals[0].sum(), hc)[0]
+            outs.append(vals.detach())
+        if need:
+            ctx.save_for_backward(grad_h)
+        ctx.n_args = len(args)
+        return torch.cat(outs, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_out[0][:, None].to(grad_h.dtype) * grad_h, None, None, None) + (None,) * ctx.n_args
+
+
+def _chunk_values(h, weight, fn, *args):
+    return fn(F.linear(h, weight.to(h.dtype)), *args)
+
+
+def chunked_head_loss(h: torch.Tensor, weight: torch.Tensor, fn, *args, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """fn(logits (c, V), *args sliced to the same c positions) -> (K, c) per-position values whose
+    row 0 is a loss, over hidden states h (M, C) and the head weight (V, C), a chunk of positions at
+    a time: (K, M). The (M, V) logits are never all alive. A frozen head gets its gradient in
+    forward (`_FrozenHeadLoss`); a trainable one has each chunk checkpointed and recomputed in
+    backward. Only row 0 carries a gradient; `args` may hold None (passed through)."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    h = h.to(dtype)
+    if not weight.requires_grad or not torch.is_grad_enabled():
+        return _FrozenHeadLoss.apply(h, weight.detach(), fn, chunk, *args)
+    parts = []
+    for s in range(0, max(h.shape[0], 1), chunk):
+        part = [a[s:s + chunk] if torch.is_tensor(a) else a for a in args]
+        parts.append(checkpoint(_chunk_values, h[s:s + chunk], weight, fn, *part, use_reentrant=False))
+    return torch.cat(parts, dim=-1)
 
 
 class LogProbModel(nn.Module):

@@ -60,7 +60,8 @@ from .train.engine import run_dir_for
 
 EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
               "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",
-              "ppo": ".lora", "grpo": ".lora", "eval": ".json", "sample": ".txt"}
+              "ppo": ".lora", "grpo": ".lora", "distill": ".lora", "generate": ".jsonl", "eval": ".json",
+              "sample": ".txt"}
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STAGE_KEYS = {"name", "cmd", "model", "out", "args"}
@@ -314,7 +315,7 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
 class PipelineOptions(Options):
     command = "pipeline"
     config: str | None = option(None, "pipeline YAML (stages and their options)", positional=True)
-    preset: str | None = option(None, "a built-in pipeline: demo, demo-rl")
+    preset: str | None = option(None, "a built-in pipeline: demo, demo-rl, distill")
     out: str | None = option(None, "run folder", auto="runs/<name>")
     force: bool = option(False, "re-run every stage, even those up to date")
     device: str | None = option(None, "device for every stage", auto="the config's, else auto")

@@ -10,7 +10,8 @@ Design choices:
   answer's, whose own `####` part is used when present), `synth` (exact answers of the synthetic
   world), `format` (non-empty, ends with a stop marker, short; one third per property).
 - `FunctionReward` applies such a function to the trainers' episodes; `ModelReward` scores them with
-  a reward model (`tinygpt.reward`), re-tokenizing when its tokenizer differs from the policy's.
+  a reward model (`tinygpt.reward`), re-tokenizing when its tokenizer differs from the policy's;
+  `reward_source` builds either from the `--reward-fn` / `--reward` options (RL, `tinygpt generate`).
 - `module:function` imports any function with that signature, or the shorter `(prompt, completion)
   -> float` (told apart by `inspect.signature`); the module must be importable: installed, or on
   the current folder / PYTHONPATH. An exception raised inside such a function is the user's
@@ -28,7 +29,9 @@ import torch
 
 from .chat import encode_segments
 from .data import synth
+from .device import resolve_dtype
 from .errors import UserError
+from .reward_model import load_reward_model
 
 STOP_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -187,3 +190,13 @@ class ModelReward:
         seqs = [self.encode(e) for e in episodes]
         return torch.cat([self.rm.score_texts(seqs[s:s + self.batch]).float().cpu()
                           for s in range(0, len(seqs), self.batch)])
+
+
+def reward_source(reward_fn: str | None, reward_model: str | None, dtype: str, tokenizer, template, device):
+    """What scores episodes: the `--reward-fn` function, else the `--reward` model (frozen, in
+    `dtype`; texts rendered with the policy's chat template, as the reward model was trained)."""
+    if reward_fn:
+        return FunctionReward(get_reward_fn(reward_fn))
+    rm = load_reward_model(reward_model, device)
+    rm.to(resolve_dtype(dtype, device)).requires_grad_(False)
+    return ModelReward(rm, tokenizer, template)

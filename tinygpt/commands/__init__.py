@@ -27,9 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "orpo": ("tinygpt.stages.preference:ORPOTrainer", "ORPO: SFT + odds-ratio preference in one stage"),
     "kto": ("tinygpt.stages.preference:KTOTrainer", "KTO on unpaired desirable/undesirable completions"),
     "ppo": ("tinygpt.stages.rl:PPOTrainer", "RLHF with PPO: value head, reward model, KL to the SFT policy"),
-    "grpo": ("tinygpt.stages.rl:GRPOTrainer", "GRPO / RLOO with verifiable rewards, no value network"),
+    "grpo": ("tinygpt.stages.rl:GRPOTrainer", "GRPO / RLOO / Dr. GRPO / DAPO / GSPO with verifiable rewards, "
+             "no value network"),
+    "distill": ("tinygpt.stages.distill:DistillTrainer", "distil a teacher into a student: forward/reverse KL or "
+                "JSD on its logits, on- or off-policy"),
     "sample": ("tinygpt.commands.generation:sample", "generate text from a model"),
     "chat": ("tinygpt.commands.generation:chat", "talk with a model: one user message per line, /reset, /exit"),
+    "generate": ("tinygpt.commands.generate_data:generate_command", "write a data set with a model: samples, "
+                 "best-of-n, rejection sampling or preference pairs"),
     "serve": ("tinygpt.serve.command:serve_command", "serve a model and its adapters over an OpenAI-compatible API "
               "and a chat page"),
     "eval": ("tinygpt.commands.evaluate:eval_command", "evaluate a model on benchmark tasks"),

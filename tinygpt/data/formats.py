@@ -414,8 +414,13 @@ def _answer(row: dict) -> str | None:
     return _text(value, "field 'answer'")
 
 
-def to_prompt(row: dict) -> tuple[list[Message], str | None]:
-    """The prompt of any supported row, plus its reference answer when the row has one."""
+def to_prompt(row: dict, fmt: str | None = None) -> tuple[list[Message], str | None]:
+    """The prompt of any supported row, plus its reference answer when the row has one. `fmt`
+    (an SFT or preference format) reads the row as that format; None tells by its fields."""
+    if fmt in _PREFERENCE_CONVERTERS:
+        return to_preference(row, fmt).prompt, None
+    if fmt in _SFT_CONVERTERS:
+        return _check_prompt(to_conversation(row, fmt).messages[:-1]), None
     if "chosen" in row and "rejected" in row:
         return to_preference(row, detect_preference_format(row)).prompt, None
     if "question" in row:
@@ -460,8 +465,12 @@ def load_unpaired(path, format: str | None = None,
     return load_records(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows)
 
 
-def load_prompts(path, skip_bad_rows: bool = False) -> list[tuple[list[Message], str | None]]:
-    """Read RL prompts from SFT, preference, KTO, {prompt} or {question, answer} files. Each prompt
-    ends with a user turn; the answer is the row's `answer` field, else None."""
-    prompts, _ = load_records(path, "any", lambda r: "any", lambda r, f: [to_prompt(r)], skip_bad_rows)
+def load_prompts(path, skip_bad_rows: bool = False,
+                 format: str | None = None) -> list[tuple[list[Message], str | None]]:
+    """Read prompts from SFT, preference, KTO, {prompt} or {question, answer} files. Each prompt
+    ends with a user turn; the answer is the row's `answer` field, else None. `format` (an SFT or
+    preference format) reads every row as that format instead of telling each by its fields."""
+    _check_format(format, SFT_FORMATS + PREFERENCE_FORMATS, "prompt")
+    prompts, _ = load_records(path, format or "any", lambda r: "any",
+                              lambda r, f: [to_prompt(r, None if f == "any" else f)], skip_bad_rows)
     return prompts

@@ -1,8 +1,9 @@
 """A small synthetic world with verifiable answers: the project's embedded default data.
 
-`generate(out_dir, seed)` writes a pretraining corpus, an SFT set, a preference set, GRPO prompts
-and a held-out eval set, deterministically from the seed (same seed -> byte-identical files), with
-private `random.Random` generators derived from it (the global RNG is never touched).
+`generate(out_dir, seed)` writes a pretraining corpus, an SFT set, a preference set, GRPO prompts,
+train-side questions with answers (for generating and verifying samples) and a held-out eval set,
+deterministically from the seed (same seed -> byte-identical files), with private `random.Random`
+generators derived from it (the global RNG is never touched).
 
 Design choices:
 - The world is small and closed so that a 4-layer, 128-wide model trained for about a minute can
@@ -13,8 +14,8 @@ Design choices:
 - Knowledge lives only in the corpus, stated in varied prose: profiles, short stories, sum
   stories, word notes, counting scenes. The corpus never uses the question/answer format: it holds
   no question mark, no role names, and no prompt of any other file appears in it verbatim.
-- Every task's items are split into a train side and a held-out side. The SFT, preference and GRPO
-  files only ask about train-side items; `eval.jsonl` only asks about held-out items (other
+- Every task's items are split into a train side and a held-out side. The SFT, preference, GRPO
+  and question files only ask about train-side items; `eval.jsonl` only asks about held-out items (other
   person/attribute pairs, other number pairs, other word/skill pairs, other lists), whose answers
   the corpus still states. So SFT must generalise the chat format to knowledge learnt in
   pretraining, and a base model (never shown the chat format) should score about 0.
@@ -363,6 +364,17 @@ def build_eval(rng, world) -> list[dict]:
     return out
 
 
+def build_questions(rng, world, rows: int) -> list[dict]:
+    """Train-side questions of every task with their bare answers (the SFT mix of tasks): prompts
+    with a verifiable answer for `tinygpt generate --reward-fn synth` (rejection sampling)."""
+    out = []
+    for _ in range(rows):
+        task = _task(rng)
+        _, q, a = _qa(rng, world, task)
+        out.append({"prompt": q, "answer": a, "task": task})
+    return out
+
+
 def build_rl_prompts(rng, world) -> list[dict]:
     return [{"prompt": rng.choice(_questions("arithmetic", it)), "answer": _answer(world, "arithmetic", it),
              "task": "arithmetic"} for it in world["train"]["arithmetic"]]
@@ -382,6 +394,8 @@ def _readme(seed, scale, counts) -> str:
         "  but most sums are explained after the answer.",
         f"- prefs.jsonl: {counts['prefs']} rows of prompt / chosen (correct) / rejected (plausible mistake).",
         f"- prompts.jsonl: {counts['prompts']} arithmetic prompts with answers, for GRPO.",
+        f"- questions.jsonl: {counts['questions']} train-side questions of every task with answers (prompt /",
+        "  answer / task), for generating and verifying samples (rejection sampling, trace distillation).",
         f"- eval.jsonl: {counts['eval']} held-out questions (other people/facts, number pairs, words, lists)",
         "  whose answers the corpus states; scored by exact match on the normalised first line.", "",
         f"Tasks: {', '.join(TASKS)}. Answers are a single word, letter or number.", "",
@@ -399,8 +413,9 @@ def _jsonl(rows) -> str:
 
 
 def generate(out_dir, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
-    """Write corpus.txt, sft.jsonl, prefs.jsonl, eval.jsonl, prompts.jsonl and README.md to
-    `out_dir`; return {"corpus", "sft", "prefs", "eval", "prompts", "readme"} -> path."""
+    """Write corpus.txt, sft.jsonl, prefs.jsonl, eval.jsonl, prompts.jsonl, questions.jsonl and
+    README.md to `out_dir`; return {"corpus", "sft", "prefs", "eval", "prompts", "questions",
+    "readme"} -> path."""
 
     if scale <= 0:
         raise ValueError("scale must be positive")
@@ -410,15 +425,17 @@ def generate(out_dir, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
     prefs = build_prefs(_rng(seed, "prefs"), world, max(10, round(2000 * scale)))
     evals = build_eval(_rng(seed, "eval"), world)
     rl = build_rl_prompts(_rng(seed, "prompts"), world)
+    questions = build_questions(_rng(seed, "questions"), world, max(10, round(800 * scale)))
     train_prompts = {m["content"] for r in sft for m in r["messages"] if m["role"] == "user"}
-    train_prompts |= {r["prompt"] for r in prefs} | {r["prompt"] for r in rl}
+    train_prompts |= {r["prompt"] for r in prefs} | {r["prompt"] for r in rl} | {r["prompt"] for r in questions}
     assert not train_prompts & {r["prompt"] for r in evals}, "eval prompts leak into training data"
     assert "?" not in corpus, "the corpus must not contain questions"
     counts = {"corpus": corpus.count("\n\n") + 1, "sft": len(sft), "prefs": len(prefs),
-              "eval": len(evals), "prompts": len(rl)}
+              "eval": len(evals), "prompts": len(rl), "questions": len(questions)}
     texts = {"corpus": ("corpus.txt", corpus), "sft": ("sft.jsonl", _jsonl(sft)),
              "prefs": ("prefs.jsonl", _jsonl(prefs)), "eval": ("eval.jsonl", _jsonl(evals)),
-             "prompts": ("prompts.jsonl", _jsonl(rl)), "readme": ("README.md", _readme(seed, scale, counts))}
+             "prompts": ("prompts.jsonl", _jsonl(rl)), "questions": ("questions.jsonl", _jsonl(questions)),
+             "readme": ("README.md", _readme(seed, scale, counts))}
     out_dir = Path(out_dir)
     paths = {}
     for key, (fname, text) in texts.items():

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from ..chat import ensure_special_tokens, get_template
 from ..device import setup_device
 from ..errors import UserError
-from ..io import check_writable
+from ..io import check_writable, file_sha256, fingerprint
 from ..load import load_model_and_tokenizer
 from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload, read_adapter
 from ..options import Options, at_least, between, option
@@ -125,8 +125,13 @@ class PairDataOptions(RowOptions, TemplateOptions):
 # ---- adapters ---------------------------------------------------------------------------------
 def lora_specs(opts) -> list[tuple[str, float]]:
     """[(path, weight)] from --lora PATH[:WEIGHT] and the --lora-weight of the same position."""
+    return adapter_specs(opts.lora, opts.lora_weight)
+
+
+def adapter_specs(lora, lora_weight=(), flag: str = "--lora") -> list[tuple[str, float]]:
+    """[(path, weight)] from PATH[:WEIGHT] items and the separate weights of the same position."""
     specs = []
-    for i, spec in enumerate(opts.lora):
+    for i, spec in enumerate(lora):
         path, weight = spec, None
         head, sep, tail = spec.rpartition(":")
         if sep and head:
@@ -135,14 +140,14 @@ def lora_specs(opts) -> list[tuple[str, float]]:
             except ValueError:
                 pass                      # a ':' that is part of the path
         if weight is not None and not math.isfinite(weight):
-            raise UserError(f"--lora {spec}: the weight must be a finite number")
-        if i < len(opts.lora_weight):
+            raise UserError(f"{flag} {spec}: the weight must be a finite number")
+        if i < len(lora_weight):
             if weight is not None:
-                raise UserError(f"--lora {spec} has a weight and a --lora-weight too", None, "give one of them")
-            weight = opts.lora_weight[i]
+                raise UserError(f"{flag} {spec} has a weight and a --lora-weight too", None, "give one of them")
+            weight = lora_weight[i]
         specs.append((path, 1.0 if weight is None else weight))
-    if len(opts.lora_weight) > len(opts.lora):
-        raise UserError(f"{len(opts.lora_weight)} --lora-weight for {len(opts.lora)} --lora", None,
+    if len(lora_weight) > len(lora):
+        raise UserError(f"{len(lora_weight)} --lora-weight for {len(lora)} --lora", None,
                         "give one weight per adapter, or write --lora PATH:WEIGHT")
     return specs
 
@@ -184,6 +189,14 @@ def check_out(out, full: bool | None = None) -> None:
                         "use --out X.lora (or --full for a .tinygpt; `tinygpt merge` folds an adapter in)")
 
 
+def weights_key(model_path, adapters, model=None) -> list:
+    """What identifies a model's weights in a cache key: the bytes (sha256) of its file and of its
+    adapters [(path, weight)], or for a folder or a model given in memory a fingerprint of its weights."""
+    if model_path is not None and Path(model_path).is_file():
+        return [file_sha256(model_path)[:16]] + [[file_sha256(p)[:16], w] for p, w in adapters]
+    return [fingerprint(model.state_dict())]
+
+
 # ---- the chat template --------------------------------------------------------------------------
 TEMPLATE_KEYS = ("chat_template", "sft_template", "template")   # the first is written; all are read
 
@@ -199,12 +212,13 @@ def _recorded(meta: dict) -> str | None:
 
 
 def recorded_templates(model_path=None, adapters=()) -> list[tuple[str, str]]:
-    """(file, template) for each of the model file and the adapters that recorded one."""
+    """(file, template) for each of the model file(s) and the adapters that recorded one."""
     out = []
-    if model_path is not None and Path(model_path).is_file() and Path(model_path).suffix == ".tinygpt":
-        meta = _file_meta(model_path)
-        if _recorded(meta):
-            out.append((str(model_path), _recorded(meta)))
+    for path in model_path if isinstance(model_path, (list, tuple)) else [model_path]:
+        if path is not None and Path(path).is_file() and Path(path).suffix == ".tinygpt":
+            meta = _file_meta(path)
+            if _recorded(meta):
+                out.append((str(path), _recorded(meta)))
     for spec in adapters:
         path = spec if isinstance(spec, (str, Path)) else spec[0]
         t = _recorded(read_adapter(path)[1]["extra"])
@@ -223,7 +237,8 @@ def _file_meta(path) -> dict:
 
 
 def resolve_template(explicit, tokenizer, model_path=None, adapters=(), fallback: bool = True):
-    """The chat template by the one rule (see the module docstring). fallback=False: None instead
+    """The chat template by the one rule (see the module docstring). model_path may be a list
+    (distillation consults the student's and the teacher's files). fallback=False: None instead
     of the tokenizer's template / chatml when nothing was given or recorded."""
     if explicit:
         return get_template(explicit, tokenizer)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,7 @@ from ..checkpoint import save_model
 from ..data.pairs import ItemBatches, cache_key, load_items
 from ..device import autocast
 from ..errors import UserError
-from ..io import file_sha256, fingerprint, load_tensors, save_tensors
+from ..io import load_tensors, save_tensors
 from ..load import load_model_and_tokenizer
 from ..logprobs import LogProbModel, sequence_logprobs
 from ..lora import disable_lora, save_adapter
@@ -56,6 +55,7 @@ from .common import (
     split_items,
     template_record,
     template_tokens,
+    weights_key,
 )
 
 NEW = "default"                       # name of the adapter being trained
@@ -204,12 +204,7 @@ class PreferenceTrainer(Stage):
     def _reference_key(self, max_length: int):
         """What the reference log-probs depend on besides the items: the model files' bytes (or, for a
         model given in memory, its weights) and the row length."""
-        o = self.opts
-        if o.model is not None and Path(o.model).is_file():
-            weights = [file_sha256(o.model)[:16]] + [(file_sha256(p)[:16], w) for p, w in lora_specs(o)]
-        else:
-            weights = [fingerprint(self.gpt.state_dict())]
-        return weights, max_length
+        return weights_key(self.opts.model, lora_specs(self.opts), self.gpt), max_length
 
     # ---- reference ------------------------------------------------------------------------------
     def _ref_context(self):

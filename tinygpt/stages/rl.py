@@ -14,10 +14,13 @@ Design choices:
   per-token KL estimate (k1 or k3) to the reference; GAE; advantages whitened over real tokens;
   clipped policy and value losses, entropy bonus. `kl_target` turns on the adaptive KL controller.
   An iteration's epochs stop early when the approximate KL to the rollout policy passes `max_kl`.
-- GRPO: G completions per prompt, group-relative advantages (`losses.group_advantages`: GRPO with
-  or without std scaling, or RLOO's leave-one-out), no value network, an optional k3 KL term in
-  the loss. The loss is a token-level mean over the minibatch (long and short answers weigh by
-  their tokens, no per-sequence length normalisation).
+- GRPO: G completions per prompt, group-relative advantages (`losses.group_advantages`: centred
+  on the group mean and divided by the group's std, the batch's std or nothing, or RLOO's
+  leave-one-out), no value network, an optional k3 KL term in the loss. `--loss-type` picks how
+  the clipped surrogate is normalised (`losses.rl`): dapo (the default, as in TRL: a token-level
+  mean over the minibatch, long and short answers weigh by their tokens), grpo (per-sequence
+  means), dr_grpo (a constant denominator, no std scaling) or gspo (a sequence-level ratio);
+  `--epsilon-low/--epsilon-high` clip the ratio asymmetrically (DAPO's clip-higher).
 - top-k/top-p sampling makes the rollouts slightly off-policy (the loss sees the full distribution).
 - Under torchrun each rank rolls out its own prompts; the engine averages gradients.
 """
@@ -33,7 +36,7 @@ import torch
 
 from ..checkpoint import save_model
 from ..data.formats import load_prompts
-from ..device import DTYPE_NAMES, resolve_dtype
+from ..device import DTYPE_NAMES
 from ..errors import UserError
 from ..generate import generate
 from ..io import save_tensors
@@ -41,17 +44,21 @@ from ..load import load_model_and_tokenizer
 from ..logprobs import make_batch, target_logprobs
 from ..lora import disable_lora, lora_modules, save_adapter
 from ..losses import (
+    GRPO_LOSS_TYPES,
+    REWARD_SCALES,
+    aggregate_tokens,
     explained_variance,
     gae,
     group_advantages,
+    grpo_policy_loss,
     kl_penalty,
+    loss_units,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
 from ..options import above, at_least, between, option
-from ..reward_model import load_reward_model
 from ..rollout import (
     VALUE_FILE,
     ActorCritic,
@@ -67,7 +74,7 @@ from ..rollout import (
 )
 from ..train.engine import run_dir_for
 from ..train.stage import Stage, TrainOptions
-from ..verifiers import FunctionReward, ModelReward, get_reward_fn
+from ..verifiers import reward_source
 from .common import (
     LoRAOptions,
     ModelOptions,
@@ -150,7 +157,26 @@ class GRPOOptions(RLOptions):
     minibatch: int = option(0, "sequences per optimizer step (0: the whole rollout)", check=at_least(0))
     ppo_epochs: int = option(1, "passes over each rollout", check=at_least(1))
     rloo: bool = option(False, "leave-one-out baseline (RLOO) instead of the group mean")
-    normalize_std: bool = option(True, "do not divide advantages by the group's std", negate="--no-std")
+    normalize_std: bool = option(True, "do not divide advantages by the group's std (= --scale-rewards none)",
+                                 negate="--no-std")
+    scale_rewards: str | None = option(None, "what divides the centred rewards: the group's std, the batch's, or "
+                                       "nothing", choices=REWARD_SCALES, auto="group; none for dr_grpo")
+    loss_type: str = option("dapo", "normalisation of the clipped surrogate: dapo (token mean), grpo (mean of "
+                            "per-sequence means), dr_grpo (sum / (sequences x max-new-tokens)), gspo "
+                            "(sequence-level ratio)", choices=GRPO_LOSS_TYPES)
+    epsilon_low: float | None = option(None, "the ratio is clipped below at 1 - epsilon-low",
+                                       auto="--clip; 3e-4 for gspo", check=above(0))
+    epsilon_high: float | None = option(None, "the ratio is clipped above at 1 + epsilon-high (DAPO: 0.28)",
+                                        auto="--epsilon-low; 4e-4 for gspo", check=above(0))
+
+    def check(self) -> None:
+        if self.scale_rewards and not self.normalize_std and self.scale_rewards != "none":
+            raise UserError(f"--no-std and --scale-rewards {self.scale_rewards} contradict each other", None,
+                            "give one of them")
+        if self.rloo and self.scale_rewards not in (None, "none"):
+            raise UserError("--rloo uses the raw leave-one-out baseline: --scale-rewards does not apply", None,
+                            "drop --scale-rewards")
+        super().check()
 
 
 def _clock(device) -> float:
@@ -197,7 +223,7 @@ class RLTrainer(Stage):
         if self.reward is None:
             if not (o.reward or o.reward_fn):
                 raise UserError("no reward: give --reward (a reward model) or --reward-fn (a function)")
-            self.reward = self._build_reward(run.device)
+            self.reward = reward_source(o.reward_fn, o.reward, o.reward_dtype, self.tok, self.template, run.device)
         if self.prompts is None:
             self.prompts = self._load_prompts(run.log)
         if not self.prompts:
@@ -229,14 +255,6 @@ class RLTrainer(Stage):
 
     def _setup_value(self, run) -> None:
         pass
-
-    def _build_reward(self, device):
-        o = self.opts
-        if o.reward_fn:
-            return FunctionReward(get_reward_fn(o.reward_fn))
-        rm = load_reward_model(o.reward, device)
-        rm.to(resolve_dtype(o.reward_dtype, device)).requires_grad_(False)
-        return ModelReward(rm, self.tok, self.template)
 
     def _load_prompts(self, log) -> list:
         o = self.opts
@@ -438,17 +456,41 @@ class GRPOTrainer(RLTrainer):
     Options = GRPOOptions
     name = kind = "grpo"
 
+    def resume_key(self) -> dict:
+        return {**super().resume_key(), "loss_type": self.opts.loss_type, "clip": list(self.clip_range()),
+                "scale_rewards": self.reward_scale()}
+
+    def reward_scale(self) -> str:
+        """--scale-rewards, else none for --no-std and dr_grpo, else group."""
+        o = self.opts
+        if o.scale_rewards:
+            return o.scale_rewards
+        return "none" if not o.normalize_std or o.loss_type == "dr_grpo" else "group"
+
+    def clip_range(self) -> tuple[float, float]:
+        """(epsilon_low, epsilon_high): given, else --clip (GSPO: the paper's 3e-4, 4e-4)."""
+        o, gspo = self.opts, self.opts.loss_type == "gspo"
+        low = o.epsilon_low if o.epsilon_low is not None else (3e-4 if gspo else o.clip)
+        high = o.epsilon_high if o.epsilon_high is not None else (4e-4 if gspo and o.epsilon_low is None else low)
+        return low, high
+
     def advantages(self, scores, old, ref, values, mask):
         o = self.opts
-        adv = group_advantages(scores, o.group_size, o.normalize_std, o.rloo)                  # (N,)
+        adv = group_advantages(scores, o.group_size, o.normalize_std, o.rloo, scale=self.reward_scale())   # (N,)
         solved = (scores.view(-1, o.group_size).std(1) == 0).float().mean().item()
         return {"advantages": adv[:, None] * mask}, {"zero_std_groups": solved}
 
     def loss_step(self, model, mb):
-        loss, logp, _, metrics = self._policy_terms(model, mb, values=False)
+        o, b = self.opts, mb["batch"]
+        logp, _, _ = model(b, values=False)                                                   # (M,)
+        pg, clip_frac, approx_kl = grpo_policy_loss(logp, mb["old_logp"], mb["advantages"], b.seq, b.n_seqs,
+                                                    o.loss_type, *self.clip_range(), o.max_new_tokens)
+        metrics = {"policy_loss": pg.detach(), "clip_frac": clip_frac, "approx_kl": approx_kl, "tokens": b.n_tokens}
+        loss = pg
         if mb["ref_logp"] is not None and self.kl.coef > 0:
-            kl = kl_penalty(logp, mb["ref_logp"], "k3").mean()
+            kl = aggregate_tokens(kl_penalty(logp, mb["ref_logp"], "k3"), b.seq, b.n_seqs, o.loss_type,
+                                  o.max_new_tokens)
             loss = loss + self.kl.coef * kl
             metrics["kl_loss"] = kl.detach()
-        n = logp.numel()
+        n = loss_units(o.loss_type, logp.numel(), b.n_seqs)    # the units the loss is a mean over
         return loss * n, n, metrics

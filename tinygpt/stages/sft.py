@@ -65,10 +65,9 @@ from .common import (
 
 
 @dataclass
-class SFTOptions(ModelOptions, RowOptions, TemplateOptions, LoRAOptions, TrainOptions):
-    """The chat data and how it is cut and packed."""
+class ChatDataOptions(RowOptions, TemplateOptions):
+    """The chat data and how it is cut and packed (SFT, distillation)."""
 
-    command = "sft"
     group = "data"
     data: str | None = option(None, "SFT file (.jsonl .json .parquet): messages, sharegpt, alpaca, dolly, "
                               "prompt/completion, ...", required=True)
@@ -79,6 +78,16 @@ class SFTOptions(ModelOptions, RowOptions, TemplateOptions, LoRAOptions, TrainOp
     packing: bool = option(True, "one example per row, right-padded", negate="--no-packing")
     val_split: float = option(0.0, "fraction of conversations held out", check=between(0, 1, hi_open=True))
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+
+    def check(self) -> None:
+        if getattr(self, "steps", None) and self.epochs:
+            raise UserError("both --steps and --epochs given", None, "give one of them")
+        super().check()
+
+
+@dataclass
+class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, TrainOptions):
+    command = "sft"
     steps: int | None = option(None, "optimizer steps", auto="one epoch", check=at_least(1))
     lr: float | None = option(None, "peak learning rate", auto="2e-4, or 2e-5 with --full",
                               check=between(0, 1, lo_open=True))
@@ -86,11 +95,6 @@ class SFTOptions(ModelOptions, RowOptions, TemplateOptions, LoRAOptions, TrainOp
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
     val_every: int | None = option(None, "validation every N steps", auto="with --val-split: at the end",
                                    check=at_least(0))
-
-    def check(self) -> None:
-        if self.steps and self.epochs:
-            raise UserError("both --steps and --epochs given", None, "give one of them")
-        super().check()
 
 
 def sft_loss_step(model, batch):
@@ -170,7 +174,7 @@ class SFTTrainer(Stage):
             base_fingerprint(model)                 # of the base as loaded, before tokens are added
         if o.full and lora_modules(model):
             merge_and_unload(model)                 # stacked adapters become part of the weights
-        self.template = resolve_template(o.template, tok, o.model, lora_specs(o))
+        self.template = self.chat_template()
         self.added = add_template_tokens(model, tok, self.template)
         if self.added:
             log(f"added {len(self.added)} template token(s) to the vocabulary: {', '.join(self.added)}")
@@ -179,6 +183,12 @@ class SFTTrainer(Stage):
         model.grad_checkpointing = o.grad_checkpointing
         self._setup_params()
         self._plan()
+        self.gpt = model                # the network saved; `self.model` is what the engine trains
+
+    def chat_template(self):
+        """The template by the one rule (`stages.common.resolve_template`)."""
+        o = self.opts
+        return resolve_template(o.template, self.tok, o.model, lora_specs(o))
 
     # ---- data ---------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -197,6 +207,7 @@ class SFTTrainer(Stage):
         if not convs:
             raise UserError("no conversations to train on", self.data_name, "check the data file")
         train_c, val_c = split_items(convs, o.val_split, o.seed)
+        self.train_conversations = train_c
         pad = self.tok.pad_id if self.tok.pad_id is not None else 0
         multiple = 64 if self.device.type == "cuda" else 1       # fewer distinct shapes to compile
         self.stats = {"conversations": len(convs), "skipped_rows": skipped}
@@ -266,10 +277,13 @@ class SFTTrainer(Stage):
     def resume_key(self) -> dict:
         return self._key
 
-    def batch(self, i: int):
+    def batch_rows(self, i: int):
+        """The training rows of micro-batch i (this rank's share)."""
         b = self.opts.batch
-        rows = self._order.take((i * self.world + self.rank) * b, b)
-        return self.train_rows.batch(rows)
+        return self._order.take((i * self.world + self.rank) * b, b)
+
+    def batch(self, i: int):
+        return self.train_rows.batch(self.batch_rows(i))
 
     def validate(self, model) -> dict:
         """Mean loss per trained token over the validation rows (at most 64 batches)."""
@@ -283,10 +297,10 @@ class SFTTrainer(Stage):
     def save(self, final: bool) -> None:
         o, record = self.opts, template_record(self.template)
         if o.full:
-            save_model(o.out, self.model, self.tok, record)
+            save_model(o.out, self.gpt, self.tok, record)
         else:
             stacked = json.dumps([[str(p), w] for p, w in lora_specs(o)])
-            save_adapter(self.model, o.out, "default", {**record, "stacked_on": stacked})
+            save_adapter(self.gpt, o.out, "default", {**record, "stacked_on": stacked})
         if final and self.rank == 0:
             hint = "" if o.full else (" (sample with --lora " + " --lora ".join(
                 [str(p) for p, _ in lora_specs(o)] + [str(o.out)]) + ")")

@@ -2,7 +2,9 @@
 
 Nothing here touches a model, a tokenizer or a file: each function takes tensors of
 log-probabilities, rewards or values and returns tensors. Keeping the maths apart from the
-training loops means each formula can be checked against hand-computed numbers.
+training loops means each formula can be checked against hand-computed numbers. This module
+holds the token-level and preference losses; `losses.rl` the RL pieces and the GRPO loss types,
+`losses.distill` the student-teacher divergences. All of them are importable from here.
 
 Conventions
 -----------
@@ -17,49 +19,62 @@ Conventions
   (examples in the whole accumulated batch, say), so gradient accumulation stays exact.
 * `bradley_terry_loss` returns only the per-example loss (B,): its "rewards" are its inputs.
 * `kto_loss` returns ``(loss_per_example (B,), rewards (B,), z0 ())``.
-* Token-level RL losses (`ppo_policy_loss`, `ppo_value_loss`) take (B, T) tensors plus a 0/1
-  mask of the tokens that count and return a scalar masked mean followed by detached scalar
-  metrics.
+* Token-level RL losses (`ppo_policy_loss`, `ppo_value_loss`, `grpo_policy_loss`) take per-token
+  tensors plus a 0/1 mask (or the sequence of each token) and return a scalar mean followed by
+  detached scalar metrics.
 * Advantages and returns (`gae`, `group_advantages`, `masked_whiten`) are targets, not
   things to differentiate through; `gae` and `group_advantages` return detached tensors.
+* Distillation divergences take normalised log-probs (N, C) and return (N,) (`losses.distill`).
 * Bad option strings raise ValueError naming the allowed choices.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from .distill import (  # re-exported: `tinygpt.losses` is the one place losses live
+    coarsen,
+    distill_token_loss,
+    forward_kl,
+    generalized_jsd,
+    kl_divergence,
+    reverse_kl,
+    topk_logprobs,
+    topk_with_rest,
+)
+from .rl import (
+    GRPO_LOSS_TYPES,
+    KL_KINDS,
+    REWARD_SCALES,
+    aggregate_tokens,
+    clipped_surrogate,
+    explained_variance,
+    gae,
+    group_advantages,
+    grpo_policy_loss,
+    kl_penalty,
+    loss_units,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_sequence_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+
 __all__ = [
-    "token_cross_entropy",
-    "token_logprobs",
-    "entropy_from_logits",
-    "bradley_terry_loss",
-    "dpo_loss",
-    "DPO_LOSS_TYPES",
-    "simpo_loss",
-    "orpo_loss",
-    "kto_loss",
-    "kl_penalty",
-    "KL_KINDS",
-    "gae",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "group_advantages",
-    "explained_variance",
+    "token_cross_entropy", "token_logprobs", "entropy_from_logits", "bradley_terry_loss", "dpo_loss",
+    "DPO_LOSS_TYPES", "simpo_loss", "orpo_loss", "kto_loss",
+    # losses.rl
+    "kl_penalty", "KL_KINDS", "REWARD_SCALES", "gae", "masked_mean", "masked_var", "masked_whiten",
+    "explained_variance", "ppo_policy_loss", "clipped_surrogate", "ppo_value_loss", "group_advantages",
+    "GRPO_LOSS_TYPES", "per_sequence_mean", "aggregate_tokens", "loss_units", "grpo_policy_loss",
+    # losses.distill
+    "kl_divergence", "forward_kl", "reverse_kl", "generalized_jsd", "topk_logprobs", "topk_with_rest", "coarsen",
+    "distill_token_loss",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-KL_KINDS = ("k1", "k2", "k3", "abs", "mse")
-
-# Importance ratios and k3 are exponentials of log-ratios. Past |20| (a factor of ~5e8)
-# the sample is far outside any trust region anyway; clamping keeps exp() finite so that a
-# single wild token cannot turn the loss or its gradient into inf/NaN.
-_MAX_LOG_RATIO = 20.0
 
 # ORPO's odds need log(1 - p) with p = exp(avg logp). Per-token float32 log-probs carry
 # about 1e-7 of rounding noise, so an average closer to 0 than 1e-6 carries no signal;
@@ -280,197 +295,3 @@ def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl_pi
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))  # (B,)
     loss = torch.where(desirable, good, bad)
     return loss, (beta * r).detach(), z0
-
-
-# ------------------------------------------------------------------------- masked stats
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum(x * mask) / sum(mask), over all elements or along `dim`; 0 where the mask is empty."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1e-8)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the elements of x where mask == 1 (scalar).
-
-    unbiased=True applies Bessel's correction n/(n-1); with n <= 1 it is skipped (the
-    variance of a single element is returned as 0 rather than NaN).
-    """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.to(x.dtype).sum()
-        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1e-8), var)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) with mean and (unbiased) var over masked elements only.
-
-    shift_mean=False adds the mean back (scale only: keeps the sign information of a
-    mostly-positive signal). The result is 0 where mask == 0, so padding never leaks into
-    a later masked sum.
-    """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(out.dtype)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var[returns - values] / Var[returns] over masked tokens (scalar, detached).
-
-    1 means the value head predicts returns perfectly, 0 no better than a constant, < 0
-    worse. NaN when the returns have no variance (the quantity is undefined).
-    """
-    values, returns = _f32(values).detach(), _f32(returns).detach()
-    var_r = masked_var(returns, mask, unbiased=False)
-    var_res = masked_var(returns - values, mask, unbiased=False)
-    return torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=1e-12),
-                       torch.full_like(var_r, math.nan))
-
-
-# ---------------------------------------------------------------------------- RL pieces
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi.
-
-    With d = logp - ref_logp (same shape, any):
-      k1:        d                          unbiased, can be negative per token
-      k3:        (exp(-d) - 1) + d          unbiased and >= 0 (Schulman's k3)
-      mse / k2:  0.5 * d^2                  biased, >= 0, low variance
-      abs:       |d|
-    All are exactly 0 where logp == ref_logp. For k3, d is clamped to +-20 so exp stays finite.
-    """
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown kl_penalty kind {kind!r}; choose one of {KL_KINDS}")
-    d = _f32(logp) - _f32(ref_logp)
-    if kind == "k1":
-        return d
-    if kind == "k3":
-        d = d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        return torch.expm1(-d) + d  # expm1 is exact near d = 0
-    if kind == "abs":
-        return d.abs()
-    return 0.5 * d * d  # mse / k2
-
-
-@torch.no_grad()
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95):
-    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
-
-    rewards, values: (B, T) per-token rewards and value estimates; mask: (B, T) 1 on real
-    (response) tokens. Walking backwards over the real tokens only:
-        delta_t = r_t + gamma * V_next - V_t
-        A_t     = delta_t + gamma * lam * A_next
-        R_t     = A_t + V_t
-    where "next" is the next REAL token; after the last real token the episode has ended, so
-    V_next = A_next = 0. Masked positions are skipped (their rewards and values are ignored),
-    so any padding layout works; put the terminal reward on the last real token.
-
-    Returns (advantages (B, T), returns (B, T)), float32, detached, both 0 where mask == 0.
-    """
-    rewards, values = _f32(rewards), _f32(values)
-    real = mask.bool()  # (B, T)
-    B, T = rewards.shape
-    adv = torch.zeros_like(rewards)  # (B, T)
-    next_v = rewards.new_zeros(B)  # (B,) value of the next real token
-    next_a = rewards.new_zeros(B)  # (B,) advantage of the next real token
-    for t in range(T - 1, -1, -1):
-        m = real[:, t]  # (B,)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        a = delta + gamma * lam * next_a  # (B,)
-        adv[:, t] = torch.where(m, a, torch.zeros_like(a))
-        next_v = torch.where(m, values[:, t], next_v)
-        next_a = torch.where(m, a, next_a)
-    returns = (adv + values) * real.to(adv.dtype)
-    return adv, returns
-
-
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2):
-    """PPO clipped surrogate (Schulman et al. 2017), masked mean over tokens.
-
-    logp: (B, T) log-probs under the current policy (with gradient); old_logp: (B, T) under
-    the policy that sampled the tokens; advantages: (B, T); mask: (B, T) 0/1.
-        ratio = exp(logp - old_logp)
-        loss  = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)))
-
-    Returns (loss (), clip_fraction (), approx_kl ()): clip_fraction is the share of tokens
-    where the clipped branch was chosen (gradient zero there); approx_kl is the masked mean
-    of the k3 estimator (ratio - 1) - log ratio of KL(old || new), >= 0. Metrics detached.
-    """
-    log_ratio = (_f32(logp) - _f32(old_logp)).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (B, T)
-    ratio = torch.exp(log_ratio)
-    adv = _f32(advantages).detach()
-    unclipped = -adv * ratio  # (B, T)
-    clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        clip_frac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-    return loss, clip_frac, approx_kl
-
-
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor, clip: float = 0.2):
-    """Clipped value loss: 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2)).
-
-    values: (B, T) current value head (with gradient); old_values: (B, T) the values recorded
-    at rollout time; returns: (B, T) targets; v_clip = old + clamp(v - old, -clip, +clip).
-    Taking the max makes the clip pessimistic: the value head gains nothing from moving
-    more than `clip` away from its rollout estimate in one update.
-
-    Returns (loss (), clip_fraction ()), clip_fraction = share of tokens where the clipped
-    branch was larger (detached).
-    """
-    v = _f32(values)
-    old = _f32(old_values).detach()
-    R = _f32(returns).detach()
-    v_clip = old + (v - old).clamp(-clip, clip)  # (B, T)
-    err = (v - R) ** 2
-    err_clip = (v_clip - R) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
-    with torch.no_grad():
-        clip_frac = masked_mean((err_clip > err).float(), mask)
-    return loss, clip_frac
-
-
-@torch.no_grad()
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
-                     rloo: bool = False, eps: float = 1e-4) -> torch.Tensor:
-    """Per-completion advantages from groups of G completions sampled for the same prompt.
-
-    rewards: (N,) with N = P * G, laid out as consecutive groups (prompt 0's G completions,
-    then prompt 1's, ...). With mean / std over the group (std unbiased, as in GRPO):
-      GRPO (rloo=False): (r - mean) / (std + eps)   or   r - mean   if not normalize_std
-      RLOO (rloo=True):  r - mean of the OTHER G-1 rewards = G/(G-1) * (r - mean);
-                         normalize_std is ignored (RLOO uses the raw leave-one-out baseline).
-    A group whose rewards are all equal gets advantage 0 everywhere.
-
-    Returns (N,) float32, detached.
-    """
-    G = int(group_size)
-    r = _f32(rewards).reshape(-1)
-    if G < 2:
-        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
-    if r.numel() % G != 0:
-        raise ValueError(f"{r.numel()} rewards do not split into groups of {G}")
-    g = r.view(-1, G)  # (P, G)
-    centred = g - g.mean(dim=1, keepdim=True)  # (P, G)
-    if rloo:
-        adv = centred * (G / (G - 1))
-    elif normalize_std:
-        adv = centred / (g.std(dim=1, keepdim=True) + eps)
-    else:
-        adv = centred
-    return adv.reshape(-1)
