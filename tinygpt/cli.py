@@ -10,8 +10,7 @@ import sys
 import warnings
 
 from .commands import COMMANDS, command, split_command
-from .data.rows import SkippedRowsWarning
-from .errors import UserError
+from .errors import Notice, UserError
 
 USAGE = "usage: tinygpt COMMAND [options]   (tinygpt COMMAND --help for its options)"
 
@@ -39,7 +38,7 @@ def parse_args(argv: list[str]):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    sys.stderr.write(f"tinygpt: warning: {message}\n" if issubclass(category, SkippedRowsWarning)
+    sys.stderr.write(f"tinygpt: warning: {message}\n" if issubclass(category, Notice)
                      else warnings.formatwarning(message, category, filename, lineno, line))
 
 
@@ -50,8 +49,8 @@ def main(argv=None) -> int:
         return 0
     try:
         cmd, opts = parse_args(argv)
-        with warnings.catch_warnings():    # skipped data rows are reported even with --quiet
-            warnings.simplefilter("always", SkippedRowsWarning)
+        with warnings.catch_warnings():    # notices (skipped rows, ...) are shown even with --quiet
+            warnings.simplefilter("always", Notice)
             warnings.showwarning = _show_warning
             cmd.run(opts)
         return 0

@@ -25,6 +25,10 @@ Design choices:
   the embeddings if needed and writes the rows in. The rows are written into the base weights, so
   `disable_lora` does not take them out: a reference model "without the new adapter" keeps the
   rows of the adapters under it, and only template tokens are concerned.
+- A `.lora` file is verified before anything is allocated for it (`read_adapter`,
+  `load_adapters`): typed metadata, a rank that matches every A (r, in) and B (out, r), tensors
+  only for layers this model has, at least one layer wrapped, finite values (checksum checked by
+  `io.load_tensors`). A new adapter's rank is at most the smaller side of every layer it wraps.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .io import load_tensors, save_tensors
+from .io import load_tensors, nonfinite, save_tensors, warn_if_unfinished
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_FORMAT = "tinygpt-lora"
@@ -240,6 +244,10 @@ def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, t
     if not mods:
         raise UserError(f"no linear layers named {', '.join(targets)} in this model", None,
                         f"choose targets among {', '.join(DEFAULT_TARGETS)}")
+    side = min(min(m.in_features, m.out_features) for m in mods.values())
+    if rank > side:
+        raise UserError(f"--lora-rank {rank} exceeds the smallest side ({side}) of the layers it wraps", None,
+                        f"use a rank of at most {side}")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -330,7 +338,13 @@ def save_adapter(model, path, name: str = "default", extra: dict | None = None) 
     save_tensors(path, adapter_state(model, name), meta)
 
 
-def read_adapter(path) -> tuple[dict, dict]:
+_INFO_TYPES = {"rank": int, "alpha": (int, float), "dropout": (int, float), "targets": list,
+               "base_fingerprint": str, "trained_tokens": list}
+
+
+def read_adapter(path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """(tensors, info) of a .lora file; the metadata parsed and typed, the rank matching every
+    A (r, in) / B (out, r) pair, the values finite (unless `allow_nonfinite`)."""
     tensors, meta = load_tensors(path)
     if meta.get("format") != LORA_FORMAT:
         raise UserError("not a tinygpt LoRA adapter file", str(path), "pass a .lora written by tinygpt")
@@ -339,32 +353,50 @@ def read_adapter(path) -> tuple[dict, dict]:
         info["trained_tokens"] = json.loads(meta.get("trained_tokens", "[]"))
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"adapter metadata is incomplete ({e})", str(path)) from None
+    for k, kind in _INFO_TYPES.items():
+        v = info[k]
+        bad = not isinstance(v, kind) or isinstance(v, bool) or (k in ("targets", "trained_tokens") and not all(
+            isinstance(x, str) for x in v))
+        if bad or (k == "rank" and v < 1) or (k in ("alpha", "dropout") and not math.isfinite(v)):
+            raise UserError(f"adapter metadata {k} is {v!r}", str(path), "the file is damaged or not a tinygpt adapter")
+    for name, a in tensors.items():
+        if name.endswith(".lora_A"):
+            b = tensors.get(name[:-1] + "B")
+            if a.dim() != 2 or b is None or b.dim() != 2 or a.shape[0] != info["rank"] or b.shape[1] != info["rank"]:
+                raise UserError(f"the adapter's rank {info['rank']} does not match its tensors ({name}: "
+                                f"{tuple(a.shape)}, B: {None if b is None else tuple(b.shape)})", str(path),
+                                "the file is damaged")
+    bad = [] if allow_nonfinite else nonfinite(tensors)
+    if bad:
+        raise UserError(f"adapter tensors hold NaN or infinite values (the first: {bad[0]})", str(path),
+                        "the adapter diverged; use an earlier one (--allow-nonfinite loads it to inspect)")
+    warn_if_unfinished(meta, path)
     info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
     return tensors, info
 
 
-def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list[str]:
+def load_adapters(model, specs, trainable: bool = False, tokenizer=None, allow_nonfinite: bool = False) -> list[str]:
     """Stack adapters from (path, weight) pairs onto the model; returns their names.
-    An adapter whose base fingerprint differs from this model's is refused. An adapter that trained
-    token rows needs the tokenizer: tokens it lacks are added and the rows written into the model."""
+    An adapter whose base fingerprint differs from this model's is refused, and so is one that
+    wraps no layer of this model or holds layers it lacks. An adapter that trained token rows
+    needs the tokenizer: tokens it lacks are added and the rows written into the model."""
     fp = base_fingerprint(model)
     names = []
     existing = {n for m in lora_modules(model).values() for n in m.lora_A}
     for path, weight in specs:
-        tensors, info = read_adapter(path)
+        tensors, info = read_adapter(path, allow_nonfinite)
         if info["base_fingerprint"] != fp:
             raise UserError(f"adapter was trained on another base model (adapter base {info['base_fingerprint']}, "
                             f"this model {fp})", str(path), "load the base model the adapter was trained on")
         if info["trained_tokens"]:
             _restore_token_rows(model, tokenizer, info["trained_tokens"], tensors, path)
         name = f"a{len(existing) + len(names)}"
+        _check_fits(model, tensors, info, path)
         mods = _swap(model, set(info["targets"]))
         for mod_name, m in mods.items():
             a, b = tensors.get(f"{mod_name}.lora_A"), tensors.get(f"{mod_name}.lora_B")
             if a is None:
                 continue
-            if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
-                raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {mod_name}", str(path))
             m.add(name, info["rank"], info["alpha"], 0.0, weight)
             with torch.no_grad():
                 m.lora_A[name].copy_(a)
@@ -376,3 +408,24 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list
         model._lora_meta[name]["trained_tokens"] = info["trained_tokens"]
         names.append(name)
     return names
+
+
+def _check_fits(model, tensors: dict, info: dict, path) -> None:
+    """The adapter wraps at least one layer of `model`, only layers it has (by name and shape)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head"}
+    layers = [k[:-len(".lora_A")] for k in tensors if k.endswith(".lora_A")]
+    if not layers:
+        raise UserError(f"the adapter holds no LoRA layers (targets {', '.join(info['targets'])})", str(path),
+                        "the file is damaged or empty")
+    for n in layers:
+        m = linears.get(n)
+        if m is None:
+            raise UserError(f"the adapter wraps {n}, a layer this model does not have", str(path),
+                            "load the base model the adapter was trained on")
+        if n.rsplit(".", 1)[-1] not in info["targets"]:
+            raise UserError(f"the adapter holds {n}, which its targets ({', '.join(info['targets'])}) do not name",
+                            str(path), "the file is damaged")
+        a, b = tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]
+        if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+            raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {n}", str(path),
+                            "load the base model the adapter was trained on")

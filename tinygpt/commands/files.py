@@ -83,13 +83,14 @@ class ExportOptions(ModelOptions):
         super().check()
 
 
-def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out=None) -> dict:
+def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out=None,
+                 allow_nonfinite: bool = False) -> dict:
     """Export a model (a .tinygpt, an HF folder or a .gguf) with `lora` (path, weight) pairs.
     fmt "hf" / "gguf": adapters merged, full model written. fmt "peft": the last adapter becomes a
     PEFT adapter folder at `out` (earlier adapters merged into the base), and the base is written
     as a transformers folder at `base_out` when given. Returns a summary dict."""
     dtype = dtype or ("f16" if fmt == "gguf" else "f32")
-    model, tok = load_model_and_tokenizer(src, lora=list(lora))   # adapters stacked, in order
+    model, tok = load_model_and_tokenizer(src, lora=list(lora), allow_nonfinite=allow_nonfinite)   # stacked in order
     dequantize_model(model)   # int8 files export their dequantized weights (formats hold floats)
     if fmt == "peft":
         last = list(model._lora_meta)[-1]
@@ -111,7 +112,8 @@ def export_model(src, out, fmt: str, lora=(), dtype: str | None = None, base_out
 
 def export_command(opts: ExportOptions) -> None:
     check_inputs(opts)
-    info = export_model(opts.model, opts.out, opts.format, lora_specs(opts), opts.dtype, opts.base_out)
+    info = export_model(opts.model, opts.out, opts.format, lora_specs(opts), opts.dtype, opts.base_out,
+                        opts.allow_nonfinite)
     extra = f"; {info['modelfile']}" if "modelfile" in info else ""
     print(f"wrote {opts.out} ({opts.format}, {info['family']}){extra}")
 
@@ -129,12 +131,12 @@ class MergeOptions(ModelOptions, DeviceOptions):
         super().check()
 
 
-def merge_to_file(base, specs, out, device="cpu", log=print) -> dict:
+def merge_to_file(base, specs, out, device="cpu", log=print, allow_nonfinite: bool = False) -> dict:
     """Load `base` (a .tinygpt or Hugging Face folder) with the adapters `specs` [(path, weight)],
     fold them into the weights and write a plain `.tinygpt` to `out`. Returns a summary."""
     if not specs:
         raise UserError("nothing to merge", None, "give at least one --lora FILE")
-    model, tok = load_model_and_tokenizer(base, lora=specs, device=device)
+    model, tok = load_model_and_tokenizer(base, lora=specs, device=device, allow_nonfinite=allow_nonfinite)
     n_adapters = len(getattr(model, "_lora_meta", {}))
     merge_and_unload(model)
     model._base_fingerprint = None
@@ -147,7 +149,7 @@ def merge_command(opts: MergeOptions) -> None:
     if not opts.lora:
         raise UserError("no adapter to merge", None, "give --lora FILE (repeatable, PATH:WEIGHT)")
     check_inputs(opts)
-    merge_to_file(opts.model, lora_specs(opts), opts.out, opts.device, log=print)
+    merge_to_file(opts.model, lora_specs(opts), opts.out, opts.device, log=print, allow_nonfinite=opts.allow_nonfinite)
 
 
 # ---- quantize ---------------------------------------------------------------------------------
@@ -160,11 +162,12 @@ class QuantizeOptions(ModelOptions, DeviceOptions):
     limit: int = option(100, "documents of --data to score", check=at_least(1))
 
 
-def quantize_file(src, out, data=None, lora=(), limit: int = 100, device: str = "cpu") -> dict:
+def quantize_file(src, out, data=None, lora=(), limit: int = 100, device: str = "cpu",
+                  allow_nonfinite: bool = False) -> dict:
     """Quantize a model (a .tinygpt or HF folder, adapters merged) to an int8 .tinygpt at `out`.
     Returns sizes (file bytes before/after) and, with `data`, perplexity before/after."""
     docs = load_documents(data, limit) if data is not None else None
-    model, tok = load_model_and_tokenizer(src, lora=lora, device=device)
+    model, tok = load_model_and_tokenizer(src, lora=lora, device=device, allow_nonfinite=allow_nonfinite)
     if lora:
         merge_and_unload(model)
     model.float()
@@ -193,7 +196,7 @@ def weight_bytes(model) -> int:
 def quantize_command(opts: QuantizeOptions) -> None:
     check_inputs(opts, ("--data", opts.data))
     device, _, _ = setup_device(opts.device)
-    r = quantize_file(opts.model, opts.out, opts.data, lora_specs(opts), opts.limit, device)
+    r = quantize_file(opts.model, opts.out, opts.data, lora_specs(opts), opts.limit, device, opts.allow_nonfinite)
     print(f"size {r['size_before'] / 2**20:.2f} MiB -> {r['size_after'] / 2**20:.2f} MiB "
           f"({r['size_before'] / r['size_after']:.2f}x smaller, {r['layers']} linear layers int8)")
     if "ppl_before" in r:

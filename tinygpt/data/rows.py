@@ -20,13 +20,13 @@ from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
-from ..errors import DataError
+from ..errors import DataError, Notice
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 _SKIP_FIX = "fix or delete the row, or skip bad rows"
 
 
-class SkippedRowsWarning(UserWarning):
+class SkippedRowsWarning(Notice):
     """Rows left out of a data file because skipping bad rows was asked for."""
 
 

@@ -34,8 +34,8 @@ from ..device import setup_device
 from ..errors import UserError
 from ..io import check_writable
 from ..load import load_model_and_tokenizer
-from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload, read_adapter
-from ..options import Options, at_least, between, option
+from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload
+from ..options import Options, at_least, between, each, option
 from ..train.optim import default_warmup
 
 CHATML = "chatml"
@@ -50,7 +50,9 @@ class ModelOptions(Options):
     model: str = option(None, ".tinygpt file, Hugging Face folder or .gguf", positional=True, required=True)
     lora: list[str] = option([], "adapter file, as PATH or PATH:WEIGHT (repeatable; they stack in order)", repeat=True)
     lora_weight: list[float] = option([], "weight of the --lora at the same position (older spelling of "
-                                          "PATH:WEIGHT)", repeat=True)
+                                          "PATH:WEIGHT)", repeat=True, check=each(between(-100, 100)))
+    allow_nonfinite: bool = option(False, "load weights holding NaN or infinite values (to inspect a diverged "
+                                   "model; refused otherwise)")
 
     def check(self) -> None:
         lora_specs(self)
@@ -152,8 +154,13 @@ def load_for_command(opts, device="auto"):
     loaded with its stacked adapters on this process's device."""
     check_inputs(opts)
     dev, _, _ = setup_device(device)
-    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), device=dev)
-    return dev, model, tok
+    return (dev, *load_opts_model(opts, device=dev))
+
+
+def load_opts_model(opts, **kw):
+    """(model, tokenizer) of ModelOptions: the model with its stacked adapters, finiteness as
+    --allow-nonfinite says."""
+    return load_model_and_tokenizer(opts.model, lora=lora_specs(opts), allow_nonfinite=opts.allow_nonfinite, **kw)
 
 
 def check_inputs(opts, *paths) -> None:
@@ -207,7 +214,7 @@ def recorded_templates(model_path=None, adapters=()) -> list[tuple[str, str]]:
             out.append((str(model_path), _recorded(meta)))
     for spec in adapters:
         path = spec if isinstance(spec, (str, Path)) else spec[0]
-        t = _recorded(read_adapter(path)[1]["extra"])
+        t = _recorded(_file_meta(path))
         if t:
             out.append((str(path), t))
     return out

@@ -147,6 +147,6 @@ class PretrainStage(Stage):
         return {"val_loss": tot / cnt}
 
     def save(self, final: bool) -> None:
-        save_model(self.opts.out, self.model, self.tok)
+        save_model(self.opts.out, self.model, self.tok, self.artifact_metadata())
         if final:
             self.log(f"saved {self.opts.out}")

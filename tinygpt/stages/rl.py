@@ -75,6 +75,7 @@ from .common import (
     TemplateOptions,
     check_inputs,
     check_out,
+    load_opts_model,
     lora_specs,
     make_trainable,
     reference_for,
@@ -187,8 +188,7 @@ class RLTrainer(Stage):
         if self.policy is None:
             check_inputs(o, ("--prompts", o.prompts), ("--reward", o.reward), ("--value-model", self._value_path()))
             # LoRA: the frozen base may live in bf16, the adapter trains in float32; --full keeps fp32 weights
-            self.policy, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o), device=run.device,
-                                                             dtype=torch.float32 if o.full else run.dtype)
+            self.policy, self.tok = load_opts_model(o, device=run.device, dtype=torch.float32 if o.full else run.dtype)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         if self.prompts is None:             # prompts given as token ids need no template tokens
             template_tokens(self.policy, self.tok, self.template, may_add=False, where=str(o.model))
@@ -375,7 +375,7 @@ class RLTrainer(Stage):
         if self.rank != 0:
             return
         o = self.opts
-        meta = {"stage": self.kind, **template_record(self.template),
+        meta = {"stage": self.kind, **template_record(self.template), **self.artifact_metadata(),
                 "stacked_on": json.dumps([str(p) for p, _ in lora_specs(o)])}
         if isinstance(self.reference, str):
             save_adapter(self.policy, o.out, self.reference, meta)

@@ -35,7 +35,6 @@ from ..checkpoint import save_model
 from ..data.formats import Conversation, load_sft
 from ..data.packing import RowOrder, pack_rows, pad_examples, prepare_examples
 from ..errors import UserError
-from ..load import load_model_and_tokenizer
 from ..lora import (
     base_fingerprint,
     lora_modules,
@@ -55,6 +54,7 @@ from .common import (
     check_inputs,
     check_out,
     epochs_to_steps,
+    load_opts_model,
     lora_specs,
     make_trainable,
     resolve_plan,
@@ -163,7 +163,7 @@ class SFTTrainer(Stage):
         self.device, self.rank, self.world = run.device, run.rank, run.world
         if self.model is None:
             check_inputs(o, ("--data", o.data))
-            self.model, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o))
+            self.model, self.tok = load_opts_model(o)
         model, tok, log = self.model, self.tok, run.log
         self.data_name = str(self.data) if isinstance(self.data, (str, Path)) else "<conversations>"
         if not o.full:
@@ -281,7 +281,7 @@ class SFTTrainer(Stage):
         return {"val_loss": loss / max(count, 1.0)}
 
     def save(self, final: bool) -> None:
-        o, record = self.opts, template_record(self.template)
+        o, record = self.opts, {**template_record(self.template), **self.artifact_metadata()}
         if o.full:
             save_model(o.out, self.model, self.tok, record)
         else:

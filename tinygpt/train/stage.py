@@ -14,7 +14,8 @@ reads, plus the stage's own) and these methods, called by `Engine.fit` in this o
                                `model` is `self.model`, possibly wrapped by DDP.
     validate(model) -> dict    held-out metrics (`val_loss`, ...), called every `val_every` steps
                                (the plan sets val_every 0 when there is nothing to validate).
-    save(final)                write the stage's artifact (a .tinygpt, a .lora, ...).
+    save(final)                write the stage's artifact (a .tinygpt, a .lora, ...), with
+                               `self.artifact_metadata()` in its metadata (how far training got).
     summary(last) -> str       the one line the command prints at the end.
 
 RL stages also define `iteration(engine, it) -> metrics`: one round of the outer loop (generate
@@ -104,6 +105,11 @@ class Stage:
 
     def schedule_steps(self) -> int:
         return self.plan.steps
+
+    def artifact_metadata(self) -> dict:
+        """Metadata every artifact carries: training_status (complete, checkpoint, interrupted),
+        training_step and training_steps (empty outside the engine)."""
+        return self.engine.artifact_metadata() if self.engine is not None else {}
 
     def state_dict(self) -> dict:
         return {}
