@@ -39,6 +39,25 @@ def save_model(path, model, tokenizer, extra: dict | None = None) -> None:
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# heads besides the LM head, by the file's `head` metadata: tensor name -> shape for a config
+HEADS = {"reward": {"score.weight": lambda c: (1, c.n_embd)},
+         "value": {"value_head.weight": lambda c: (1, c.n_embd), "value_head.bias": lambda c: (1,)}}
+
+
+def split_head(tensors: dict, meta: dict, cfg, path) -> tuple[dict, dict]:
+    """(backbone entries, head entries) of a file whose metadata names a head (reward, value),
+    the head's tensors checked by name and shape. Entries are tensors or (dtype, shape) pairs."""
+    kind = meta.get("head")
+    if kind is None:
+        return tensors, {}
+    if kind not in HEADS:
+        raise UserError(f"unknown head {kind!r} in the model file", str(path), f"known: {', '.join(HEADS)}")
+    head = {k: tensors[k] for k in HEADS[kind] if k in tensors}
+    for k, shape in HEADS[kind].items():
+        got = None if k not in head else tuple(head[k][1] if isinstance(head[k], tuple) else head[k].shape)
+        if got != shape(cfg):
+            raise UserError(f"the {kind} head {k} is {got}, not {shape(cfg)}", str(path), "the file is damaged")
+    return {k: v for k, v in tensors.items() if k not in head}, head
 
 
 def parse_model_meta(meta: dict, path):

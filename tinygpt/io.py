@@ -97,8 +97,11 @@ def atomic_dir(path):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out exists and is not a folder: {path}", None, "choose a folder name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         yield tmp
         old = None
@@ -174,20 +177,23 @@ def clean_temp_files(folder, name: str | None = None) -> list[Path]:
     return gone
 
 
-def check_writable(path, what: str = "--out") -> None:
+def check_writable(path, what: str = "--out", folder: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder where a file is
-    expected, a parent that is a file, a folder without write permission."""
+    expected (or a file where a folder is, with `folder`), a parent that is a file, a folder
+    without write permission or on a read-only file system."""
     path = Path(path)
-    if path.is_dir():
+    if not folder and path.is_dir():
         raise UserError(f"{what} is a folder; this writes one file", str(path), "give a file path")
-    parent = path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{what} is a file; this writes a folder", str(path), "give a folder path")
+    parent = path if folder and path.is_dir() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{what} is under a file, not a folder", str(path), "choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} cannot be written (no write permission in {parent})", str(path),
-                        "choose a folder you can write to")
+        raise UserError(f"{what} cannot be written (no write permission in {parent}, or a read-only file system)",
+                        str(path), "choose a folder you can write to")
 
 
 CHECKSUM_KEY = "checksum"

@@ -342,10 +342,10 @@ _INFO_TYPES = {"rank": int, "alpha": (int, float), "dropout": (int, float), "tar
                "base_fingerprint": str, "trained_tokens": list}
 
 
-def read_adapter(path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
-    """(tensors, info) of a .lora file; the metadata parsed and typed, the rank matching every
-    A (r, in) / B (out, r) pair, the values finite (unless `allow_nonfinite`)."""
-    tensors, meta = load_tensors(path)
+def adapter_info(meta: dict, shapes: dict, path) -> dict:
+    """The typed metadata of a .lora file (rank, alpha, dropout, targets, base_fingerprint,
+    trained_tokens, and the rest as `extra`), checked against its tensors' {name: (dtype, shape)}:
+    the rank must match every A (r, in) / B (out, r) pair. A one-line UserError otherwise."""
     if meta.get("format") != LORA_FORMAT:
         raise UserError("not a tinygpt LoRA adapter file", str(path), "pass a .lora written by tinygpt")
     try:
@@ -359,19 +359,25 @@ def read_adapter(path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
             isinstance(x, str) for x in v))
         if bad or (k == "rank" and v < 1) or (k in ("alpha", "dropout") and not math.isfinite(v)):
             raise UserError(f"adapter metadata {k} is {v!r}", str(path), "the file is damaged or not a tinygpt adapter")
-    for name, a in tensors.items():
+    for name, (_, a) in shapes.items():
         if name.endswith(".lora_A"):
-            b = tensors.get(name[:-1] + "B")
-            if a.dim() != 2 or b is None or b.dim() != 2 or a.shape[0] != info["rank"] or b.shape[1] != info["rank"]:
+            b = shapes.get(name[:-1] + "B", (None, None))[1]
+            if len(a) != 2 or b is None or len(b) != 2 or a[0] != info["rank"] or b[1] != info["rank"]:
                 raise UserError(f"the adapter's rank {info['rank']} does not match its tensors ({name}: "
-                                f"{tuple(a.shape)}, B: {None if b is None else tuple(b.shape)})", str(path),
-                                "the file is damaged")
+                                f"{tuple(a)}, B: {None if b is None else tuple(b)})", str(path), "the file is damaged")
+    info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
+    return info
+
+
+def read_adapter(path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """(tensors, info) of a .lora file (`adapter_info`), its values finite unless `allow_nonfinite`."""
+    tensors, meta = load_tensors(path)
+    info = adapter_info(meta, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, path)
     bad = [] if allow_nonfinite else nonfinite(tensors)
     if bad:
         raise UserError(f"adapter tensors hold NaN or infinite values (the first: {bad[0]})", str(path),
                         "the adapter diverged; use an earlier one (--allow-nonfinite loads it to inspect)")
     warn_if_unfinished(meta, path)
-    info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
     return tensors, info
 
 

@@ -48,7 +48,7 @@ import yaml
 
 from .commands import command
 from .errors import UserError
-from .io import atomic_write_text
+from .io import atomic_write_text, check_writable
 from .options import Options, knows, option, to_argv
 from .report import STATE_FILE, build_report, compare_line, read_state
 
@@ -243,6 +243,7 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
     if device:
         pipe.defaults["device"] = device
     run = Path(out) if out else Path("runs") / pipe.name
+    check_writable(run, folder=True)
     run.mkdir(parents=True, exist_ok=True)
     state = read_state(run)
     state.update({"name": pipe.name, "config": str(pipe.source), "hardware": hardware(),

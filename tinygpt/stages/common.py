@@ -36,6 +36,7 @@ from ..io import check_writable
 from ..load import load_model_and_tokenizer
 from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload
 from ..options import Options, at_least, between, each, option
+from ..train.engine import run_dir_for
 from ..train.optim import default_warmup
 
 CHATML = "chatml"
@@ -69,12 +70,22 @@ class TemplateOptions(Options):
 
 
 @dataclass
-class RowOptions(Options):
+class RowCheckOptions(Options):
+    """What reading rows does with malformed and quirky rows (every data and prompt file)."""
+
+    group = "data"
+    skip_bad_rows: bool = option(False, "skip malformed rows (not JSON, a missing or mistyped field) instead of "
+                                 "stopping")
+    strict: bool = option(False, "stop at any row that would be skipped or changed (an empty reply, identical "
+                          "replies, no reply, leading assistant turns) instead of skipping it")
+
+
+@dataclass
+class RowOptions(RowCheckOptions):
     """How a data file's rows are read."""
 
     group = "data"
     format: str | None = option(None, "row format", auto="detected from the first row")
-    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
 
 
 @dataclass
@@ -83,8 +94,9 @@ class LoRAOptions(Options):
 
     group = "LoRA"
     full: bool = option(False, "train every weight and write a .tinygpt (default: a LoRA adapter, .lora)")
-    lora_rank: int = option(16, "rank of the new adapter", check=at_least(1))
-    lora_alpha: float = option(32.0, "alpha of the new adapter (scale alpha/rank)", check=at_least(1e-12))
+    lora_rank: int = option(16, "rank of the new adapter (at most the smaller side of each wrapped layer)",
+                            check=between(1, 1 << 16))
+    lora_alpha: float = option(32.0, "alpha of the new adapter (scale alpha/rank)", check=between(0, 1e6, lo_open=True))
     lora_dropout: float = option(0.0, "dropout on the adapter's input", check=between(0, 1, hi_open=True))
     lora_targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers the adapter wraps (comma-separated)",
                                      check=lambda v: None if v else "must name at least one layer")
@@ -110,7 +122,7 @@ class PairDataOptions(RowOptions, TemplateOptions):
     max_length: int = option(1024, "prompt + reply tokens (replies cut at the end)", check=at_least(2))
     max_prompt_length: int = option(512, "prompt tokens kept (cut from the left)", check=at_least(1))
     epochs: float | None = option(None, "train for this many epochs (instead of --steps)", auto="1",
-                                  check=lambda v: None if v is None or v > 0 else "must be > 0")
+                                  check=between(0, 1e6, lo_open=True))
     val_split: float = option(0.0, "fraction of pairs held out for validation", check=between(0, 1, hi_open=True))
     packing: bool = option(True, "one sequence per row, right-padded", negate="--no-packing")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
@@ -181,6 +193,9 @@ def check_out(out, full: bool | None = None) -> None:
     if out is None:
         raise UserError("--out is required", None, "give the output file")
     check_writable(out)
+    run = run_dir_for(out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"the run folder beside --out is a file: {run}", str(out), "move that file or choose another --out")
     if full is None:
         return
     lora_out = Path(out).suffix == ".lora"

@@ -169,7 +169,7 @@ class PreferenceTrainer(Stage):
         max_length = min(o.max_length, self.gpt.config.block_size)
         if self.items is None:
             items, n = load_items(o.data, self.kind, self.tok, self.template, o.format, o.skip_bad_rows, max_length,
-                                  min(o.max_prompt_length, max_length - 1), o.seed)
+                                  min(o.max_prompt_length, max_length - 1), o.seed, o.strict)
             run.log(f"{len(items)} examples from {o.data} ({n['skipped']} rows skipped, {n['dropped']} identical "
                     "after truncation)")
             self.items, self.val_items = split_items(items, o.val_split, o.seed)

@@ -94,7 +94,7 @@ class RewardModelTrainer(Stage):
         max_length = min(o.max_length, self.gpt.config.block_size)
         if self.items is None:
             items, n = load_items(o.data, "pair", self.tok, self.template, o.format, o.skip_bad_rows, max_length,
-                                  min(o.max_prompt_length, max_length - 1))
+                                  min(o.max_prompt_length, max_length - 1), strict=o.strict)
             run.log(f"{len(items)} pairs from {o.data} ({n['skipped']} rows skipped, {n['dropped']} identical after "
                     "truncation)")
             self.items, self.val_items = split_items(items, o.val_split, o.seed)

@@ -71,6 +71,7 @@ from ..verifiers import FunctionReward, ModelReward, get_reward_fn
 from .common import (
     LoRAOptions,
     ModelOptions,
+    RowCheckOptions,
     SamplingOptions,
     TemplateOptions,
     check_inputs,
@@ -88,7 +89,7 @@ from .common import (
 
 
 @dataclass
-class RLOptions(ModelOptions, TemplateOptions, LoRAOptions, SamplingOptions, TrainOptions):
+class RLOptions(ModelOptions, TemplateOptions, RowCheckOptions, LoRAOptions, SamplingOptions, TrainOptions):
     """Prompts, the reward, and the rollout and update settings PPO and GRPO share."""
 
     group = "online RL"
@@ -110,7 +111,6 @@ class RLOptions(ModelOptions, TemplateOptions, LoRAOptions, SamplingOptions, Tra
     kl_horizon: int = option(10000, "adaptive KL controller horizon, in sequences", check=at_least(1))
     max_kl: float = option(0.0, "stop an iteration's epochs above this approximate KL (0: off)", check=at_least(0))
     samples: int = option(4, "completions per iteration written to samples.jsonl", check=at_least(0))
-    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
     lr: float | None = option(None, "peak learning rate", auto="1e-5, or 1e-6 with --full",
                               check=between(0, 1, lo_open=True))
     lr_schedule: str = option("constant", "learning-rate schedule", choices=("cosine", "linear", "constant", "wsd"))
@@ -240,7 +240,7 @@ class RLTrainer(Stage):
 
     def _load_prompts(self, log) -> list:
         o = self.opts
-        rows = load_prompts(o.prompts, o.skip_bad_rows)
+        rows, report = load_prompts(o.prompts, o.skip_bad_rows, o.strict)   # warns of skipped rows
         prompts, dropped = encode_prompts(self.tok, self.template, rows,
                                           self.policy.config.block_size - o.max_new_tokens)
         if dropped:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
-from ..options import at_least, between, option
+from ..options import SEED, at_least, between, option
 from .engine import fit
 from .optim import SCHEDULES
 
@@ -62,7 +62,7 @@ class TrainOptions(DeviceOptions):
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
     val_every: int | None = option(0, "validation every N steps (0 = off)", check=at_least(0))
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", check=at_least(1))
-    seed: int = option(0, "random seed (data order, initialisation, sampling)")
+    seed: int = option(0, "random seed (data order, initialisation, sampling)", check=SEED)
     resume: bool = option(False, "continue from the run folder's saved state")
     quiet: bool = option(False, "no progress bar or set-up messages")
 
