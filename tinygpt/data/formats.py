@@ -178,7 +178,7 @@ def _finish_sft(messages: list[Message], notes: list | None = None) -> Conversat
     replies = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     if not replies:
         raise Quirk("with no assistant reply after a user turn")
-    if replies[-1] < len(msgs) - 1:
+    if replies[-1] < len(msgs) - 1 and empty is None:
         notes.append("with turns after the last reply dropped")
     return Conversation(msgs[:replies[-1] + 1])
 
