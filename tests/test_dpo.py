@@ -260,8 +260,8 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path):
             {"prompt": "c?", "chosen": "x" * 50 + "1", "rejected": "x" * 50 + "2"}]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prefs, skipped = load_preferences(path)
-    assert skipped == 1 and len(prefs) == 2
+    prefs, report = load_preferences(path)
+    assert report.n_skipped == 1 and len(prefs) == 2
     _, tok = nano()
     items, dropped = tokenize_pairs(prefs, tok, get_template("chatml", tok), 40, 20)
     assert dropped == 1 and len(items) == 1    # the third pair differs only past max_length

@@ -17,6 +17,7 @@ from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import load_sft
 from tinygpt.data.packing import RowOrder
+from tinygpt.errors import UserError
 from tinygpt.lora import lora_modules
 from tinygpt.model import GPT
 from tinygpt.data.formats import format_instruction
@@ -135,7 +136,7 @@ def test_bad_rows_stop_with_file_and_line_or_are_skipped(setup, capsys):
     bad3 = _write(base.parent / "bad3.jsonl", ROWS[:6] + [{"messages": "oops"}, {"text": "no format"}])
     assert main(["sft", str(base), "--data", str(bad3), "--out", str(out), "--steps", "1", "--batch", "2",
                  "--ctx", "64", "--device", "cpu", "--skip-bad-rows"]) == 0
-    assert "skipped 2 bad row(s)" in capsys.readouterr().err
+    assert "skipped 2 of 8 rows: 2 malformed (lines 7, 8" in capsys.readouterr().err
     assert _cli(base, base.parent / "missing.jsonl", out, "--steps", "1") == 2
 
 
@@ -145,7 +146,7 @@ def test_flag_errors_exit_2(setup, capsys):
     assert _cli(base, data, base.parent / "a.lora", "--steps", "2", "--epochs", "1") == 2
     assert _cli(base, data, base.parent / "a.lora", "--ctx", "4096") == 2
     assert _cli(base, data, base.parent / "a.lora", "--template", "nope") == 2
-    assert _cli(base, data, base.parent / "a.lora", "--max-length", "3", "--steps", "1") == 2   # nothing fits
+    assert _cli(base, data, base.parent / "a.lora", "--max-length", "3", "--truncate", "drop", "--steps", "1") == 2
     err = capsys.readouterr().err
     assert err.count("tinygpt: error:") == 5 and "Traceback" not in err
 
@@ -160,11 +161,15 @@ def test_epochs_warmup_and_truncation_arithmetic(setup):
                  max_length=18, batch=4, accum=2)
     enc = encode_conversations(tok, t.template, load_sft(data)[0])
     fits = sum(1 for ids, mask in enc if len(ids) <= 18 or (len(ids) - mask.index(1) + 1) <= 18)
-    assert fits == len(ROWS) and t.stats["train_dropped"] == 3   # long prompts were cut, not dropped
-    assert len(t.train_rows) == fits and t.train_rows.x.shape[1] <= 17
-    assert t.plan.steps == math.ceil(2.5 * fits / 8)
+    cut = t.stats["train_cut"]                          # long prompts were cut; the 3 long replies at their end
+    assert fits == len(ROWS) and (cut["reply"], cut["dropped"]) == (3, 0)
+    assert len(t.train_rows) == fits + 3 and t.train_rows.x.shape[1] <= 17
+    assert t.plan.steps == math.ceil(2.5 * (fits + 3) / 8)
     assert t.plan.warmup == min(100, t.plan.steps // 10)
-    assert any("3 dropped" in m for m in logs)
+    assert any("3 inside the final reply), 0 dropped" in m for m in logs)
+    model, tok = load_model_and_tokenizer(base)
+    with pytest.raises(UserError, match=f"all {len(ROWS) + 3} dropped.*--truncate left"):   # every one is longer
+        _trainer(model, tok, data, base.parent / "e.lora", ctx=64, packing=False, max_length=18, truncate="drop")
 
 
 def test_resume_equals_uninterrupted(setup):

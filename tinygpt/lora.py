@@ -233,6 +233,16 @@ def base_fingerprint(model) -> str:
     return fp
 
 
+def check_rank(model, rank: int, targets) -> None:
+    """A new adapter's rank is at most the smaller side of every layer it wraps (a larger one
+    only allocates)."""
+    sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head" and n.rsplit(".", 1)[-1] in set(targets)]
+    if sides and rank > min(sides):
+        raise UserError(f"--lora-rank {rank} exceeds the smallest side ({min(sides)}) of the layers it wraps", None,
+                        f"use a rank of at most {min(sides)}")
+
+
 def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, targets=DEFAULT_TARGETS,
                name: str = "default", weight: float = 1.0, freeze: bool = True) -> int:
     """Add a fresh trainable adapter `name` on every target linear; freeze everything else.
@@ -244,10 +254,7 @@ def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, t
     if not mods:
         raise UserError(f"no linear layers named {', '.join(targets)} in this model", None,
                         f"choose targets among {', '.join(DEFAULT_TARGETS)}")
-    side = min(min(m.in_features, m.out_features) for m in mods.values())
-    if rank > side:
-        raise UserError(f"--lora-rank {rank} exceeds the smallest side ({side}) of the layers it wraps", None,
-                        f"use a rank of at most {side}")
+    check_rank(model, rank, targets)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)

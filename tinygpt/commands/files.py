@@ -250,7 +250,8 @@ def verify_model_file(path, allow_nonfinite: bool = False) -> str:
             raise UserError("the training state's metadata cannot be read", str(path), "the file is damaged") from None
         what = f"training state at step {step}"
     else:
-        what = f"safetensors file ({fmt or 'no format'})"
+        raise UserError(f"not a tinygpt model, adapter or training state (format {fmt!r})", str(path),
+                        "tinygpt verify reads .tinygpt, .lora and state.safetensors files")
     if meta.get("training_status") not in (None, "complete"):
         what += f", saved at step {meta.get('training_step')} of {meta.get('training_steps')} ({meta['training_status']})"
     if info["nonfinite"]:

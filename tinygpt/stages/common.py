@@ -34,7 +34,7 @@ from ..device import setup_device
 from ..errors import UserError
 from ..io import check_writable
 from ..load import load_model_and_tokenizer
-from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload
+from ..lora import DEFAULT_TARGETS, apply_lora, check_rank, merge_and_unload
 from ..options import Options, at_least, between, each, option
 from ..train.engine import run_dir_for
 from ..train.optim import default_warmup
@@ -171,8 +171,12 @@ def load_for_command(opts, device="auto"):
 
 def load_opts_model(opts, **kw):
     """(model, tokenizer) of ModelOptions: the model with its stacked adapters, finiteness as
-    --allow-nonfinite says."""
-    return load_model_and_tokenizer(opts.model, lora=lora_specs(opts), allow_nonfinite=opts.allow_nonfinite, **kw)
+    --allow-nonfinite says; a new adapter's rank (LoRAOptions) checked against it at once."""
+    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), allow_nonfinite=opts.allow_nonfinite,
+                                          **kw)
+    if hasattr(opts, "lora_rank") and not opts.full:
+        check_rank(model, opts.lora_rank, opts.lora_targets)
+    return model, tok
 
 
 def check_inputs(opts, *paths) -> None:

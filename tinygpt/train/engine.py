@@ -294,16 +294,18 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------
     def _open_log(self, name: str, resume: bool) -> "JsonlLog":
         """A JSONL log of the run folder for appending: on resume, cut back (atomically) to the
-        rounds the state holds (rows carry their `step`)."""
+        rounds the state holds (rows carry their `step`); the last row kept is `self.last_row`."""
         path = self.run_dir / name
         if resume and path.exists():
             keep = []
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= self.round:
-                        keep.append(line + "\n")
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     break                       # a line cut by the kill: nothing after it is kept
+                if row.get("step", 0) <= self.round:
+                    keep.append(line + "\n")
+                    self.last_row = row
             atomic_write_text(path, "".join(keep))
             return JsonlLog(path, "a")
         return JsonlLog(path, "w")
@@ -320,7 +322,7 @@ class Engine:
         metrics_file = self._open_log("metrics.jsonl", cfg.resume) if self.is_main else None
         progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
-        last: dict = {}
+        last: dict = getattr(self, "last_row", {})       # a finished run resumed: its last logged round
         self._t_round = flushed = time.perf_counter()
         try:
             while self.round < self.rounds:
