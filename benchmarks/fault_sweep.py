@@ -119,7 +119,8 @@ def file_cases() -> list[dict]:
                      "--out", "{tmp}/d2.lora"],
              "verify": ["verify", "{f}"]}
     out += [{"group": "files", "id": f"{u}: adapter {c}", "argv": [a.replace("{f}", "{adapter:" + c + "}") for a in argv],
-             "expect": "error"} for c in ADAPTER_CRAFTS for u, argv in users.items()]
+             "expect": "error"} for c in ADAPTER_CRAFTS for u, argv in users.items()
+            if not (u == "verify" and c == "targets matching nothing")]   # which layers exist depends on the base
     out += [{"group": "files", "id": f"train --resume: state {c}", "argv": BASE_ARGV["train"][:-1] + [
         "{state:" + c + "}", "--resume"], "expect": "error"} for c in STATE_CRAFTS]
     return out
@@ -136,7 +137,7 @@ DATA_ROWS = {  # kind -> (structural problems: error; real-data quirks: trained 
              "only an assistant turn": {"messages": [{"role": "assistant", "content": "x"}]},
              "empty reply": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}}),
     "prefs": ({"invalid JSON": "{not json", "missing field": {"prompt": "q", "chosen": "a"}, "mistyped field": {
-        "prompt": "q", "chosen": 3, "rejected": "b"}, "not an object": "text", "differing contexts": {
+        "prompt": "q", "chosen": 3, "rejected": "b"}, "not an object": ["text"], "differing contexts": {
         "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
         "rejected": [{"role": "user", "content": "z"}, {"role": "assistant", "content": "c"}]}},
         {"empty chosen": {"prompt": "q", "chosen": "", "rejected": "b"},
@@ -155,6 +156,8 @@ def data_cases() -> list[dict]:
             flag = "--prompts" if slot == "prompts" else "--data"
             for rows, expect in ((bad, "error"), (quirks, "ok")):
                 for what in rows:
+                    if slot == "prompts" and what == "missing field" and kind == "prefs":
+                        continue                   # {prompt, chosen} is a valid prompt row
                     i = argv.index(flag) + 1
                     out.append({"group": "data", "id": f"{cmd}: {kind} row {what}", "expect": expect,
                                 "argv": argv[:i] + ["{rows:" + kind + ":" + what + "}"] + argv[i + 1:]})
@@ -188,6 +191,7 @@ def _run(argv):
 
 
 def _write_rows(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
@@ -300,12 +304,13 @@ def craft_state(work: Path, fx: dict, what: str) -> str:
 
 def output_path(work: Path, fault: str, name: str) -> str:
     root = work / "outputs" / fault.replace(" ", "_")
+    if fault == "a folder":
+        (root / name).mkdir(parents=True, exist_ok=True)
+        return str(root / name)
     if root.exists():
         return str(root / name if fault != "under a file" else root / "file" / name)
     root.mkdir(parents=True)
-    if fault == "a folder":
-        (root / name).mkdir()
-    elif fault == "under a file":
+    if fault == "under a file":
         (root / "file").write_text("x")
         return str(root / "file" / name)
     elif fault in ("read-only", "full disk"):

@@ -417,7 +417,7 @@ def test_crafted_adapters_are_refused(world, capsys):
         one_line_error(capsys, main(["sample", base, "--lora", str(path), "--max-new-tokens", "2", "--device", "cpu"]),
                        needle)
         assert time.perf_counter() - t0 < 10, name
-        if name not in ("targets matching nothing", "no LoRA layers", "targets not naming its layers"):
+        if name != "targets matching nothing":        # which layers exist depends on the base
             one_line_error(capsys, main(["verify", str(path)]), needle)
 
 

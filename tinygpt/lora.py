@@ -366,6 +366,14 @@ def adapter_info(meta: dict, shapes: dict, path) -> dict:
             isinstance(x, str) for x in v))
         if bad or (k == "rank" and v < 1) or (k in ("alpha", "dropout") and not math.isfinite(v)):
             raise UserError(f"adapter metadata {k} is {v!r}", str(path), "the file is damaged or not a tinygpt adapter")
+    layers = [k[:-len(".lora_A")] for k in shapes if k.endswith(".lora_A")]
+    if not layers:
+        raise UserError(f"the adapter holds no LoRA layers (targets {', '.join(info['targets'])})", str(path),
+                        "the file is damaged or empty")
+    unnamed = [n for n in layers if n.rsplit(".", 1)[-1] not in info["targets"]]
+    if unnamed:
+        raise UserError(f"the adapter holds {unnamed[0]}, which its targets ({', '.join(info['targets'])}) do not "
+                        "name", str(path), "the file is damaged")
     for name, (_, a) in shapes.items():
         if name.endswith(".lora_A"):
             b = shapes.get(name[:-1] + "B", (None, None))[1]
@@ -424,20 +432,13 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None, allow_n
 
 
 def _check_fits(model, tensors: dict, info: dict, path) -> None:
-    """The adapter wraps at least one layer of `model`, only layers it has (by name and shape)."""
+    """The adapter wraps only layers `model` has (by name and shape)."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head"}
-    layers = [k[:-len(".lora_A")] for k in tensors if k.endswith(".lora_A")]
-    if not layers:
-        raise UserError(f"the adapter holds no LoRA layers (targets {', '.join(info['targets'])})", str(path),
-                        "the file is damaged or empty")
-    for n in layers:
+    for n in [k[:-len(".lora_A")] for k in tensors if k.endswith(".lora_A")]:   # adapter_info: at least one
         m = linears.get(n)
         if m is None:
             raise UserError(f"the adapter wraps {n}, a layer this model does not have", str(path),
                             "load the base model the adapter was trained on")
-        if n.rsplit(".", 1)[-1] not in info["targets"]:
-            raise UserError(f"the adapter holds {n}, which its targets ({', '.join(info['targets'])}) do not name",
-                            str(path), "the file is damaged")
         a, b = tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]
         if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
             raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {n}", str(path),

@@ -1,32 +1,30 @@
 """Dataset row schemas -> one canonical record type per training stage.
 
-Every loader reads rows with `rows.read_rows`, converts each row with a per-format function, and
-returns canonical records: `Conversation` (SFT), `Preference` (DPO/ORPO/reward models),
-`Unpaired` (KTO) or prompt lists (PPO/GRPO). Chat templates never see dataset field names.
+Every loader reads rows with `rows.read_rows` (JSONL, JSON arrays, parquet, gzip; errors carry
+`path:line`), converts each row with a per-format function and returns canonical records:
+`Conversation` (SFT), `Preference` (DPO/ORPO/reward models), `Unpaired` (KTO) or prompt lists
+(PPO/GRPO). Chat templates never see dataset field names.
 
 Design choices:
-- Files are read by `rows.py` (JSONL, JSON arrays, parquet, gzip; errors carry `path:line`).
 - The format is detected from the fields of the first row that converts (or named with
   `format=`) and then used for the whole file, so a later malformed row is reported as
   "missing field 'output'" rather than as an unknown format.
 - Instruction formats put the instruction and its input/context into ONE user turn, joined by a
   blank line (`format_instruction`); the dataset's input is data for the instruction, not a turn.
 - Role names are normalised (`human`->user, `gpt`/`chatgpt`/`bard`/...->assistant). Tool traffic
-  is folded into the three roles rather than rejected: a `function_call` turn is something the
-  model emits, so it becomes assistant text (trained); an `observation`/`tool` turn comes from the
-  environment, so it becomes user text (never trained). A row's `tools` list, when present, is
-  put into the system message so the model sees the schemas it is calling.
+  is folded into the three roles: a `function_call` turn is something the model emits, so it
+  becomes assistant text (trained); an `observation`/`tool` turn comes from the environment, so
+  it becomes user text (never trained). A row's `tools` list goes into the system message.
 - Real data by default: a conversation trains on the turns it has. Leading assistant turns are
   dropped (ShareGPT rows that start mid-dialogue), trailing turns after the last reply are
   dropped (an unanswered user turn), and a conversation is cut before its first empty reply;
-  each such change is noted (`rows.load_records` counts it; --strict makes it an error).
-  Consecutive turns of the same role are merged with a blank line. Content is kept verbatim.
-  A row with nothing left to train on is a `Quirk`: skipped and counted, an error with --strict.
-- Preference prompts always end with a user turn; `chosen`/`rejected` are the final assistant
-  texts. A pair with an empty reply, or whose two replies are identical, carries no usable
-  signal: it is a Quirk (skipped and counted). The same rules hold for KTO completions.
-- RL prompts from conversation rows are the conversation up to its last user turn (a trailing
-  unanswered user turn is exactly a prompt); the replies of preference rows are not needed.
+  each change is noted (`rows.load_records` counts it; --strict makes it an error). Consecutive
+  turns of one role are merged with a blank line; content is kept verbatim. A row with nothing
+  left to train on is a `Quirk`: skipped and counted, an error with --strict.
+- Preference prompts end with a user turn; `chosen`/`rejected` are the final assistant texts.
+  A pair with an empty reply, or with two identical replies, carries no usable signal: a Quirk.
+  The same rules hold for KTO completions. RL prompts from conversation rows are the
+  conversation up to its last user turn; the replies of preference rows are not needed.
 - Anthropic HH-RLHF transcripts: the prompt is the common prefix of `chosen` and `rejected` up to
   the last `\\n\\nAssistant:` inside it, parsed into turns so any chat template can render it.
   The replies are the stripped rest of each transcript, kept whole even when it holds more turns.
@@ -401,11 +399,14 @@ def to_preference(row: dict, fmt: str) -> Preference:
 # ---- unpaired (KTO) formats -------------------------------------------------------------------
 def _label(row: dict) -> bool:
     value = _get(row, "label")
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"field 'label' must be true/false, got {value!r}")
+
+
+def _labelled_messages(row: dict) -> list[Message]:
+    key = "messages" if "messages" in row else "conversations"
+    return _system(row) + _messages(_get(row, key), key)
 
 
 def to_unpaired(row: dict, fmt: str, notes: list | None = None) -> list[Unpaired]:
@@ -418,8 +419,7 @@ def to_unpaired(row: dict, fmt: str, notes: list | None = None) -> list[Unpaired
             raise Quirk("with an empty completion")
         return [Unpaired(_as_prompt(_get(row, "prompt"), "prompt"), completion, label)]
     if fmt == "messages_label":
-        key = "messages" if "messages" in row else "conversations"
-        prompt, completion = _split_last_reply(_system(row) + _messages(_get(row, key), key), notes)
+        prompt, completion = _split_last_reply(_labelled_messages(row), notes)
         return [Unpaired(prompt, completion, _label(row))]
     if fmt in _PREFERENCE_CONVERTERS:
         p = to_preference(row, fmt)
@@ -437,17 +437,14 @@ def detect_unpaired_format(row: dict) -> str:
 # ---- RL prompts -------------------------------------------------------------------------------
 def _answer(row: dict) -> str | None:
     value = row.get("answer")
-    if value is None:
-        return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    return _text(value, "field 'answer'")
+    return None if value is None else _text(value, "field 'answer'")
 
 
 def to_prompt(row: dict, notes: list | None = None) -> tuple[list[Message], str | None]:
     """The prompt of any supported row, plus its reference answer when the row has one. A
-    conversation's prompt is everything up to its last user turn (what comes after is noted as
-    dropped); a Quirk when it has no user turn."""
+    conversation's prompt is everything up to its last user turn; a Quirk when it has none."""
     if "chosen" in row and "rejected" in row:
         return preference_parts(row, detect_preference_format(row)).prompt, None
     if "question" in row:
@@ -455,14 +452,9 @@ def to_prompt(row: dict, notes: list | None = None) -> tuple[list[Message], str 
         return _system(row) + [Message("user", question)], _answer(row)
     if "prompt" in row and "completion" not in row:
         return _system(row) + _as_prompt(_get(row, "prompt"), "prompt"), _answer(row)
-    if "label" in row and ("messages" in row or "conversations" in row):
-        key = "messages" if "messages" in row else "conversations"
-        msgs = _system(row) + _messages(_get(row, key), key)
-    elif "label" in row:
+    if "label" in row and not ("messages" in row or "conversations" in row):
         return _as_prompt(_get(row, "prompt"), "prompt"), None
-    else:
-        msgs = sft_messages(row, detect_format(row))
-    msgs = _tidy(msgs, notes)
+    msgs = _tidy(_labelled_messages(row) if "label" in row else sft_messages(row, detect_format(row)), notes)
     users = [i for i, m in enumerate(msgs) if m.role == "user"]
     if not users:
         raise Quirk("with no user turn to prompt with")
