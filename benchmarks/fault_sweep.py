@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import resource
 import shutil
 import signal
@@ -40,6 +39,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fault_child import fill_disk, mount_tmpfs  # noqa: E402  (the disk helpers the fault suite uses)
 
 CPU = ["--device", "cpu", "--quiet"]
 BASE_ARGV = {
@@ -314,23 +316,14 @@ def output_path(work: Path, fault: str, name: str) -> str:
         (root / "file").write_text("x")
         return str(root / "file" / name)
     elif fault in ("read-only", "full disk"):
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1024k", "tmpfs", str(root)],
-                                               capture_output=True).returncode != 0:
+        if not mount_tmpfs(root, 1024):
             if fault == "full disk":
                 return ""
             root.chmod(0o555)
         elif fault == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
         else:
-            fd = os.open(root / "filler", os.O_WRONLY | os.O_CREAT)
-            for size in (1 << 16, 4096, 1):
-                while True:
-                    try:
-                        if os.write(fd, b"\0" * size) == 0:
-                            break
-                    except OSError:
-                        break
-            os.close(fd)
+            fill_disk(root)
     return str(root / name)
 
 

@@ -9,11 +9,14 @@ WHEN  before-rename  the temp file is written and fsynced, the rename over NAME 
       mid-write      half of the temp file's bytes are written (a torn write)
 NAME  the file written (state.safetensors, m.tinygpt, ...); N: the N-th write of it (1-based).
 The process computes on one thread, as the suite's reference runs do, so runs are bit-comparable.
+`mount_tmpfs` and `fill_disk` make the small and full disks of the suite and the sweep.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +25,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # this checkout's tinygpt
 
 from tinygpt.cli import main as tinygpt_main  # noqa: E402
+
+
+def mount_tmpfs(path: Path, size_kb: int) -> bool:
+    """Mount a tmpfs of `size_kb` KiB at `path` (only as root, where mounting is allowed)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def fill_disk(folder: Path) -> None:
+    """Fill the file system of `folder` to its last byte."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    for size in (1 << 16, 4096, 1):
+        while True:
+            try:
+                if os.write(fd, b"\0" * size) == 0:
+                    break
+            except OSError:
+                break
+    os.close(fd)
 
 
 def _die() -> None:

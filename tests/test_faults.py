@@ -8,7 +8,8 @@ leaves the files it found as they were.
   `--resume` must then give the uninterrupted run's weights bit for bit, metrics.jsonl one row per
   step, and no temp file left. Two forced windows run in `make test`; every window and the
   random trials for train, SFT, DPO and GRPO are `slow` (`make test-slow`; FAULT_TRIALS sets the
-  number of random kills per stage, default 3).
+  number of random kills per stage, default 3; FAULT_REPORT=FILE appends what each kill left on
+  disk, one JSON line per trial, for docs/reliability.md).
 - Disks: a small tmpfs filled to its last byte, and one remounted read-only (only where the tests
   run as root and may mount; skipped otherwise, and a folder without write permission stands
   in for the read-only one).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save as st_save
-from test_stages import STAGES, _base, _files
+from fault_child import fill_disk, mount_tmpfs
+from test_stages import STAGES, _base, _files, ctrl_c_at
 
 from tinygpt.cli import main
 from tinygpt.io import load_tensors, tensors_checksum
@@ -83,13 +84,28 @@ def _leftovers(world) -> list[Path]:
     return [p for p in world.rglob("*.tmp")]
 
 
-def _resume_and_compare(stage, world, out, ref):
+def _left_by_kill(out, state) -> dict:
+    """What a kill left: the state's round, metrics rows past it, temp files, the artifact's step."""
+    saved = json.loads(load_tensors(state)[1]["state"])["round"] if state.exists() else None
+    metrics = out.with_suffix(".run") / "metrics.jsonl"
+    rows = metrics.read_text().splitlines() if metrics.exists() else []
+    ahead = sum(1 for x in rows if x.strip().startswith("{") and x.strip().endswith("}")
+                and json.loads(x)["step"] > (saved or 0))
+    return {"state_round": saved, "metrics_rows_ahead": ahead, "torn_metrics_line": bool(rows) and not
+            rows[-1].rstrip().endswith("}"), "temp_files": len([p for p in out.parent.rglob("*.tmp")]),
+            "artifact_step": int(load_tensors(out)[1].get("training_step", -1)) if out.exists() else None}
+
+
+def _resume_and_compare(stage, world, out, ref, kill="random"):
     """After a kill: what is on disk loads, --resume (or a fresh start when no state was saved)
     finishes the run, and it equals the reference bit for bit, with no temp file left."""
     state = out.with_suffix(".run") / "state.safetensors"
     for f in (out, state):
         if f.exists():
             load_tensors(f)                                   # whole and checksum-correct
+    if os.environ.get("FAULT_REPORT"):
+        with open(os.environ["FAULT_REPORT"], "a") as fh:
+            fh.write(json.dumps({"stage": stage, "kill": kill, **_left_by_kill(out, state)}) + "\n")
     done = _child(_argv(stage, world, out) + (["--resume"] if state.exists() else []))
     assert done.returncode == 0, done.stderr[-2000:]
     got, want = _outcome(out), ref
@@ -98,13 +114,26 @@ def _resume_and_compare(stage, world, out, ref):
     assert _leftovers(world) == []
 
 
+def _start(stage, world, out) -> tuple[subprocess.Popen, float]:
+    """Start a child run; returns it once its run folder exists (training set up), with the time."""
+    proc = subprocess.Popen([sys.executable, str(CHILD), "--", *map(str, _argv(stage, world, out))],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not out.with_suffix(".run").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    return proc, time.perf_counter()
+
+
 def _reference(stage, world, in_process: bool):
+    """The uninterrupted run's outcome (in this process, or a child: then with the seconds its
+    training took, from its run folder appearing to its end)."""
     out = world / f"ref{SUFFIX.get(stage, '.lora')}"
     if in_process:
         assert main(_argv(stage, world, out)) == 0
-    else:
-        assert _child(_argv(stage, world, out)).returncode == 0
-    return _outcome(out)
+        return _outcome(out)
+    proc, t0 = _start(stage, world, out)
+    assert proc.wait() == 0
+    return _outcome(out), time.perf_counter() - t0
 
 
 WINDOWS = ["mid-write:state.safetensors:3", "before-rename:state.safetensors:3", "after-rename:state.safetensors:3",
@@ -127,28 +156,22 @@ def test_a_kill_inside_the_checkpoint_window_resumes_exactly(world, stage, windo
 def test_every_checkpoint_window_and_random_kills_resume_exactly(world, stage):
     """Every forced window, then FAULT_TRIALS kills at random moments of the training (after the
     run folder appears, uniformly over the uninterrupted run's training time)."""
-    t0 = time.perf_counter()
-    ref = _reference(stage, world, in_process=False)
-    span = time.perf_counter() - t0
+    ref, span = _reference(stage, world, in_process=False)
     ext = SUFFIX.get(stage, ".lora")
     for i, window in enumerate(WINDOWS):
         out = world / f"w{i}{ext}"
         killed = _child(_argv(stage, world, out), kill=window.replace("OUT", out.name))
         assert killed.returncode == -signal.SIGKILL, (window, killed.stderr[-2000:])
-        _resume_and_compare(stage, world, out, ref)
+        _resume_and_compare(stage, world, out, ref, window)
     rng = random.Random(f"kills/{stage}")
     for i in range(int(os.environ.get("FAULT_TRIALS", "3"))):
         out = world / f"r{i}{ext}"
-        proc = subprocess.Popen([sys.executable, str(CHILD), "--", *map(str, _argv(stage, world, out))],
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        start = time.perf_counter()
-        while not out.with_suffix(".run").exists() and proc.poll() is None and time.perf_counter() - start < span:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.7 * span))
+        proc, _ = _start(stage, world, out)
+        at = rng.uniform(0, span)
+        time.sleep(at)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        _resume_and_compare(stage, world, out, ref)
+        finished = proc.wait() == 0
+        _resume_and_compare(stage, world, out, ref, f"random {at:.2f}s of {span:.2f}s" + " (finished)" * finished)
 
 
 def test_a_damaged_resume_state_is_refused_not_resumed(world, capsys):
@@ -168,35 +191,14 @@ def test_a_damaged_resume_state_is_refused_not_resumed(world, capsys):
 
 
 # ---- disks ---------------------------------------------------------------------------------------
-def _mount_tmpfs(path: Path, size_kb: int) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs holding `old.tinygpt`, an older model file (skipped when it cannot be mounted)."""
     mnt = tmp_path / "disk"
-    if not _mount_tmpfs(mnt, 1024):
+    if not mount_tmpfs(mnt, 1024):
         pytest.skip("needs root and tmpfs to mount a small disk")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(folder: Path) -> None:
-    """Fill the file system of `folder` to its last byte."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    for size in (1 << 16, 4096, 1):
-        while True:
-            try:
-                if os.write(fd, b"\0" * size) == 0:
-                    break
-            except OSError:
-                break
-    os.close(fd)
 
 
 def _llama(world) -> Path:
@@ -245,7 +247,7 @@ def _adapter_for(world):
 def test_a_full_disk_is_a_one_line_error_and_the_previous_files_stay(world, small_disk, capsys):
     _adapter_for(world)
     old = _old_files(small_disk)
-    _fill(small_disk)
+    fill_disk(small_disk)
     for name, argv in _writers(world, small_disk).items():
         code = main([str(a) for a in argv])
         one_line_error(capsys, code, "cannot write", "the disk is full")
@@ -256,7 +258,7 @@ def test_a_full_disk_is_a_one_line_error_and_the_previous_files_stay(world, smal
 def test_a_read_only_folder_is_refused_before_any_work(world, tmp_path, capsys):
     _adapter_for(world)
     ro = tmp_path / "ro"
-    mounted = _mount_tmpfs(ro, 1024)
+    mounted = mount_tmpfs(ro, 1024)
     if not mounted:
         if os.geteuid() == 0:
             pytest.skip("needs tmpfs to make a read-only folder as root")
@@ -462,14 +464,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_ctrl_c_saves_under_out_marked_interrupted_and_loading_says_so(world, capsys, monkeypatch):
-    import tinygpt.train.engine as engine_mod
-    real = engine_mod.Engine._round
-
-    def stop_at_2(self):
-        if self.round == 2:
-            raise KeyboardInterrupt
-        return real(self)
-    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_2)
+    undo = ctrl_c_at(monkeypatch, 2)
     out = world / "m.tinygpt"
     argv = [str(a) for a in _argv("train", world, out)]
     argv.remove("--quiet")
@@ -481,6 +476,6 @@ def test_ctrl_c_saves_under_out_marked_interrupted_and_loading_says_so(world, ca
     assert main(["sample", str(out), "--max-new-tokens", "2", "--device", "cpu"]) == 0
     assert f"tinygpt: warning: {out} was saved at step 2 of 6 (training was interrupted)" in capsys.readouterr().err
     assert main(["verify", str(out)]) == 0 and "(interrupted)" in capsys.readouterr().out
-    monkeypatch.setattr(engine_mod.Engine, "_round", real)
+    undo()
     assert main(argv + ["--resume"]) == 0
     assert load_tensors(out)[1]["training_status"] == "complete"

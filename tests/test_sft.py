@@ -16,12 +16,12 @@ from tinygpt.checkpoint import load_model, save_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import load_sft
-from tinygpt.data.packing import RowOrder
+from tinygpt.data.packing import RowOrder, prepare_examples
 from tinygpt.errors import UserError
 from tinygpt.lora import lora_modules
 from tinygpt.model import GPT
 from tinygpt.data.formats import format_instruction
-from tinygpt.stages.sft import SFTOptions, SFTTrainer, encode_conversations, sft_loss_step
+from tinygpt.stages.sft import SFTOptions, SFTTrainer, add_template_tokens, encode_conversations, sft_loss_step
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
 
@@ -276,3 +276,24 @@ def test_sft_improves_exact_match_on_the_synthetic_eval(tmp_path):
         return sum(exact_match(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
     before, after = score([]), score([out])
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_real_sharegpt_trains_by_default(shared_data):
+    """ShareGPT at --max-length 257 with a byte-level model: 9 conversations hold no reply (skipped,
+    counted), 329 start with a gpt turn (dropped), and nearly every example is longer than the
+    window. --truncate left (the default) trains all 991 (each final reply kept, cut at its end
+    when it alone is longer); --truncate drop keeps the 7 that fit."""
+    tok = Tokenizer.byte_level()
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), block_size=256))
+    template = get_template("chatml", tok)
+    add_template_tokens(model, tok, template)                       # as the stage does
+    with pytest.warns(UserWarning, match="skipped 9 of 1000 rows"):
+        convs, report = load_sft(shared_data / "sft" / "sharegpt_1k.jsonl")
+    assert (len(convs), report.n_skipped) == (991, 9)
+    enc = encode_conversations(tok, template, convs)
+    pairs, cut = prepare_examples(enc, 257, "left")
+    assert len(pairs) == 991 and cut == {"turns": 27, "prompt": 33, "reply": 924, "dropped": 0}
+    assert all(len(x) <= 256 for x, _ in pairs)
+    pairs, cut = prepare_examples(enc, 257, "drop")
+    assert len(pairs) == 7 and cut["dropped"] == 984

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from .errors import UserError
@@ -73,8 +74,9 @@ class ModelConfig:
         """Each field has its declared type and lies within LIMITS (UserError otherwise)."""
         for f in fields(self):
             v, kind = getattr(self, f.name), {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
-            if kind is float and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
+            number = {int: numbers.Integral, float: numbers.Real}.get(kind)
+            if number and isinstance(v, number) and not isinstance(v, bool):   # numpy scalars, ints for floats
+                v = kind(v)
                 setattr(self, f.name, v)
             if type(v) is not kind:
                 raise UserError(f"model config field {f.name} must be {f.type}, got {v!r}")

@@ -47,6 +47,7 @@ import torch
 import yaml
 
 from .commands import command
+from .device import check_device_name
 from .errors import UserError
 from .io import atomic_write_text, check_writable
 from .options import Options, knows, option, to_argv
@@ -292,7 +293,8 @@ class PipelineOptions(Options):
     preset: str | None = option(None, "a built-in pipeline: demo, demo-rl")
     out: str | None = option(None, "run folder", auto="runs/<name>")
     force: bool = option(False, "re-run every stage, even those up to date")
-    device: str | None = option(None, "device for every stage", auto="the config's, else auto")
+    device: str | None = option(None, "device for every stage", auto="the config's, else auto",
+                                check=lambda v: None if v is None else check_device_name(v))
 
     def check(self) -> None:
         if bool(self.config) == bool(self.preset):

@@ -123,6 +123,7 @@ class Engine:
         self.total_steps = stage.schedule_steps()        # optimizer steps the schedule spans
         self._ahead = None                               # (index, batch) fetched early
         self._samples = None                             # samples.jsonl, opened on first use
+        self.last_row: dict = {}                         # on resume, the last metrics row kept
         self.round = self.step = self.tokens_seen = self.bad_steps = self.good_steps = 0
 
     @property
@@ -322,7 +323,7 @@ class Engine:
         metrics_file = self._open_log("metrics.jsonl", cfg.resume) if self.is_main else None
         progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
-        last: dict = getattr(self, "last_row", {})       # a finished run resumed: its last logged round
+        last = self.last_row                             # a finished run resumed: its last logged round
         self._t_round = flushed = time.perf_counter()
         try:
             while self.round < self.rounds:
