@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 from fault_child import fill_disk, mount_tmpfs
+from safetensors.torch import save as st_save
 from test_stages import STAGES, _base, _files, ctrl_c_at
 
 from tinygpt.cli import main
@@ -114,26 +114,31 @@ def _resume_and_compare(stage, world, out, ref, kill="random"):
     assert _leftovers(world) == []
 
 
-def _start(stage, world, out) -> tuple[subprocess.Popen, float]:
-    """Start a child run; returns it once its run folder exists (training set up), with the time."""
+def _start(stage, world, out, wait_for_training: bool) -> tuple[subprocess.Popen, float]:
+    """Start a child run; returns it (once its run folder exists, when `wait_for_training`) and
+    the wall time then (time.time, the clock of file modification times)."""
     proc = subprocess.Popen([sys.executable, str(CHILD), "--", *map(str, _argv(stage, world, out))],
                             env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not out.with_suffix(".run").exists() and proc.poll() is None:
+    while wait_for_training and not out.with_suffix(".run").exists() and proc.poll() is None:
         time.sleep(0.005)
-    return proc, time.perf_counter()
+    return proc, time.time()
 
 
 def _reference(stage, world, in_process: bool):
-    """The uninterrupted run's outcome (in this process, or a child: then with the seconds its
-    training took, from its run folder appearing to its end)."""
+    """The uninterrupted run's outcome (in this process, or a child: then with the seconds from
+    its start, and from its run folder appearing, to its last write)."""
     out = world / f"ref{SUFFIX.get(stage, '.lora')}"
     if in_process:
         assert main(_argv(stage, world, out)) == 0
         return _outcome(out)
-    proc, t0 = _start(stage, world, out)
+    proc, t0 = _start(stage, world, out, wait_for_training=False)
+    while not out.with_suffix(".run").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    t_run = time.time()
     assert proc.wait() == 0
-    return _outcome(out), time.perf_counter() - t0
+    end = out.stat().st_mtime                              # the final artifact's write
+    return _outcome(out), (end - t0, end - t_run)
 
 
 WINDOWS = ["mid-write:state.safetensors:3", "before-rename:state.safetensors:3", "after-rename:state.safetensors:3",
@@ -154,9 +159,10 @@ def test_a_kill_inside_the_checkpoint_window_resumes_exactly(world, stage, windo
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", KILL_STAGES)
 def test_every_checkpoint_window_and_random_kills_resume_exactly(world, stage):
-    """Every forced window, then FAULT_TRIALS kills at random moments of the training (after the
-    run folder appears, uniformly over the uninterrupted run's training time)."""
-    ref, span = _reference(stage, world, in_process=False)
+    """Every forced window, then FAULT_TRIALS kills at random moments: uniform over the whole run
+    (start-up and set-up included) for even trials, over its training for odd ones, as long as the
+    uninterrupted run took to write its final artifact."""
+    ref, spans = _reference(stage, world, in_process=False)
     ext = SUFFIX.get(stage, ".lora")
     for i, window in enumerate(WINDOWS):
         out = world / f"w{i}{ext}"
@@ -166,12 +172,15 @@ def test_every_checkpoint_window_and_random_kills_resume_exactly(world, stage):
     rng = random.Random(f"kills/{stage}")
     for i in range(int(os.environ.get("FAULT_TRIALS", "3"))):
         out = world / f"r{i}{ext}"
-        proc, _ = _start(stage, world, out)
+        training = i % 2 == 1
+        proc, t0 = _start(stage, world, out, wait_for_training=training)
+        span = spans[training]
         at = rng.uniform(0, span)
-        time.sleep(at)
+        time.sleep(max(0.0, t0 + at - time.time()))
         proc.send_signal(signal.SIGKILL)
         finished = proc.wait() == 0
-        _resume_and_compare(stage, world, out, ref, f"random {at:.2f}s of {span:.2f}s" + " (finished)" * finished)
+        _resume_and_compare(stage, world, out, ref, f"random {at:.2f} s of {span:.2f} s of "
+                            f"{'training' if training else 'the whole run'}" + " (finished first)" * finished)
 
 
 def test_a_damaged_resume_state_is_refused_not_resumed(world, capsys):
