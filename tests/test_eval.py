@@ -64,12 +64,12 @@ def test_loglikelihood_batched_equals_one_by_one_on_gpt(tok):
     reqs = [(ids(tok, "the cat"), ids(tok, " sat")), (ids(tok, "a"), ids(tok, " long continuation here")),
             (ids(tok, "x" * 40), ids(tok, "yz"))]
     got = choice.loglikelihood(model, reqs, batch=3, vocab_limit=tok.vocab_size)
-    for (ctx, cont), (lp, greedy, n) in zip(reqs, got):
+    for (ctx, cont), (lp, greedy, n, cut) in zip(reqs, got):
         full = torch.tensor([ctx + cont])
         with torch.no_grad():
             logp = torch.log_softmax(model(full)[0, :-1, :tok.vocab_size].float(), -1)
         ref = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
-        assert n == len(cont)
+        assert n == len(cont) and not cut
         assert lp == pytest.approx(ref, abs=1e-4)
         argmax_ok = all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
         assert greedy == argmax_ok
@@ -77,8 +77,8 @@ def test_loglikelihood_batched_equals_one_by_one_on_gpt(tok):
 
 def test_loglikelihood_truncates_context_on_the_left(tok):
     m = const_model(tok.vocab_size, block=8)
-    (lp, _, n), = choice.loglikelihood(m, [(ids(tok, "a" * 30), ids(tok, "bcd"))], vocab_limit=tok.vocab_size)
-    assert n == 3 and lp == pytest.approx(-3 * math.log(tok.vocab_size), rel=1e-6)
+    (lp, _, n, cut), = choice.loglikelihood(m, [(ids(tok, "a" * 30), ids(tok, "bcd"))], vocab_limit=tok.vocab_size)
+    assert n == 3 and cut and lp == pytest.approx(-3 * math.log(tok.vocab_size), rel=1e-6)
 
 
 def test_ppl_uniform_logits_equals_vocab_size(tok):
@@ -111,9 +111,12 @@ def test_acc_and_acc_norm_differ_on_a_crafted_case(tok):
              ChoiceItem(["Q:"] * 2, [" a", " b"], gold=1)]
     short_lp = [lp_text(m, tok, ":", c) for c in (" a", " bbbbbbbbbbbb")]
     assert short_lp[0] > short_lp[1]                       # raw sum prefers the short choice...
-    assert short_lp[0] / 2 < short_lp[1] / 13              # ...per byte the long one wins
+    assert short_lp[0] / 1 < short_lp[1] / 12              # ...per character (joining space left out) the long one
     res = choice.score_choices(m, tok, items)
     assert (res.acc, res.acc_norm, res.n) == (0.5, 1.0, 2)
+    # lm-evaluation-harness's stderr: sample std / sqrt(n); for hits [0, 1]: sqrt(0.5 / 2)
+    assert res.extra["acc_stderr"] == pytest.approx(0.5) and res.extra["acc_norm_stderr"] == 0.0
+    assert res.extra["truncated"] == 0
 
 
 def test_winogrande_partial_scoring_depends_on_the_context(tok):
@@ -147,7 +150,8 @@ def test_lambada_greedy_requires_every_token(tok):
     logp = torch.log_softmax(table, -1)
     toks = [[ids(tok, "d")[0], sp, w, o], [ids(tok, "d")[0], sp, w, o, o], [ids(tok, "i")[0], sp, w, o]]
     nll = -sum(float(logp[a, b]) for t in toks for a, b in zip(t, t[1:]))
-    assert res["ppl"] == pytest.approx(math.exp(nll / 10), rel=1e-5)
+    assert res["token_ppl"] == pytest.approx(math.exp(nll / 10), rel=1e-5)   # per continuation token
+    assert res["ppl"] == pytest.approx(math.exp(nll / 3), rel=1e-5)          # lm-eval: exp(-mean item log-lik)
 
 
 def test_shots_use_other_items_of_the_same_group():
@@ -206,10 +210,12 @@ def test_gsm8k_scoring_cuts_at_next_question(monkeypatch, tok):
 
     def fake_complete(model, tk, prompts, max_new, batch, stops=None):
         seen["prompts"] = [tk.decode(p) for p in prompts]
-        return [" 70+2 = 72\n#### 72\n\nQuestion: what is 9?\nAnswer: 9", " that is 1000 dollars", " 5 or 6"]
+        return [" 70+2 = 72\n#### 72\n\nQuestion: what is 9?\nAnswer: 9", " that is 1000 dollars", " 5 or 6"], 1
     monkeypatch.setattr(gen, "complete", fake_complete)
     res = gen.eval_gsm8k(None, tok, rows, shots=[rows[0]])
-    assert res == {"exact_match": pytest.approx(2 / 3), "n": 3}
+    # hits [1, 1, 0]: sample std sqrt(1/3), stderr sqrt(1/3) / sqrt(3) = 1/3
+    assert res == {"exact_match": pytest.approx(2 / 3), "exact_match_stderr": pytest.approx(1 / 3), "n": 3,
+                   "truncated": 1}
     assert seen["prompts"][1].endswith("Question: q2\nAnswer:")
     assert "Answer: a 2\n#### 72\n\nQuestion: q2" in seen["prompts"][1]   # calculator notes removed
 
@@ -218,7 +224,8 @@ def test_synth_scoring_per_task():
     rows = [{"prompt": "p", "answer": "12", "task": "arithmetic"}, {"prompt": "p", "answer": "blue", "task": "fact"},
             {"prompt": "p", "answer": "7", "task": "arithmetic"}]
     res = gen.score_synth(rows, ["12.", "Blue\nmore", "The answer is 7."])
-    assert res == {"accuracy": pytest.approx(2 / 3), "n": 3, "accuracy/arithmetic": 0.5, "accuracy/fact": 1.0}
+    assert res == {"accuracy": pytest.approx(2 / 3), "accuracy_stderr": pytest.approx(1 / 3), "n": 3,
+                   "accuracy/arithmetic": 0.5, "accuracy/fact": 1.0}
 
 
 def test_winrate_both_orders():
@@ -307,11 +314,11 @@ def test_shots_come_from_the_whole_file_not_the_limited_items(tmp_path, tok, mon
                                                                 "continuation": f"w{i}"}) + "\n" for i in range(3)))
     seen = {}
 
-    def fake_choices(model, tk, items, batch=8):
+    def fake_choices(model, tk, items, batch=8, samples=False):
         seen["arc"] = items
         return choice.ChoiceResult(0.0, 0.0, len(items))
 
-    def fake_lambada(model, tk, items, batch=8):
+    def fake_lambada(model, tk, items, batch=8, samples=False):
         seen["lambada"] = items
         return {"acc": 0.0, "n": len(items)}
     monkeypatch.setattr(choice, "score_choices", fake_choices)

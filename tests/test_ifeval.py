@@ -334,5 +334,7 @@ def test_load_real_sample():
     assert known.keys() <= {r["key"] for r in rows}
     scores = score_ifeval(rows, [known.get(r["key"], "") for r in rows])
     assert scores == {"prompt_level_strict": 4 / 100, "prompt_level_loose": 5 / 100,
+                      "prompt_level_strict_stderr": pytest.approx((0.04 * 0.96 / 99) ** 0.5),
+                      "prompt_level_loose_stderr": pytest.approx((0.05 * 0.95 / 99) ** 0.5),
                       "inst_level_strict": 10 / 157, "inst_level_loose": 11 / 157,
                       "n_prompts": 100, "n_instructions": 157}

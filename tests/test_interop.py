@@ -371,6 +371,50 @@ def test_gguf_reads_back_and_reimports(tmp_path, kind):
     assert btok.encode(TEXTS[1]) == tok.encode(TEXTS[1]) and btok.eos == tok.eos and btok.bos == tok.bos
 
 
+@pytest.mark.parametrize("dtype,bits", [("q8_0", 8), ("q5_1", 5), ("q5_0", 5), ("q4_1", 4), ("q4_0", 4)])
+def test_gguf_block_quantisations_round_trip(tmp_path, dtype, bits):
+    """Every block type: the 2-D weights are stored in it (the output matrix in q8_0 below 8 bits)
+    and dequantize to within one step of their block's range."""
+    import gguf
+    from tinygpt.interop.gguf import export_gguf, gguf_tensors
+    tok = _bpe()
+    model = _ours("llama", tok, tie_embeddings=False)
+    export_gguf(model, tok, tmp_path / "m.gguf", dtype)
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    want = gguf_tensors("llama", model)
+    kind = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    for t in r.tensors:
+        w = want[t.name].numpy()
+        if w.ndim == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            continue
+        expected = gguf.GGMLQuantizationType.Q8_0 if t.name == "output.weight" and bits < 8 else kind
+        assert t.tensor_type == expected, t.name
+        deq = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        levels = 2 ** (8 if expected == gguf.GGMLQuantizationType.Q8_0 else bits) - 1
+        span = np.ptp(w.reshape(*w.shape[:-1], -1, 32), axis=-1, keepdims=True)   # a block's range
+        err = np.abs(deq - w).reshape(span.shape[:-1] + (32,))
+        assert (err <= span * 1.01 / levels + 1e-6).all(), t.name        # within one step of its block
+    assert r.fields["general.file_type"].contents() == {"q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}[dtype]
+
+
+
+def test_gguf_more_bits_stay_closer(tmp_path):
+    """The re-imported quantised models' logits: q8_0 closer to the original than 5 bits, 5 than 4."""
+    from tinygpt.interop.gguf import export_gguf, load_gguf
+    tok = _bpe()
+    model = _ours("llama", tok, tie_embeddings=False)
+    x = torch.randint(0, tok.vocab_size, (2, 24))
+    rel = {}
+    for dtype in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0"):
+        export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype)
+        with torch.no_grad():
+            ref, got = model(x), load_gguf(tmp_path / f"{dtype}.gguf")[0](x)
+        rel[dtype] = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel["q8_0"] < min(rel["q5_1"], rel["q5_0"]) and max(rel["q5_1"], rel["q5_0"]) < min(rel["q4_1"], rel["q4_0"])
+    assert rel["q8_0"] < 0.05, rel
+
+
 def test_gguf_tokenizer_rebuilt_from_tokens_and_merges(tmp_path):
     """A GGUF without the embedded tokenizer.json (as other converters write) still tokenizes the same."""
     import gguf

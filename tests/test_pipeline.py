@@ -1,6 +1,7 @@
 """Pipeline: wiring, resumability after a failed stage, and the report built from the results."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,9 @@ def test_failed_stage_stops_the_run_and_a_rerun_skips_finished_stages(tmp_path, 
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<td>base</td>" in html
     assert (run / "report" / "base.png").stat().st_size > 1000
-    assert re.search(r"\| base \| train \| done \| [\d.]+ \| [\d,]+ \| 2 \| CPU", md)
+    # stage, command, status, seconds, steps, tokens seen, tokens/s, final loss, result, hardware
+    assert re.search(r"\| base \| train \| done \| [\d.]+ \| 2 \| [\d.]+k? \| [\d.]+k? \| [\d.]+ \| - \| CPU", md), md
+    assert (run / "report" / "evaluation.png").stat().st_size > 1000 and "![evaluation](report/evaluation.png)" in md
 
     # `tinygpt report` rebuilds it
     (run / "report.html").unlink()
@@ -213,7 +216,7 @@ stages:
     rows = [json.loads(x) for x in (run / "rl.run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and 0 < rows[0]["tokens_seen"] < rows[1]["tokens_seen"]
     md = (run / "report.md").read_text()
-    assert re.search(rf"\| rl \| grpo \| done \| [\d.]+ \| {rows[1]['tokens_seen']:,} \| 2 \| CPU", md)
+    assert re.search(rf"\| rl \| grpo \| done \| [\d.]+ \| 2 \| {report.human(rows[1]['tokens_seen'])} \|", md)
     # the reward model's held-out accuracy: in the printed summary and in report.md
     acc = [json.loads(x) for x in (run / "rm.run" / "metrics.jsonl").read_text().splitlines()][-1]["val_accuracy"]
     assert f"rm: held-out accuracy {acc:.4f}" in printed and f"held-out accuracy {acc:.4f}" in md
@@ -238,3 +241,74 @@ def test_demo_preset_orders_base_sft_dpo(tmp_path, capsys):
     for name in ("sample", "sample-dpo"):
         text = (run / f"{name}.txt").read_text()
         assert text.startswith(prompt) and len(text) > len(prompt), text
+
+
+RESUME = """
+name: r
+defaults: {quiet: true, device: cpu, seed: 0}
+stages:
+  - {name: data, cmd: data synth, out: data, args: {scale: 0.05}}
+  - name: base
+    cmd: train
+    args: {corpus: "${data}/corpus.txt", byte-tokenizer: true, preset: nano, steps: STEPS, batch: 2, ctx: 32,
+           dtype: float32}
+"""
+
+
+def test_an_interrupted_stage_resumes_inside_the_stage(tmp_path, monkeypatch):
+    import torch
+    import tinygpt.train.engine as engine_mod
+    from tinygpt.io import load_tensors
+    cfg = write(tmp_path, RESUME.replace("STEPS", "6"))
+    pipeline.run_pipeline(cfg, tmp_path / "a", log=lambda *m: None)
+    real = engine_mod.Engine._round
+
+    def stop_at_3(self):
+        if self.round == 3:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, tmp_path / "b", log=lambda *m: None)
+    state = json.loads((tmp_path / "b" / "pipeline.json").read_text())
+    assert state["stages"]["base"]["status"] == "interrupted"
+    monkeypatch.setattr(engine_mod.Engine, "_round", real)
+    lines = []
+    pipeline.run_pipeline(cfg, tmp_path / "b", log=lines.append)
+    assert any("resuming its saved state" in ln for ln in lines)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "base.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]          # steps 4-6 only were trained again
+    a, b = load_tensors(tmp_path / "a" / "base.tinygpt")[0], load_tensors(tmp_path / "b" / "base.tinygpt")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # other settings: the saved state is refused and the stage starts again
+    write(tmp_path, RESUME.replace("STEPS", "7"))
+    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, tmp_path / "b", log=lambda *m: None)
+
+
+def test_sigterm_records_the_stage_as_interrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    cfg = write(tmp_path, RESUME.replace("STEPS", "100000"))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tinygpt.cli", "pipeline", str(cfg), "--out", str(run)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / "base.run" / "metrics.jsonl").exists():
+            time.sleep(0.2)                # until the training loop of the stage runs
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    state = json.loads((run / "pipeline.json").read_text())
+    assert state["stages"]["base"]["status"] == "interrupted"
+    assert (run / "base.run" / "state.safetensors").exists()

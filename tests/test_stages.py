@@ -176,3 +176,17 @@ def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]                  # cut back to the state, no duplicates
     want = [json.loads(x) for x in (tmp_path / "a.run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in want]
+
+
+def test_lora_path_weight_pairs():
+    from tinygpt.stages.common import ModelOptions, lora_specs
+    assert lora_specs(ModelOptions(model="m", lora=["a.lora", "b.lora:0.5"])) == [("a.lora", 1.0), ("b.lora", 0.5)]
+    # the older spelling: --lora-weight pairs with the --lora at the same position
+    assert lora_specs(ModelOptions(model="m", lora=["a.lora", "b.lora"], lora_weight=[0.25])) == \
+        [("a.lora", 0.25), ("b.lora", 1.0)]
+    assert lora_specs(ModelOptions(model="m", lora=["dir:x/a.lora"])) == [("dir:x/a.lora", 1.0)]   # not a weight
+    for bad, what in (({"lora": ["a.lora"], "lora_weight": [0.5, 0.5]}, "2 --lora-weight for 1 --lora"),
+                      ({"lora": ["a.lora:0.5"], "lora_weight": [0.5]}, "has a weight and a --lora-weight"),
+                      ({"lora": ["a.lora:inf"]}, "finite")):
+        with pytest.raises(UserError, match=what):
+            ModelOptions(model="m", **bad)

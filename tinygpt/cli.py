@@ -10,7 +10,9 @@ way rather than as a traceback.
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 import warnings
 
 from .commands import COMMANDS, command, split_command
@@ -48,11 +50,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
                      else warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt     # SIGTERM takes the Ctrl-C path: training saves its state, stages record it
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
         return 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         cmd, opts = parse_args(argv)
         with warnings.catch_warnings():    # notices (skipped rows, ...) are shown even with --quiet
@@ -75,6 +83,9 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:              # --help
         return e.code if isinstance(e.code, int) else 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ Design choices:
 - A stage that fails (a user error, or a bug) is recorded with its error and stops the run;
   everything finished stays recorded and is skipped next time. The state file is written
   atomically after every transition, so an interrupted run never loses a finished stage.
+  Ctrl-C or SIGTERM inside a stage records it as `interrupted` (a training stage saves its resume
+  state on the way out); the next run resumes that training stage from its saved state when the
+  stage's settings are the same (the engine refuses a state that does not match; then the stage
+  starts again). Stages with `save_every` also resume after a hard kill.
 - `extends: demo` reuses another config's stages and adds more (demo-rl = demo + GRPO), so one
   run folder serves both and the shared stages run once.
 - Commands are checked against this installation before anything runs (a typo, or a command not
@@ -39,7 +43,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -52,6 +56,8 @@ from .errors import UserError
 from .io import atomic_write_text, check_writable
 from .options import Options, knows, option, to_argv
 from .report import STATE_FILE, build_report, compare_line, read_state
+from .train.engine import STATE_FILE as STATE_FILE_TRAIN
+from .train.engine import run_dir_for
 
 EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
               "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",
@@ -237,6 +243,25 @@ def invoke(cmd, opts, stdout_to: Path | None = None) -> None:
     atomic_write_text(stdout_to, buf.getvalue())
 
 
+def resumable(cmd, opts) -> bool:
+    """A training stage whose run folder holds a saved state (from an interrupted run)."""
+    return cmd.stage is not None and (run_dir_for(opts.out) / STATE_FILE_TRAIN).exists()
+
+
+def run_stage(cmd, opts, resume: bool, stdout_to, log) -> None:
+    """Run a stage, resuming its saved state when asked; a state the stage refuses (other settings,
+    a damaged file) is set aside and the stage starts again."""
+    if resume:
+        try:
+            invoke(cmd, replace(opts, resume=True), stdout_to)
+            return
+        except UserError as e:
+            if not e.what.startswith("--resume"):
+                raise
+            log(f"cannot resume ({e.what}); starting the stage again")
+    invoke(cmd, opts, stdout_to)
+
+
 def run_pipeline(config, out=None, force: bool = False, log=print, device: str | None = None) -> dict:
     """Run (or resume) a pipeline; returns the final state. `config`: a YAML path; `device`
     overrides the config's default device for every stage that takes one."""
@@ -260,14 +285,15 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
         if not force and rec.get("status") == "done" and rec.get("key") == key and outs[st.name].exists():
             log(f"{head}: up to date, skipped")
             continue
-        log(f"{head}: tinygpt {' '.join(argv)}")
+        resume = not force and rec.get("key") == key and resumable(cmd, opts)
+        log(f"{head}: tinygpt {' '.join(argv)}" + (" (resuming its saved state)" if resume else ""))
         rec = {"cmd": st.cmd, "argv": argv, "key": key, "out": str(outs[st.name]), "status": "running",
                "started": time.time(), "hardware": state["hardware"]}
         state["stages"][st.name] = rec
         _write_state(run, state)
         t0 = time.perf_counter()
         try:
-            invoke(cmd, opts, None if knows(cmd.options, "out") else outs[st.name])
+            run_stage(cmd, opts, resume, None if knows(cmd.options, "out") else outs[st.name], log)
         except Exception as e:
             rec.update(status="failed", error=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
                        seconds=round(time.perf_counter() - t0, 2), finished=time.time())

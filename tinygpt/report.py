@@ -16,8 +16,13 @@ Design choices:
   per task metric; the best value of each column is marked (bold in md/html, `*` in the terminal).
   Lower is better for perplexity, bits-per-byte, NLL and losses; higher for everything else.
   Counts (n, seconds) are not metrics and are left out.
-- The stages table (and the terminal summary after the eval table) gives each stage's last logged
-  headline metrics: a reward model's held-out pairwise accuracy, validation loss, mean RL reward.
+- The stages table (and the terminal summary after the eval table) gives each stage's steps, tokens,
+  median tokens/s (as 12.3k), final training loss and last logged headline metrics: a reward
+  model's held-out pairwise accuracy, validation loss, mean RL reward. Noisy per-step series (loss,
+  tokens/s) are drawn faintly with a centred moving average over them; sparse ones (validation) as
+  points; smooth ones (the learning rate) as they are.
+- The eval table is also drawn as grouped bars; the texts stages produced (a `sample` stage's
+  output, the last RL iteration's completions) are shown under Samples.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from .train.engine import run_dir_for
 
 STATE_FILE = "pipeline.json"        # written by `tinygpt pipeline`
 LOWER_IS_BETTER = ("ppl", "bpb", "nll", "loss")
-NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions"}
+NOT_METRICS = {"n", "seconds", "tokens", "bytes", "n_instructions", "truncated"}
 BOOKKEEPING = {"step", "iteration", "epoch", "tokens_seen", "tokens", "skipped", "updates", "early_stop"}
 # substring -> panel: keys containing it share one panel (checked in this order)
 PANELS = ("loss", "accuracy", "reward", "kl", "time", "logps", "entropy")   # DPO rewards/accuracy is 0..1
@@ -110,7 +115,8 @@ def eval_table(evals: list[dict]) -> tuple[list[str], list[str], list[list], lis
     for res in evals:
         for t, m in res["tasks"].items():
             for k, v in m.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS \
+                        and not k.endswith("_stderr"):
                     if f"{t}/{k}" not in cols:
                         cols.append(f"{t}/{k}")
     labels = [str(r.get("label") or Path(r["model"]["path"]).stem) for r in evals]
@@ -169,16 +175,29 @@ def _eval_rows(evals, bold_md: bool):
     return ["model"] + cols, rows
 
 
+def human(n: float) -> str:
+    """12_345 -> '12.3k', 1_500_000 -> '1.5M' (readable token counts and rates)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def _stage_rows(stages) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in stages:
-        m = s["metrics"][-1] if s["metrics"] else {}
-        tokens = m.get("tokens_seen")
+        metrics = s["metrics"]
+        m = metrics[-1] if metrics else {}
+        rates = sorted(r["tokens_per_s"] for r in metrics if isinstance(r.get("tokens_per_s"), (int, float)))
+        loss = m.get("loss")
         rows.append([s["name"], s.get("cmd", ""), s.get("status", ""),
                      f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
-                     f"{int(tokens):,}" if tokens else "-", str(m.get("step", "-")), s.get("hardware", "-"),
-                     _headline_text(s) or "-"])
-    return ["stage", "command", "status", "seconds", "tokens seen", "steps", "hardware", "result"], rows
+                     str(m.get("step", "-")), human(m["tokens_seen"]) if m.get("tokens_seen") else "-",
+                     human(rates[len(rates) // 2]) if rates else "-",
+                     f"{loss:.4f}" if isinstance(loss, (int, float)) else "-", _headline_text(s) or "-",
+                     s.get("hardware", "-")])
+    return ["stage", "command", "status", "seconds", "steps", "tokens seen", "tokens/s (median)", "final loss",
+            "result", "hardware"], rows
 
 
 def headline(stage: dict) -> dict:
@@ -218,6 +237,50 @@ def metric_groups(rows: list[dict]) -> dict[str, list[str]]:
     return groups
 
 
+def smooth(ys: list[float], window: int | None = None) -> list[float]:
+    """Centred moving average over `window` points (default: a 20th of the series, at least 5),
+    narrowing at the ends, so the curve does not lag behind a fast early drop as an EMA would."""
+    n = len(ys)
+    half = max(1, (window or max(5, n // 20)) // 2)
+    csum = [0.0]
+    for y in ys:
+        csum.append(csum[-1] + y)
+    return [(csum[min(n, i + half + 1)] - csum[max(0, i - half)]) / (min(n, i + half + 1) - max(0, i - half))
+            for i in range(n)]
+
+
+def noisy(ys: list[float]) -> bool:
+    """Whether a series jumps around (losses, rates) rather than moving smoothly (a schedule)."""
+    span = max(ys) - min(ys)
+    steps = sorted(abs(b - a) for a, b in zip(ys, ys[1:]))
+    return span > 0 and bool(steps) and steps[len(steps) // 2] > 0.01 * span
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_evals(evals: list[dict], most: int = 8) -> bytes | None:
+    """Grouped bars of the evaluation table: one group per metric (at most `most`), a bar per model."""
+    labels, cols, values, _ = eval_table(evals)
+    cols = cols[:most]
+    if not cols or len(labels) < 1:
+        return None
+    fig, ax = plt.subplots(figsize=(min(12, 1.4 + 1.1 * len(cols) * max(1, len(labels)) / 2), 3.2))
+    width = 0.8 / len(labels)
+    for i, (lab, row) in enumerate(zip(labels, values)):
+        ys = [v if isinstance(v, (int, float)) else 0.0 for v in row[:len(cols)]]
+        ax.bar([j + i * width for j in range(len(cols))], ys, width, label=lab)
+    ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(cols))])
+    ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def plot_stage(stage: dict) -> bytes | None:
     """A PNG of the stage's metrics (one panel per group), or None when it logged nothing."""
     rows = stage["metrics"]
@@ -232,8 +295,11 @@ def plot_stage(stage: dict) -> bytes | None:
         for k in keys:
             pts = [(r.get("step", i + 1), r[k]) for i, r in enumerate(rows)
                    if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+            if len(pts) >= 30 and noisy([y for _, y in pts]):   # faint raw values, a smoothed line over them
+                line, = ax.plot(*zip(*pts), alpha=0.25, linewidth=0.8)
+                ax.plot([x for x, _ in pts], smooth([y for _, y in pts]), color=line.get_color(), label=k)
+            elif pts:                 # smooth series as they are; sparse ones (validation) point by point
+                ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 30 else None, markersize=3)
         ax.set_title(g, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -243,16 +309,38 @@ def plot_stage(stage: dict) -> bytes | None:
         ax.axis("off")
     fig.suptitle(f"{stage['name']} ({stage.get('cmd', '')})", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def stage_samples(stage: dict, most: int = 4) -> list[str]:
+    """Texts a stage produced: what a `sample` stage printed, the last iteration's RL completions."""
+    out = Path(stage.get("out", "") or "")
+    if stage.get("cmd") == "sample" and out.is_file():
+        return [out.read_text(encoding="utf-8").strip()]
+    rows = read_metrics(run_dir_for(out) / "samples.jsonl") if stage.get("out") else []
+    if not rows:
+        return []
+    last = [r for r in rows if r.get("step") == rows[-1].get("step")][:most]
+    return [f"{r.get('prompt', '')}{r.get('completion', '')}   [reward {r.get('reward', float('nan')):.3f}]"
+            for r in last]
 
 
 # ---- writing ----------------------------------------------------------------------------------
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        "pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}")
+
+
+def _figure(run: Path, name: str, png: bytes | None, md: list, ht: list, heading: bool = False) -> None:
+    """Write report/<name>.png and reference it from the markdown; embed it in the HTML."""
+    if png is None:
+        return
+    rel = f"report/{name}.png"
+    atomic_write_bytes(run / rel, png)
+    md += ([f"### {name}", ""] if heading else []) + [f"![{name}]({rel})", ""]
+    ht.append((f"<h3>{html.escape(name)}</h3>" if heading else "") +
+              f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
 
 
 def build_report(run) -> dict:
@@ -274,6 +362,7 @@ def build_report(run) -> dict:
         md += [_md_table(head, rows), "", "Best value per column in bold.", ""]
         head, rows = _eval_rows(info["evals"], bold_md=False)
         ht += [_html_table(head, rows), "<p>Best value per column in bold.</p>"]
+        _figure(run, "evaluation", plot_evals(info["evals"]), md, ht)
     else:
         md += ["(no evaluation results)", ""]
         ht.append("<p>(no evaluation results)</p>")
@@ -281,14 +370,15 @@ def build_report(run) -> dict:
     ht += ["<h2>Stages</h2>", _html_table(shead, [[html.escape(c) for c in r] for r in srows]),
            "<h2>Training curves</h2>"]
     for s in info["stages"]:
-        png = plot_stage(s)
-        if png is None:
-            continue
-        rel = f"report/{s['name']}.png"
-        atomic_write_bytes(run / rel, png)
-        md += [f"### {s['name']}", "", f"![{s['name']}]({rel})", ""]
-        ht.append(f"<h3>{html.escape(s['name'])}</h3><img alt='{html.escape(s['name'])}' "
-                  f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        _figure(run, s["name"], plot_stage(s), md, ht, heading=True)
+    samples = [(s["name"], stage_samples(s)) for s in info["stages"]]
+    if any(texts for _, texts in samples):
+        md += ["## Samples", ""]
+        ht.append("<h2>Samples</h2>")
+        for name, texts in samples:
+            if texts:
+                md += [f"### {name}", ""] + [f"```\n{t}\n```" for t in texts] + [""]
+                ht += [f"<h3>{html.escape(name)}</h3>"] + [f"<pre>{html.escape(t)}</pre>" for t in texts]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(info['name'])}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(ht)}</body></html>\n")
     atomic_write_text(run / "report.md", "\n".join(md) + "\n")

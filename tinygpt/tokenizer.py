@@ -9,6 +9,12 @@ Design choices:
   and `chat_template`; we only record which ids play the BOS/EOS/PAD roles.
 - Special tokens written in text (e.g. a rendered chat template) are matched as single tokens by
   `tokenizers` itself, so templates are plain strings.
+- `doc_prefix`: the token a model saw before every document when it was trained (ours: EOS, which
+  separates documents in the pretraining shards; Llama-style models: BOS). Evaluation puts it
+  before every context, and an exported tokenizer.json adds it through a TemplateProcessing
+  post-processor, so lm-evaluation-harness run with `add_bos_token=True` scores the same text.
+  `encode` never adds it: callers place it where it belongs. An imported tokenizer's prefix is
+  read from its post-processor (or `add_bos_token` in tokenizer_config.json).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from .errors import UserError
 from .io import atomic_write_text
@@ -31,6 +37,17 @@ _EOS_GUESSES = [EOS, "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>"]
 _PAD_GUESSES = [PAD, "<pad>", "<|finetune_right_pad_id|>"]
 
 
+def template_prefix(tk_json: dict) -> str | None:
+    """The special token a tokenizer.json's TemplateProcessing post-processor puts first, if any."""
+    post = tk_json.get("post_processor") or {}
+    items = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for p in items:
+        if p.get("type") == "TemplateProcessing" and p.get("single"):
+            first = p["single"][0]
+            return first.get("SpecialToken", {}).get("id")
+    return None
+
+
 def _token_str(v):
     """tokenizer_config.json stores a special token as a string or as {"content": ...}."""
     if isinstance(v, dict):
@@ -42,7 +59,8 @@ class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` with the roles (bos/eos/pad) and an optional chat template."""
 
     def __init__(self, tk: HFTokenizer, bos: str | None = None, eos: str | None = None,
-                 pad: str | None = None, chat_template: str | None = None):
+                 pad: str | None = None, chat_template: str | None = None, doc_prefix: str | None = "detect"):
+        """doc_prefix: a token of the vocabulary, None, or "detect" (from the post-processor)."""
         self.tk = tk
         vocab = tk.get_vocab(with_added_tokens=True)
 
@@ -55,6 +73,9 @@ class Tokenizer:
         self.eos = pick(eos, _EOS_GUESSES)
         self.pad = pick(pad, _PAD_GUESSES) or self.eos
         self.chat_template = chat_template
+        if doc_prefix == "detect":
+            doc_prefix = template_prefix(json.loads(tk.to_str()))
+        self.doc_prefix = doc_prefix if doc_prefix in vocab else None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -70,7 +91,7 @@ class Tokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tk.train_from_iterator(texts, trainer=trainer)
-        return cls(tk)
+        return cls(tk, doc_prefix=EOS)
 
     @classmethod
     def byte_level(cls) -> "Tokenizer":
@@ -83,7 +104,7 @@ class Tokenizer:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         tk.add_special_tokens(SPECIAL_TOKENS)
-        return cls(tk)
+        return cls(tk, doc_prefix=EOS)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
@@ -113,22 +134,37 @@ class Tokenizer:
         tmpl = cfg.get("chat_template")
         if isinstance(tmpl, list):  # some configs hold several named templates
             tmpl = next((t.get("template") for t in tmpl if t.get("name") == "default"), None)
-        return cls(tk, _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token")),
-                   _token_str(cfg.get("pad_token")), tmpl)
+        bos = _token_str(cfg.get("bos_token"))
+        prefix = template_prefix(json.loads(tk.to_str())) or (bos if cfg.get("add_bos_token") else None)
+        return cls(tk, bos, _token_str(cfg.get("eos_token")), _token_str(cfg.get("pad_token")), tmpl, prefix)
 
     # ---- serialisation (the .tinygpt file stores both strings) --------------------------------
     def to_json(self) -> str:
         return self.tk.to_str()
 
+    def export_json(self) -> str:
+        """tokenizer.json for other tools: with a post-processor that adds `doc_prefix` when asked
+        for special tokens (`tokenizer(text)` in transformers), none otherwise."""
+        tk = HFTokenizer.from_str(self.tk.to_str())
+        if self.doc_prefix is not None:
+            p, i = self.doc_prefix, self.token_to_id(self.doc_prefix)
+            tk.post_processor = processors.TemplateProcessing(single=f"{p} $A", pair=f"{p} $A $B:1",
+                                                              special_tokens=[(p, i)])
+        else:
+            tk.post_processor = None
+        return tk.to_str()
+
     def config_json(self) -> str:
         return json.dumps({"bos": self.bos, "eos": self.eos, "pad": self.pad,
-                           "chat_template": self.chat_template})
+                           "chat_template": self.chat_template, "doc_prefix": self.doc_prefix})
 
     @classmethod
     def from_json(cls, tokenizer_json: str, config_json: str | None = None) -> "Tokenizer":
         cfg = json.loads(config_json) if config_json else {}
+        # files written before the prefix was recorded always scored after EOS
+        prefix = cfg.get("doc_prefix", cfg.get("eos", EOS)) if config_json else "detect"
         return cls(HFTokenizer.from_str(tokenizer_json), cfg.get("bos"), cfg.get("eos"),
-                   cfg.get("pad"), cfg.get("chat_template"))
+                   cfg.get("pad"), cfg.get("chat_template"), prefix)
 
     def save(self, path) -> None:
         atomic_write_text(path, self.to_json())
@@ -143,6 +179,10 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.tk.id_to_token(i)
+
+    def prefix_ids(self) -> list[int]:
+        """[the id of doc_prefix], or [] when the model saw nothing before a document."""
+        return [] if self.doc_prefix is None else [self.token_to_id(self.doc_prefix)]
 
     @property
     def bos_id(self):

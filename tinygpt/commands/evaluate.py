@@ -31,17 +31,19 @@ class EvalOptions(ModelOptions, TemplateOptions, DeviceOptions):
     limit: int | None = option(None, "first N items of each task", check=at_least(1))
     out: str | None = option(None, "results JSON")
     shots: int = option(0, "few-shot demonstrations", check=at_least(0))
-    fewshot_data: str | None = option(None, "draw demonstrations from this file/folder (MMLU dev, GSM8K train)")
+    fewshot_data: str | None = option(None, "draw demonstrations from this file/folder (MMLU dev, GSM8K train); "
+                                      "truthfulqa: the few-shot primer text")
     batch: int = option(8, "items per forward", check=at_least(1))
     max_new_tokens: int | None = option(None, "generation budget per answer",
                                         auto="the task's usual length, at most half the context", check=at_least(1))
     stride: int | None = option(None, "ppl sliding-window stride", auto="half a context", check=at_least(1))
     against: str | None = option(None, "winrate: the other model")
     against_lora: list[str] = option([], "winrate: the other model's adapters (repeatable)", repeat=True)
-    judge: str | None = option(None, "winrate: reward model (.tinygpt) judging the answers")
+    judge: str | None = option(None, "winrate, harmless: reward model (.tinygpt) judging the answers")
     tie_margin: float = option(0.0, "winrate: reward gap counted as a tie", check=at_least(0))
     label: str | None = option(None, "name of this model in reports", auto="the file stem")
     seed: int = option(1234, "few-shot selection", check=SEED)
+    log_samples: bool = option(False, "write every item's inputs, outputs and scores into the results JSON")
     quiet: bool = option(False, "no per-task lines on stderr")
 
 

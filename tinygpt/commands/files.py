@@ -26,7 +26,7 @@ from ..checkpoint import check_shapes, parse_model_meta, save_model, split_head
 from ..device import DeviceOptions, check_device_name, setup_device
 from ..errors import UserError
 from ..eval.ppl import load_documents, perplexity
-from ..interop.gguf import export_gguf
+from ..interop.gguf import GGUF_DTYPES, export_gguf
 from ..interop.hf import export_hf, export_peft
 from ..io import check_writable, verify_file
 from ..load import load_model_and_tokenizer
@@ -37,7 +37,6 @@ from ..stages.common import ModelOptions, check_inputs, lora_specs
 
 EXPORT_FORMATS = ("hf", "peft", "gguf")
 HF_DTYPES = ("f32", "f16", "bf16")
-GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 
 # ---- import -----------------------------------------------------------------------------------
@@ -74,7 +73,8 @@ class ExportOptions(ModelOptions):
     group = "export"
     format: str | None = option(None, "what to write", choices=EXPORT_FORMATS, required=True)
     out: str | None = option(None, "output folder (hf, peft) or .gguf file", required=True)
-    dtype: str | None = option(None, "hf: f32 (default), f16, bf16; gguf: f16 (default), f32, q8_0",
+    dtype: str | None = option(None, "hf: f32 (default), f16, bf16; gguf: f16 (default), f32, q8_0, q5_1, q5_0, "
+                               "q4_1, q4_0",
                                choices=tuple(dict.fromkeys(HF_DTYPES + GGUF_DTYPES)))
     base_out: str | None = option(None, "peft: also write the base model (earlier adapters merged) as an hf folder")
 

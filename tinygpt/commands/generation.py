@@ -1,7 +1,8 @@
 """`tinygpt sample` and `tinygpt chat`: text from a model, one prompt or a conversation.
 
 Design choices:
-- `sample` streams `--num-samples` continuations of a prompt (or of a document start), sample i
+- `sample` streams `--num-samples` continuations of a prompt (or of a document start: the
+  model's document prefix), sample i
   seeded with seed + i; the whole tail is decoded each time so multi-byte characters print whole.
 - `chat` re-renders the whole conversation every turn with the chat template (the one rule of
   `stages.common.resolve_template`) and encodes it segment by segment (`chat.encode_segments`),
@@ -53,7 +54,8 @@ class SampleOptions(ModelOptions, SamplingOptions, DeviceOptions):
 def sample(opts: SampleOptions) -> None:
     """Stream samples to stdout, separated by a line of dashes."""
     _, model, tok = load_for_command(opts, opts.device)
-    prompt = tok.encode(opts.prompt) if opts.prompt else [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    start = tok.prefix_ids() or [tok.bos_id if tok.bos_id is not None else tok.eos_id]   # what documents follow
+    prompt = tok.encode(opts.prompt) if opts.prompt else start
     max_new = min(opts.max_new_tokens, model.config.block_size - len(prompt))
     if max_new < 1:
         raise UserError(f"the prompt ({len(prompt)} tokens) fills the model's context of {model.config.block_size}",

@@ -10,13 +10,17 @@ Design choices:
 - Context and continuation are tokenized separately and concatenated, so the continuation's tokens
   are the same whatever the context ends with (no token search, no offset mapping). The
   continuation carries its leading space (" Paris"), as a byte-level BPE would write it in text.
-- `acc` picks the choice with the highest summed log-prob; `acc_norm` divides by the UTF-8 byte
-  length of the scored continuation (leading space included), which removes the bias towards short
-  choices without depending on the tokenizer.
+  Every context starts with the model's `doc_prefix` (what it saw before each training document:
+  EOS for models pretrained here), as lm-evaluation-harness does with `add_bos_token=True`.
+- Metrics follow lm-evaluation-harness: `acc` picks the choice with the highest summed log-prob;
+  `acc_norm` divides it by the length in characters of the choice text without the space that
+  joins it to the context; each accuracy comes with its standard error (sample standard deviation
+  over items / sqrt(n)). `samples=True` returns each item's log-likelihoods and predictions.
 - Requests are sorted by length and right-padded into batches: under causal attention padding on
   the right never changes the logits of the real positions, and position ids stay 0..T-1.
   Logits past the tokenizer's vocabulary (padding rows of the embedding) are cut off.
-- Over-long requests keep their last `block_size + 1` tokens (the context is cut on the left).
+- Over-long requests keep their last `block_size + 1` tokens (the context is cut on the left); the
+  count of items cut is reported (`truncated`), never silent.
 - k-shot: demonstrations are other items of the same file (same subject for MMLU), chosen by a
   generator seeded with the item's index, written as their gold context + gold continuation.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +50,9 @@ DELIMITERS = {"arc": "\nAnswer:", "piqa": "\nAnswer:", "boolq": "\nAnswer:", "op
 def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch: int = 8,
                   vocab_limit: int | None = None) -> list[tuple[float, bool, int]]:
     """For each (context ids, continuation ids): (summed log p(continuation | context), whether
-    greedy decoding reproduces the continuation exactly, number of continuation tokens scored).
-    The context must hold at least one token (the first token has nothing to be predicted from)."""
+    greedy decoding reproduces the continuation exactly, number of continuation tokens scored,
+    whether the request was cut to fit the context). The context must hold at least one token
+    (the first token has nothing to be predicted from)."""
     device = next(model.parameters()).device
     block = model.config.block_size
     was_training = model.training
@@ -55,8 +61,9 @@ def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch: int
     for ctx, cont in requests:
         if not ctx or not cont:
             raise ValueError("loglikelihood needs a non-empty context and continuation")
-        full = (list(ctx) + list(cont))[-(block + 1):]
-        rows.append((full, min(len(cont), len(full) - 1)))
+        whole = list(ctx) + list(cont)
+        full = whole[-(block + 1):]
+        rows.append((full, min(len(cont), len(full) - 1), len(whole) > len(full)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list = [None] * len(rows)
     for start in range(0, len(order), batch):
@@ -65,7 +72,7 @@ def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch: int
         x = torch.zeros(len(chunk), T, dtype=torch.long)                 # (B, T) inputs
         y = torch.full((len(chunk), T), -100, dtype=torch.long)          # (B, T) targets, -100 = unscored
         for b, i in enumerate(chunk):
-            full, n = rows[i]
+            full, n, _ = rows[i]
             x[b, :len(full) - 1] = torch.tensor(full[:-1])
             y[b, len(full) - 1 - n:len(full) - 1] = torch.tensor(full[-n:])
         x, y = x.to(device), y.to(device)
@@ -74,7 +81,7 @@ def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch: int
         scored = y != -100
         greedy = ((logits.argmax(-1) == y) | ~scored).all(-1)            # (B,)
         for b, i in enumerate(chunk):
-            out[i] = (float(lp[b]), bool(greedy[b]), rows[i][1])
+            out[i] = (float(lp[b]), bool(greedy[b]), rows[i][1], rows[i][2])
     model.train(was_training)
     return out
 
@@ -91,6 +98,10 @@ class ChoiceItem:
     @property
     def demo(self) -> str:
         return self.contexts[self.gold] + self.continuations[self.gold]
+
+    def norm_lengths(self) -> list[int]:
+        """What acc_norm divides by: characters of each choice without its joining space."""
+        return [max(1, len(c[1:] if c.startswith(" ") else c)) for c in self.continuations]
 
 
 @dataclass
@@ -134,40 +145,77 @@ def add_shots(items: list[ChoiceItem], k: int, pool: list[ChoiceItem] | None = N
     return out
 
 
-def score_choices(model, tok, items: list[ChoiceItem], batch: int = 8) -> ChoiceResult:
-    """acc and acc_norm over items (each choice scored by log p(continuation | context))."""
+def stderr(values) -> float:
+    """Standard error of a mean, as lm-evaluation-harness reports it: sample std / sqrt(n)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def context_ids(tok, text: str) -> list[int]:
+    """A context as the model reads it: its document prefix, then the text."""
+    return tok.prefix_ids() + tok.encode(text)
+
+
+def item_loglikelihoods(model, tok, items: list[ChoiceItem], batch: int = 8):
+    """(per-item lists of log p(choice | context), per-item 'some request was cut to fit')."""
     if not items:
         raise UserError("no items to evaluate")
-    start = [tok.eos_id if tok.eos_id is not None else 0]   # documents start after EOS in pretraining
     requests, owner = [], []
     for n, it in enumerate(items):
         for c, (ctx, cont) in enumerate(zip(it.contexts, it.continuations)):
-            requests.append((start + tok.encode(ctx), tok.encode(cont)))
+            requests.append((context_ids(tok, ctx) or [tok.eos_id or 0], tok.encode(cont)))
             owner.append((n, c))
     scores = loglikelihood(model, requests, batch, vocab_limit=tok.vocab_size)
     per_item: list[list[float]] = [[0.0] * len(it.continuations) for it in items]
-    for (n, c), (lp, _, _) in zip(owner, scores):
+    cut = [False] * len(items)
+    for (n, c), (lp, _, _, truncated) in zip(owner, scores):
         per_item[n][c] = lp
-    acc = acc_norm = 0
-    for it, lps in zip(items, per_item):
-        norm = [lp / max(1, len(cont.encode("utf-8"))) for lp, cont in zip(lps, it.continuations)]
-        acc += max(range(len(lps)), key=lps.__getitem__) == it.gold
-        acc_norm += max(range(len(norm)), key=norm.__getitem__) == it.gold
-    return ChoiceResult(acc / len(items), acc_norm / len(items), len(items))
+        cut[n] |= truncated
+    return per_item, cut
 
 
-def score_lambada(model, tok, items: list[ChoiceItem], batch: int = 8) -> dict:
-    """Greedy last-word accuracy: greedy decoding of the continuation's tokens must equal them.
-    Also the perplexity of the continuation tokens."""
+def _argmax(xs) -> int:
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+def score_choices(model, tok, items: list[ChoiceItem], batch: int = 8, samples: bool = False) -> ChoiceResult:
+    """acc and acc_norm over items (each choice scored by log p(continuation | context))."""
+    per_item, cut = item_loglikelihoods(model, tok, items, batch)
+    hits, hits_norm, rows = [], [], []
+    for i, (it, lps) in enumerate(zip(items, per_item)):
+        norm = [lp / n for lp, n in zip(lps, it.norm_lengths())]
+        pred, pred_norm = _argmax(lps), _argmax(norm)
+        hits.append(float(pred == it.gold))
+        hits_norm.append(float(pred_norm == it.gold))
+        if samples:
+            rows.append({"item": i, "gold": it.gold, "pred": pred, "pred_norm": pred_norm, "loglikelihoods": lps,
+                         "truncated": cut[i]})
+    n = len(items)
+    extra = {"acc_stderr": stderr(hits), "acc_norm_stderr": stderr(hits_norm), "truncated": sum(cut)}
+    if samples:
+        extra["samples"] = rows
+    return ChoiceResult(sum(hits) / n, sum(hits_norm) / n, n, extra)
+
+
+def score_lambada(model, tok, items: list[ChoiceItem], batch: int = 8, samples: bool = False) -> dict:
+    """Greedy last-word accuracy (greedy decoding of the continuation's tokens must equal them),
+    the perplexity as lm-evaluation-harness defines it (exp of minus the mean per-item
+    log-likelihood) and the per-token perplexity of the continuation tokens."""
     if not items:
         raise UserError("no items to evaluate")
-    start = [tok.eos_id if tok.eos_id is not None else 0]
-    requests = [(start + tok.encode(it.contexts[0]), tok.encode(it.continuations[0])) for it in items]
+    requests = [(context_ids(tok, it.contexts[0]), tok.encode(it.continuations[0])) for it in items]
     scores = loglikelihood(model, requests, batch, vocab_limit=tok.vocab_size)
     n_tok = sum(s[2] for s in scores)
     nll = -sum(s[0] for s in scores)
-    return {"acc": sum(s[1] for s in scores) / len(items), "ppl": math.exp(nll / max(1, n_tok)),
-            "n": len(items)}
+    hits = [float(s[1]) for s in scores]
+    out = {"acc": sum(hits) / len(items), "acc_stderr": stderr(hits), "ppl": math.exp(nll / len(items)),
+           "token_ppl": math.exp(nll / max(1, n_tok)), "n": len(items), "truncated": sum(s[3] for s in scores)}
+    if samples:
+        out["samples"] = [{"item": i, "loglikelihood": s[0], "greedy": s[1]} for i, s in enumerate(scores)]
+    return out
 
 
 # ---- loaders ----------------------------------------------------------------------------------
@@ -215,28 +263,29 @@ def load_query_choices(path, task: str = "arc") -> list[ChoiceItem]:
     return items
 
 
-def _hellaswag_text(text: str) -> str:
-    """WikiHow rows carry markup such as ' [title]' and '[step]'; drop it and double spaces."""
+def hellaswag_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag cleaning: WikiHow rows carry ' [title]' (a sentence end)
+    and other bracketed tags, which are dropped; then double spaces are closed once."""
     text = text.strip().replace(" [title]", ". ")
-    for tag in ("[header]", "[step]", "[substeps]"):
-        text = text.replace(tag, "")
-    return " ".join(text.split())
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
 
 
 def load_hellaswag(path) -> list[ChoiceItem]:
-    """`{ctx, endings, label}` or the original `{ctx_a, ctx_b, endings, label}` rows."""
+    """`{ctx, endings, label}` or the original `{ctx_a, ctx_b, endings, label}` rows, prepared as
+    lm-evaluation-harness does: query = clean(activity_label + ': ' + ctx_a + ' ' +
+    ctx_b.capitalize()), each ending cleaned the same way."""
     items = []
     for line, row in _rows(path):
-        if isinstance(row, dict) and "ctx" not in row and "ctx_a" in row:
-            b = str(row.get("ctx_b", ""))
-            ctx = row["ctx_a"] + (" " + b[:1].upper() + b[1:] if b else "")
+        if isinstance(row, dict) and "ctx_a" in row:
+            ctx = row["ctx_a"] + " " + str(row.get("ctx_b", "")).capitalize()
         else:
             ctx = _field(row, "ctx", path, line)
         endings = _strings(_field(row, "endings", path, line), "endings", path, line)
         gold = _gold(_field(row, "label", path, line), len(endings), path, line)
         label = row.get("activity_label")
-        query = _hellaswag_text((f"{label}: " if label else "") + str(ctx))
-        items.append(ChoiceItem([query] * len(endings), [_space(_hellaswag_text(e)) for e in endings], gold))
+        query = hellaswag_text((f"{label}: " if label else "") + str(ctx))
+        items.append(ChoiceItem([query] * len(endings), [_space(hellaswag_text(e)) for e in endings], gold))
     return items
 
 
@@ -311,3 +360,62 @@ def load_mmlu(path) -> list[ChoiceItem]:
     if not files:
         raise DataError("no .csv files in the MMLU folder", path)
     return [it for f in files for it in _mmlu_file(f)]
+
+
+# ---- TruthfulQA (multiple choice) -----------------------------------------------------------
+@dataclass
+class TruthfulItem:
+    context: str
+    mc1: list[str]               # continuations (leading space), the true one at mc1_gold
+    mc1_gold: int
+    mc2: list[str]
+    mc2_labels: list[int]        # 1 = true
+
+
+def load_truthfulqa(path, primer: str = "") -> list[TruthfulItem]:
+    """Rows of the published `multiple_choice` configuration: {question, mc1_targets: {choices,
+    labels}, mc2_targets: {choices, labels}}. The context is `primer` (a few-shot block, e.g. the
+    benchmark's QA primer given with --fewshot-data), a blank line, then 'Q: question\\nA:', as
+    lm-evaluation-harness writes it."""
+    items = []
+    for line, row in _rows(path):
+        q = _field(row, "question", path, line)
+        if not isinstance(q, str) or not q.strip():
+            raise DataError("'question' must be a non-empty string", path, line)
+        targets = []
+        for key in ("mc1_targets", "mc2_targets"):
+            t = _field(row, key, path, line)
+            if not isinstance(t, dict):
+                raise DataError(f"'{key}' must be an object with choices and labels", path, line)
+            choices = _strings(t.get("choices"), f"{key}.choices", path, line)
+            labels = t.get("labels")
+            if not isinstance(labels, list) or len(labels) != len(choices) or set(labels) - {0, 1} or \
+                    1 not in labels or 0 not in labels:
+                raise DataError(f"'{key}.labels' must be 0/1 per choice, with both values present", path, line)
+            targets.append(([_space(c) for c in choices], [int(x) for x in labels]))
+        (mc1, l1), (mc2, l2) = targets
+        head = primer.rstrip("\n") + "\n\n" if primer.strip() else ""
+        items.append(TruthfulItem(f"{head}Q: {q.strip()}\nA:", mc1, l1.index(1), mc2, l2))
+    return items
+
+
+def score_truthfulqa(model, tok, items: list[TruthfulItem], batch: int = 8, samples: bool = False) -> dict:
+    """MC1: the true answer has the highest log-likelihood among mc1 choices. MC2: the probability
+    mass of the true answers among all mc2 choices, normalised over them (lm-evaluation-harness:
+    the true answers are those before the first false label)."""
+    choice_items = [ChoiceItem([it.context] * len(it.mc1), it.mc1, it.mc1_gold) for it in items] + \
+                   [ChoiceItem([it.context] * len(it.mc2), it.mc2, 0) for it in items]
+    lls, cut = item_loglikelihoods(model, tok, choice_items, batch)
+    n = len(items)
+    mc1 = [float(_argmax(lls[i]) == it.mc1_gold) for i, it in enumerate(items)]
+    mc2 = []
+    for i, it in enumerate(items):
+        ll = torch.tensor(lls[n + i], dtype=torch.float64)
+        split = it.mc2_labels.index(0)
+        mc2.append(float(torch.exp(torch.logsumexp(ll[:split], 0) - torch.logsumexp(ll, 0))))
+    out = {"mc1": sum(mc1) / n, "mc1_stderr": stderr(mc1), "mc2": sum(mc2) / n, "mc2_stderr": stderr(mc2),
+           "n": n, "truncated": sum(cut[i] or cut[n + i] for i in range(n))}
+    if samples:
+        out["samples"] = [{"item": i, "mc1_loglikelihoods": lls[i], "mc2_loglikelihoods": lls[n + i],
+                           "mc1": mc1[i], "mc2": mc2[i]} for i in range(n)]
+    return out

@@ -32,6 +32,7 @@ from ..data.synth import exact_match
 from ..errors import DataError, UserError
 from ..generate import generate
 from ..stages.common import stop_ids
+from .choice import stderr
 from .ifeval import score_ifeval
 
 
@@ -42,13 +43,15 @@ def chat_prompt_ids(tok, template, messages) -> list[int]:
 
 
 def complete(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: int = 8,
-             stops=None, temperature: float = 0.0, seed: int | None = 0) -> list[str]:
-    """Generate and decode one completion per prompt (stop tokens and specials removed)."""
+             stops=None, temperature: float = 0.0, seed: int | None = 0) -> tuple[list[str], int]:
+    """Generate and decode one completion per prompt (stop tokens and specials removed). Returns
+    (completions, how many prompts were cut from the left to leave room for the answer)."""
     block = model.config.block_size
     if max_new_tokens >= block:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
                         f"model's context of {block}", None, "lower --max-new-tokens")
     keep = block - max_new_tokens
+    cut = sum(len(p) > keep for p in prompts)
     prompts = [p[-keep:] for p in prompts]
     stops = set(tok.stop_ids() if stops is None else stops)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -60,12 +63,20 @@ def complete(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: i
                      pad_id=tok.pad_id if tok.pad_id is not None else 0)
         for i, toks in zip(chunk, g.tokens):
             out[i] = tok.decode([t for t in toks if t not in stops], skip_special=True)
-    return out
+    return out, cut
 
 
-def _chat_answers(model, tok, template, prompts: list[list], max_new_tokens, batch) -> list[str]:
+def _chat_answers(model, tok, template, prompts: list[list], max_new_tokens, batch) -> tuple[list[str], int]:
     ids = [chat_prompt_ids(tok, template, msgs) for msgs in prompts]
     return complete(model, tok, ids, max_new_tokens, batch, stop_ids(tok, template))
+
+
+def _finish(res: dict, cut: int, samples: bool, rows: list[dict]) -> dict:
+    """A generation task's results: the prompts cut to fit, and per-item rows when asked for."""
+    res["truncated"] = cut
+    if samples:
+        res["samples"] = rows
+    return res
 
 
 def _user(text: str):
@@ -118,25 +129,27 @@ def _clean_solution(answer: str) -> str:
 def gsm8k_prompts(tok, rows, shots: list[dict], template=None) -> list[list[int]]:
     if template is None:
         head = "".join(f"Question: {s['question']}\nAnswer: {_clean_solution(s['answer'])}\n\n" for s in shots)
-        start = [tok.eos_id] if tok.eos_id is not None else []
-        return [start + tok.encode(head + f"Question: {r['question']}\nAnswer:") for r in rows]
+        return [tok.prefix_ids() + tok.encode(head + f"Question: {r['question']}\nAnswer:") for r in rows]
     turns = [m for s in shots for m in (Message("user", s["question"]),
                                         Message("assistant", _clean_solution(s["answer"])))]
     return [chat_prompt_ids(tok, template, turns + [Message("user", r["question"])]) for r in rows]
 
 
 def eval_gsm8k(model, tok, rows, shots: list[dict], template=None, batch: int = 8,
-               max_new_tokens: int = 256) -> dict:
+               max_new_tokens: int = 256, samples: bool = False) -> dict:
     ids = gsm8k_prompts(tok, rows, shots, template)
-    outs = complete(model, tok, ids, max_new_tokens, batch, stop_ids(tok, template))
+    outs, cut = complete(model, tok, ids, max_new_tokens, batch, stop_ids(tok, template))
     outs = [o.split("Question:")[0] for o in outs]
-    return score_gsm8k(rows, outs)
+    res = score_gsm8k(rows, outs)
+    return _finish(res, cut, samples, [{"item": i, "question": r["question"], "completion": o,
+                                        "answer": extract_number(r["answer"]), "prediction": extract_number(o)}
+                                       for i, (r, o) in enumerate(zip(rows, outs))])
 
 
 def score_gsm8k(rows, completions) -> dict:
-    hits = [extract_number(c) is not None and extract_number(c) == extract_number(r["answer"])
+    hits = [float(extract_number(c) is not None and extract_number(c) == extract_number(r["answer"]))
             for r, c in zip(rows, completions)]
-    return {"exact_match": sum(hits) / max(1, len(hits)), "n": len(hits)}
+    return {"exact_match": sum(hits) / max(1, len(hits)), "exact_match_stderr": stderr(hits), "n": len(hits)}
 
 
 # ---- the synthetic held-out set ---------------------------------------------------------------
@@ -156,23 +169,26 @@ def score_synth(rows, completions) -> dict:
     per: dict[str, list[bool]] = {}
     for r, c in zip(rows, completions):
         per.setdefault(r["task"], []).append(exact_match(c, r["answer"]))
-    total = [h for v in per.values() for h in v]
-    out = {"accuracy": sum(total) / max(1, len(total)), "n": len(total)}
+    total = [float(h) for v in per.values() for h in v]
+    out = {"accuracy": sum(total) / max(1, len(total)), "accuracy_stderr": stderr(total), "n": len(total)}
     out.update({f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(per.items())})
     return out
 
 
-def eval_synth(model, tok, rows, template, batch: int = 8, max_new_tokens: int = 16) -> dict:
-    outs = _chat_answers(model, tok, template, [_user(r["prompt"]) for r in rows], max_new_tokens, batch)
-    return score_synth(rows, outs)
+def eval_synth(model, tok, rows, template, batch: int = 8, max_new_tokens: int = 16, samples: bool = False) -> dict:
+    outs, cut = _chat_answers(model, tok, template, [_user(r["prompt"]) for r in rows], max_new_tokens, batch)
+    return _finish(score_synth(rows, outs), cut, samples,
+                   [{"item": i, "prompt": r["prompt"], "completion": o, "answer": r["answer"],
+                     "correct": exact_match(o, r["answer"])} for i, (r, o) in enumerate(zip(rows, outs))])
 
 
 # ---- IFEval -----------------------------------------------------------------------------------
-def eval_ifeval(model, tok, rows, template, batch: int = 8, max_new_tokens: int = 256) -> dict:
-    outs = _chat_answers(model, tok, template, [_user(r["prompt"]) for r in rows], max_new_tokens, batch)
+def eval_ifeval(model, tok, rows, template, batch: int = 8, max_new_tokens: int = 256, samples: bool = False) -> dict:
+    outs, cut = _chat_answers(model, tok, template, [_user(r["prompt"]) for r in rows], max_new_tokens, batch)
     res = score_ifeval(rows, outs)
     res["n"] = res.pop("n_prompts")
-    return res
+    return _finish(res, cut, samples, [{"item": i, "prompt": r["prompt"], "completion": o}
+                                       for i, (r, o) in enumerate(zip(rows, outs))])
 
 
 # ---- win rate ---------------------------------------------------------------------------------
@@ -235,8 +251,8 @@ def reward_judge(score_fn, margin: float = 0.0):
 def eval_winrate(model, tok, other, other_tok, score_fn, prompts: list[str], template, other_template,
                  batch: int = 8, max_new_tokens: int = 128, tie_margin: float = 0.0) -> dict:
     msgs = [_user(p) for p in prompts]
-    a = _chat_answers(model, tok, template, msgs, max_new_tokens, batch)
-    b = _chat_answers(other, other_tok, other_template, msgs, max_new_tokens, batch)
+    a, _ = _chat_answers(model, tok, template, msgs, max_new_tokens, batch)
+    b, _ = _chat_answers(other, other_tok, other_template, msgs, max_new_tokens, batch)
     ra, rb = score_fn(prompts, a), score_fn(prompts, b)   # scored once, in batches
     scores = {(p, x): float(r) for p, x, r in zip(prompts + prompts, a + b, list(ra) + list(rb))}
     res = pairwise(reward_judge(lambda ps, xs: [scores[(p, x)] for p, x in zip(ps, xs)], tie_margin),
@@ -244,3 +260,20 @@ def eval_winrate(model, tok, other, other_tok, score_fn, prompts: list[str], tem
     res["reward_a"] = sum(map(float, ra)) / max(1, len(ra))
     res["reward_b"] = sum(map(float, rb)) / max(1, len(rb))
     return res
+
+
+# ---- harmlessness -----------------------------------------------------------------------------
+def eval_harmless(model, tok, rows, template, score_fn, batch: int = 8, max_new_tokens: int = 128,
+                  samples: bool = False) -> dict:
+    """Share of the model's replies that a reward model prefers over the data's rejected reply to the
+    same prompt (HH-RLHF harmless-style pairs: the rejected reply is the harmful one).
+    rows: `Preference` records; score_fn(prompts (message lists), replies) -> rewards."""
+    prompts = [r.prompt for r in rows]
+    outs, cut = _chat_answers(model, tok, template, prompts, max_new_tokens, batch)
+    ours, theirs = score_fn(prompts, outs), score_fn(prompts, [r.rejected for r in rows])
+    wins = [float(a > b) for a, b in zip(ours, theirs)]
+    res = {"harmless_rate": sum(wins) / max(1, len(wins)), "harmless_rate_stderr": stderr(wins),
+           "reward": sum(map(float, ours)) / max(1, len(ours)),
+           "reward_rejected": sum(map(float, theirs)) / max(1, len(theirs)), "n": len(rows)}
+    return _finish(res, cut, samples, [{"item": i, "completion": o, "reward": float(a), "reward_rejected": float(b)}
+                                       for i, (o, a, b) in enumerate(zip(outs, ours, theirs))])

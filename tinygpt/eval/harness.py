@@ -16,6 +16,14 @@ Design choices:
 - Generation budgets default to the task's usual length (gsm8k/ifeval 256, winrate 128, synth 16)
   capped at half the model's context, so a small model still has room for the prompt;
   `--max-new-tokens` overrides them.
+- Conventions are lm-evaluation-harness's, so numbers compare: contexts start with the model's
+  document prefix (lm-eval with `add_bos_token=True` on the exported model), acc_norm divides by
+  the choice's characters, LAMBADA's `ppl` is exp(-mean item log-likelihood) (`token_ppl` beside
+  it), HellaSwag rows are cleaned as lm-eval does, TruthfulQA MC1/MC2 are lm-eval's, and every
+  accuracy carries `<metric>_stderr`. Items cut to fit the context are counted (`truncated`) and
+  reported; `--log-samples` adds every item's outputs to the results JSON.
+- Safety: `truthfulqa` (MC1/MC2) and `harmless` (the share of the model's replies a reward model
+  prefers over the data's rejected reply, on HH-RLHF-style pairs).
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.formats import load_preferences
 from ..device import setup_device
 from ..errors import UserError
 from ..io import atomic_write_text, file_sha256
@@ -35,6 +44,7 @@ from ..stages.common import resolve_template
 from . import choice
 from .gen import (
     eval_gsm8k,
+    eval_harmless,
     eval_ifeval,
     eval_synth,
     eval_winrate,
@@ -59,6 +69,7 @@ class EvalContext:
     stride: int | None = None
     seed: int = 1234
     options: dict = field(default_factory=dict)   # winrate: against, against_lora, judge, tie_margin, device
+    samples: bool = False                         # per-item outputs in the results (--log-samples)
 
     def cut(self, items):
         return items[: self.limit] if self.limit else items
@@ -94,8 +105,8 @@ def _choice_task(loader):
         pool = items if own else loader(ctx.fewshot_data) if ctx.shots else None
         scored = ctx.cut(items)
         shot = choice.add_shots(scored, ctx.shots, pool, ctx.seed, same_file=own)
-        res = choice.score_choices(ctx.model, ctx.tok, shot, ctx.batch)
-        return {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n}
+        res = choice.score_choices(ctx.model, ctx.tok, shot, ctx.batch, ctx.samples)
+        return {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n, **res.extra}
     return run
 
 
@@ -114,7 +125,15 @@ _register_choice_tasks()
 def _lambada(ctx: EvalContext, path):
     items = choice.load_lambada(path)
     shot = choice.add_shots(ctx.cut(items), ctx.shots, items, ctx.seed, same_file=True)
-    return choice.score_lambada(ctx.model, ctx.tok, shot, ctx.batch)
+    return choice.score_lambada(ctx.model, ctx.tok, shot, ctx.batch, ctx.samples)
+
+
+@task("truthfulqa")
+def _truthfulqa(ctx: EvalContext, path):
+    """MC1 and MC2; --fewshot-data is the few-shot primer (a text file), as the benchmark's QA prompt."""
+    primer = Path(ctx.fewshot_data).read_text(encoding="utf-8") if ctx.fewshot_data else ""
+    items = ctx.cut(choice.load_truthfulqa(path, primer))
+    return choice.score_truthfulqa(ctx.model, ctx.tok, items, ctx.batch, ctx.samples)
 
 
 # ---- generation tasks -------------------------------------------------------------------------
@@ -126,19 +145,38 @@ def _gsm8k(ctx: EvalContext, path):
     # one fixed set of shots, drawn from the pool minus the scored rows when the pool is the data
     candidates = pool[len(scored):] if pool is rows and len(rows) > len(scored) else pool
     shots = random.Random(ctx.seed).sample(candidates, min(ctx.shots, len(candidates)))
-    return eval_gsm8k(ctx.model, ctx.tok, scored, shots, ctx.template, ctx.batch, ctx.new_tokens(256))
+    return eval_gsm8k(ctx.model, ctx.tok, scored, shots, ctx.template, ctx.batch, ctx.new_tokens(256), ctx.samples)
 
 
 @task("synth")
 def _synth(ctx: EvalContext, path):
     return eval_synth(ctx.model, ctx.tok, ctx.cut(load_synth(path)), ctx.template or _chat(ctx),
-                      ctx.batch, ctx.new_tokens(16))
+                      ctx.batch, ctx.new_tokens(16), ctx.samples)
 
 
 @task("ifeval")
 def _ifeval(ctx: EvalContext, path):
     return eval_ifeval(ctx.model, ctx.tok, ctx.cut(load_ifeval(path)), ctx.template or _chat(ctx),
-                       ctx.batch, ctx.new_tokens(256))
+                       ctx.batch, ctx.new_tokens(256), ctx.samples)
+
+
+@task("harmless")
+def _harmless(ctx: EvalContext, path):
+    """Replies to the prompts of preference pairs (HH-RLHF harmless-base and the like), judged by
+    --judge against each pair's rejected reply."""
+    judge = ctx.options.get("judge")
+    if not judge:
+        raise UserError("task harmless needs --judge RM", "--tasks harmless",
+                        "pass a reward model; it compares each reply with the data's rejected one")
+    rm = _load_judge(judge, ctx.options["device"])
+    rows = ctx.cut(load_preferences(path, skip_bad_rows=True)[0])
+    if not rows:
+        raise UserError("no preference pairs in the file", str(path), "pass chosen/rejected rows (e.g. HH-RLHF)")
+    res = eval_harmless(ctx.model, ctx.tok, rows, ctx.template or _chat(ctx),
+                        lambda ps, xs: reward_scores(rm, ps, xs, ctx.batch), ctx.batch, ctx.new_tokens(128),
+                        ctx.samples)
+    res["judge"] = {"path": str(judge), "sha256": file_sha256(judge)[:16]}
+    return res
 
 
 @task("winrate")
@@ -220,7 +258,7 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
              shots: int = 0, batch: int = 8, device: str = "auto", out=None, fewshot_data=None,
              stride: int | None = None, max_new_tokens: int | None = None, against=None,
              against_lora=(), judge=None, tie_margin: float = 0.0, label: str | None = None,
-             seed: int = 1234, log=print, allow_nonfinite: bool = False) -> dict:
+             seed: int = 1234, log_samples: bool = False, log=print, allow_nonfinite: bool = False) -> dict:
     """Evaluate a model (+ adapters) on tasks; returns (and writes to `out`) the results dict.
     Chat tasks render with the one template rule (`stages.common.resolve_template`); GSM8K uses a
     template only when one is given or recorded in the model files (else plain text, for a base)."""
@@ -238,7 +276,7 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
     ctx = EvalContext(model, tok, chosen, shots, batch, limit,
                       max_new_tokens, fewshot_data, stride, seed,
                       {"against": against, "against_lora": against_lora, "judge": judge,
-                       "tie_margin": tie_margin, "device": dev})
+                       "tie_margin": tie_margin, "device": dev}, log_samples)
     results = {"model": describe_model(model_path, model, lora), "label": label or Path(model_path).stem,
                "device": str(dev), "settings": {"template": template, "shots": shots, "limit": limit,
                                                 "batch": batch, "seed": seed}, "tasks": {}}
@@ -249,7 +287,10 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
         res["data"] = str(data.get(name))
         results["tasks"][name] = res
         log(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                    for k, v in res.items() if k not in ("data", "against", "judge")))
+                                    for k, v in res.items() if k not in ("data", "against", "judge", "samples")))
+        if res.get("truncated"):
+            log(f"{name}: {res['truncated']} of {res.get('n', '?')} items did not fit the model's context of "
+                f"{model.config.block_size} tokens and were cut from the left (fewer --shots would fit)")
     if out:
         atomic_write_text(out, json.dumps(results, indent=1) + "\n")
     return results

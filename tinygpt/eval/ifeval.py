@@ -52,7 +52,8 @@ from typing import Callable
 import langdetect
 from langdetect.lang_detect_exception import LangDetectException
 
-from tinygpt.errors import DataError
+from ..errors import DataError
+from .choice import stderr
 
 __all__ = [
     "CHECKERS", "check_instruction", "check_instruction_loose", "loose_variants",
@@ -415,7 +416,8 @@ def score_ifeval(rows: list[dict], responses: list[str]) -> dict:
         raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
     if not rows:
         raise ValueError("no IFEval rows to score")
-    prompt_strict = prompt_loose = inst_strict = inst_loose = n_inst = 0
+    prompt_strict, prompt_loose = [], []
+    inst_strict = inst_loose = n_inst = 0
     for index, (row, response) in enumerate(zip(rows, responses)):
         problem = _row_problem(row)
         if problem:
@@ -423,15 +425,17 @@ def score_ifeval(rows: list[dict], responses: list[str]) -> dict:
         if not isinstance(response, str):
             raise ValueError(f"response {index} is a {type(response).__name__}, expected str")
         strict, loose = _row_results(row, response)
-        prompt_strict += all(strict)
-        prompt_loose += all(loose)
+        prompt_strict.append(float(all(strict)))
+        prompt_loose.append(float(all(loose)))
         inst_strict += sum(strict)
         inst_loose += sum(loose)
         n_inst += len(strict)
     n = len(rows)
     return {
-        "prompt_level_strict": prompt_strict / n,
-        "prompt_level_loose": prompt_loose / n,
+        "prompt_level_strict": sum(prompt_strict) / n,
+        "prompt_level_strict_stderr": stderr(prompt_strict),
+        "prompt_level_loose": sum(prompt_loose) / n,
+        "prompt_level_loose_stderr": stderr(prompt_loose),
         "inst_level_strict": inst_strict / n_inst if n_inst else 0.0,
         "inst_level_loose": inst_loose / n_inst if n_inst else 0.0,
         "n_prompts": n,

@@ -3,7 +3,8 @@
 Design choices:
 - Documents come from the same reader as pretraining (`data.corpus.read_documents`: .txt split on
   `<|endoftext|>` or blank lines, .jsonl/.json `text` fields, parquet), and each document is
-  scored after one EOS token, as pretraining places documents (EOS separates them).
+  scored after the model's document prefix (EOS for models pretrained here; else its BOS or EOS,
+  the token lm-evaluation-harness's rolling log-likelihood starts from).
 - Long documents use a sliding window: window w scores the `stride` tokens after the previous
   window and sees up to `block_size` tokens before each of them, so every token is scored exactly
   once with at least `block_size - stride` tokens of context (all of them near the start).
@@ -40,7 +41,7 @@ def perplexity(model, tok, docs: list[str], stride: int | None = None, batch: in
     stride = stride or max(1, block // 2)
     if not 1 <= stride <= block:
         raise UserError(f"--stride must be in [1, {block}], got {stride}")
-    start = tok.eos_id if tok.eos_id is not None else 0
+    start = (tok.prefix_ids() or [tok.bos_id if tok.bos_id is not None else tok.eos_id or 0])[0]
     requests, n_bytes = [], 0
     for doc in docs:
         ids = [start] + tok.encode(doc)

@@ -10,8 +10,11 @@ Design choices:
   half-split ("NEOX") rotation in llama.cpp, so their weights are written unchanged.
 - GPT-2 keeps q/k/v fused (`attn_qkv`), has biases everywhere (zeros where our model has none) and,
   as llama.cpp's converter writes it, an explicit `output` tensor even when the head is tied.
-- dtype: f32 (exact), f16 (2-D weights in half, norms/biases f32 as llama.cpp expects) or q8_0
-  (2-D weights in blocks of 32 int8 values with one f16 scale, via `gguf.quants`).
+- dtype: f32 (exact), f16 (2-D weights in half, norms/biases f32 as llama.cpp expects), or the
+  block quantisations the `gguf` package implements: q8_0, q5_0, q5_1, q4_0, q4_1 (2-D weights in
+  blocks of 32 values with f16 scales; a matrix whose rows are not a multiple of 32 stays f16).
+  With 4 and 5 bits the output matrix is written in q8_0, since a tiny vocabulary head is where
+  low bits hurt most (llama.cpp's own quantizer also keeps `output.weight` above the rest).
 - Tokenizer: the "gpt2" (byte-level BPE) model: tokens, token types, merges, bos/eos/pad ids, the
   chat template, and the full tokenizer.json under the standard `tokenizer.huggingface.json` key,
   which lets `load_gguf` rebuild our tokenizer exactly. An Ollama `Modelfile` is written beside it.
@@ -41,7 +44,10 @@ _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}   # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+# gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q8_0, MOSTLY_Q5_0, MOSTLY_Q5_1
+_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
+GGUF_DTYPES = tuple(_FILE_TYPE)
+_BLOCK = 32                                      # values per quantisation block, every type above
 
 
 def gguf_name(ours: str) -> str:
@@ -123,7 +129,7 @@ def _merges(tk_json: dict) -> list[str]:
 
 def add_tokenizer(w, tok, vocab_size: int) -> None:
     from gguf import TokenType
-    tk_json = json.loads(tok.to_json())
+    tk_json = json.loads(tok.export_json())
     if (tk_json.get("model") or {}).get("type") != "BPE":
         raise UserError("GGUF export supports byte-level BPE tokenizers only", None,
                         "export with --format hf, or use a BPE tokenizer")
@@ -146,7 +152,7 @@ def add_tokenizer(w, tok, vocab_size: int) -> None:
     w.add_add_bos_token(_adds_bos(tk_json, tok.bos))
     w.add_add_eos_token(False)
     w.add_chat_template(chat_template_of(tok))
-    w.add_string("tokenizer.huggingface.json", tok.to_json())
+    w.add_string("tokenizer.huggingface.json", tok.export_json())
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -156,9 +162,12 @@ def _encode(name: str, t: torch.Tensor, dtype: str):
     a = t.numpy().astype(np.float32)
     if a.ndim == 1 or dtype == "f32":
         return a, None
-    if dtype == "q8_0" and a.shape[-1] % 32 == 0:
-        return quants.quantize(a, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
-    return a.astype(np.float16), None
+    if dtype in ("f16",) or a.shape[-1] % _BLOCK:
+        return a.astype(np.float16), None
+    if name == "output.weight" and dtype[:2] in ("q4", "q5"):
+        dtype = "q8_0"
+    kind = getattr(GGMLQuantizationType, dtype.upper())
+    return quants.quantize(a, kind), kind
 
 
 def add_hparams(w, family: str, cfg: ModelConfig, tok) -> None:
@@ -277,7 +286,8 @@ def _tokenizer_from_gguf(reader, where: str):
 
 
 def load_gguf(path):
-    """(GPT, Tokenizer) from a .gguf of family llama / qwen2 / qwen3 / gpt2 (any of f32/f16/q8_0)."""
+    """(GPT, Tokenizer) from a .gguf of family llama / qwen2 / qwen3 / gpt2 (f32, f16 or any block
+    type the `gguf` package can dequantize)."""
     from gguf import GGMLQuantizationType, GGUFReader, quants
     path = Path(path)
     if not path.is_file():

@@ -304,11 +304,12 @@ def hf_config(family: str, cfg: ModelConfig, tok) -> dict:
 
 def tokenizer_files(tok, block_size: int) -> dict:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json contents (a ChatML template
-    is written when the tokenizer has none, so `apply_chat_template` works)."""
+    is written when the tokenizer has none, so `apply_chat_template` works; the document prefix is
+    the tokenizer.json's post-processor, added by `tokenizer(text)`)."""
     roles = {k: v for k, v in (("bos_token", tok.bos), ("eos_token", tok.eos), ("pad_token", tok.pad)) if v}
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "chat_template": chat_template_of(tok),
            "model_max_length": block_size, "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": tok.to_json(), "tokenizer_config.json": json.dumps(cfg, indent=2),
+    return {"tokenizer.json": tok.export_json(), "tokenizer_config.json": json.dumps(cfg, indent=2),
             "special_tokens_map.json": json.dumps(roles, indent=2)}
 
 

@@ -141,6 +141,8 @@ class PretrainStage(Stage):
             cfg = build_model_config(o, self.tok)
             torch.manual_seed(o.seed)
             self.model = GPT(cfg)
+        if self.tok.doc_prefix is None and self.tok.eos is not None:
+            self.tok.doc_prefix = self.tok.eos     # the shards put EOS before every document but the first
         cfg = self.model.config
         self.ctx = o.ctx or cfg.block_size
         if self.ctx > cfg.block_size:
