@@ -488,3 +488,13 @@ def test_ctrl_c_saves_under_out_marked_interrupted_and_loading_says_so(world, ca
     undo()
     assert main(argv + ["--resume"]) == 0
     assert load_tensors(out)[1]["training_status"] == "complete"
+
+
+def test_ctrl_c_before_any_good_step_saves_the_state_but_no_model(world, monkeypatch, capsys):
+    ctrl_c_at(monkeypatch, 0)
+    out = world / "m.tinygpt"
+    argv = [str(a) for a in _argv("train", world, out)]
+    argv.remove("--quiet")
+    assert main(argv) == 130
+    assert "before any good step: the resume state is saved, no model file" in capsys.readouterr().err
+    assert not out.exists() and (world / "m.run" / "state.safetensors").exists()

@@ -357,10 +357,14 @@ class Engine:
         return last
 
     def _interrupted(self) -> None:
-        """Ctrl-C: save under --out marked interrupted at this step (nothing before a good step)."""
+        """Ctrl-C: save under --out marked interrupted at this step; before any good step only the
+        resume state (--resume continues from it; there is no model worth a file yet)."""
         where = f"step {self.round} of {self.rounds}"
         if self.good_steps == 0:
-            self.log(f"interrupted at {where}, before any good step: nothing saved")
+            self._check_saveable(final=False)
+            if self.is_main:
+                self.save_state()
+            self.log(f"interrupted at {where}, before any good step: the resume state is saved, no model file")
             return
         self.checkpoint(final=True, status="interrupted")
         self.log(f"interrupted at {where}: saved {self.cfg.out} marked as interrupted at step {self.round} "
