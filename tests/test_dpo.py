@@ -24,8 +24,9 @@ from tinygpt.data.pairs import (encode_prompt, encode_reply, item_sequences, tok
                                 tokenize_unpaired)
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def nano(seed=0, block=256):
