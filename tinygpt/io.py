@@ -99,6 +99,7 @@ def atomic_dir(path):
         raise UserError(f"--out exists and is not a folder: {path}", None, "choose a folder name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        clean_temp_files(path.parent, path.name)          # folders of an earlier write that was killed
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise write_error(path, e) from None
@@ -163,14 +164,14 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def clean_temp_files(folder, name: str | None = None) -> list[Path]:
-    """Remove what killed atomic writes left in `folder` (`.NAME.*.tmp`, or only those of target
-    `name`); returns the removed paths."""
+    """Remove what killed atomic writes left in `folder` (`.NAME.*.tmp` files and folders, or
+    only those of target `name`); returns the removed paths."""
     folder = Path(folder)
     gone = []
     if folder.is_dir():
         for p in folder.glob(f".{name}.*.tmp" if name else ".*.tmp"):
             try:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 gone.append(p)
             except OSError:
                 pass
