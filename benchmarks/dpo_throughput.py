@@ -132,7 +132,7 @@ def main():
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    prefs, skipped = load_preferences(a.data, skip_bad_rows=True)
+    prefs, report = load_preferences(a.data, skip_bad_rows=True)
     if a.pairs:
         prefs = prefs[:a.pairs]
     texts = [m.content for p in prefs for m in p.prompt] + [x for p in prefs for x in (p.chosen, p.rejected)]
@@ -142,7 +142,7 @@ def main():
     items, dropped = tokenize_pairs(prefs, tok, template, a.max_length, a.max_prompt_length)
     prep_s = time.perf_counter() - t0
     n_tok = [len(p) * 2 + len(c) + len(r) for p, c, r in items]
-    print(f"{len(items)} pairs ({skipped} skipped, {dropped} dropped), mean {statistics.mean(n_tok):.0f} tokens "
+    print(f"{len(items)} pairs ({report.n_skipped} skipped, {dropped} dropped), mean {statistics.mean(n_tok):.0f} tokens "
           f"per pair (prompt counted twice), tokenizer+tokenize {prep_s:.1f}s", file=sys.stderr)
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(a.preset, vocab_size=pad_vocab(tok.vocab_size), block_size=max(a.max_length, 128))

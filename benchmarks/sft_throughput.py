@@ -114,7 +114,7 @@ def main():
     unknown = set(names) - set(CONFIGS)
     if unknown:
         sys.exit(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
-    convs, skipped = load_sft(a.data)
+    convs, _ = load_sft(a.data)
     tmpl = get_template("chatml")
     t0 = time.perf_counter()
     texts = ["".join(s.text for s in tmpl.render(c)) for c in convs]

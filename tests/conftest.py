@@ -6,7 +6,8 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the real public data sets: ../shared/data beside the checkout (TINYGPT_SHARED_DATA elsewhere)
+SHARED_DATA = Path(os.environ.get("TINYGPT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture

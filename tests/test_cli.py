@@ -135,7 +135,7 @@ def test_unreadable_rows_stop_with_file_and_line(tmp_path, base, capsys, bad, wh
     data.write_bytes(GOOD * 3 + bad + GOOD)
     out = tmp_path / "a.lora"
     code, _, err = run(capsys, *sft_args(base, data, out))
-    assert_user_error(code, err, what, f"{data}:4", "skip bad rows")
+    assert_user_error(code, err, what, f"{data}:4", "--skip-bad-rows")
     assert not out.exists()
 
 
@@ -146,8 +146,8 @@ def test_skip_bad_rows_skips_unreadable_rows_and_reports_the_count_when_quiet(tm
     out = tmp_path / "a.lora"
     code, _, err = run(capsys, *sft_args(base, data, out, "--skip-bad-rows"))
     assert code == 0 and out.exists()
-    assert err.strip() == f"tinygpt: warning: skipped 5 bad row(s) in {data} (the first at line 4: invalid JSON " \
-                          "(Expecting value at column 17))"
+    assert err.strip() == f"tinygpt: warning: {data}: skipped 5 of 9 rows: 5 malformed (lines 4, 5, 6, 7, 8: " \
+                          "invalid JSON (Expecting value at column 17))"
 
 
 # ---- --config FILE.yaml -----------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from tinygpt.data.pairs import (encode_prompt, encode_reply, item_sequences, tok
                                 tokenize_unpaired)
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def nano(seed=0, block=256):
@@ -260,8 +261,8 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path):
             {"prompt": "c?", "chosen": "x" * 50 + "1", "rejected": "x" * 50 + "2"}]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prefs, skipped = load_preferences(path)
-    assert skipped == 1 and len(prefs) == 2
+    prefs, report = load_preferences(path)
+    assert report.n_skipped == 1 and len(prefs) == 2
     _, tok = nano()
     items, dropped = tokenize_pairs(prefs, tok, get_template("chatml", tok), 40, 20)
     assert dropped == 1 and len(items) == 1    # the third pair differs only past max_length

@@ -1,7 +1,6 @@
 """Evaluation harness: scorers on crafted models with known log-likelihoods, loaders on real files."""
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +10,9 @@ import torch.nn as nn
 from tinygpt.eval import choice, gen, harness, ppl
 from tinygpt.eval.choice import ChoiceItem
 from tinygpt.tokenizer import Tokenizer
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 @pytest.fixture(scope="module")

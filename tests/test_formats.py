@@ -12,10 +12,9 @@ from tinygpt.data.formats import (Conversation, Message, Preference, Unpaired, d
                                   detect_preference_format, format_instruction, load_preferences,
                                   load_prompts, load_sft, load_unpaired, to_conversation,
                                   to_preference)
+from conftest import SHARED_DATA as DATA
 from tinygpt.data.rows import SkippedRowsWarning, read_rows
 from tinygpt.errors import DataError, UserError
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def real(rel: str) -> Path:
@@ -147,8 +146,8 @@ def test_readers_all_file_types_agree(tmp_path):
         rows = list(read_rows(tmp_path / name))
         assert [r for _, r in rows] == ALPACA_ROWS, name
         assert [n for n, _ in rows] == [1, 2, 3], name
-        convs, skipped = load_sft(tmp_path / name)
-        assert skipped == 0 and [c.messages[-1].content for c in convs] == ["a0", "a1", "a2"]
+        convs, report = load_sft(tmp_path / name)
+        assert report.n_skipped == 0 and [c.messages[-1].content for c in convs] == ["a0", "a1", "a2"]
 
 
 def test_parquet_nested_conversations(tmp_path):
@@ -218,20 +217,24 @@ BAD_FILE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("bad_line,reason", [(2, "missing field 'output'"), (3, "empty"), (4, "must be text")])
+@pytest.mark.parametrize("bad_line,reason", [(2, "missing field 'output'"), (4, "must be text")])
 def test_load_sft_bad_row_raises_with_file_and_line(tmp_path, bad_line, reason):
     rows = [BAD_FILE_ROWS[0], BAD_FILE_ROWS[bad_line - 1]]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match=reason) as info:
         load_sft(path)
-    assert f"{path}:2" in str(info.value)
+    assert f"{path}:2" in str(info.value) and "--skip-bad-rows" in str(info.value)
 
 
-def test_load_sft_skip_bad_rows_counts(tmp_path):
+def test_load_sft_skip_bad_rows_counts_and_an_empty_reply_is_skipped_unless_strict(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", BAD_FILE_ROWS)
-    with pytest.warns(SkippedRowsWarning, match=r"skipped 3 bad row\(s\) .*line 2: bad row \(missing field"):
-        convs, skipped = load_sft(path, skip_bad_rows=True)
-    assert skipped == 3 and [c.messages[-1].content for c in convs] == ["ok", "ok2"]
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 3 of 5 rows: 1 with an empty reply \(line 3\); "
+                                                r"2 malformed \(lines 2, 4: bad row \(missing field"):
+        convs, report = load_sft(path, skip_bad_rows=True)
+    assert report.n_skipped == 3 and [c.messages[-1].content for c in convs] == ["ok", "ok2"]
+    with pytest.raises(DataError, match="with an empty reply") as info:
+        load_sft(write_jsonl(tmp_path / "e.jsonl", [BAD_FILE_ROWS[0], BAD_FILE_ROWS[2]]), strict=True)
+    assert info.value.line == 2 and "--strict" in str(info.value)
 
 
 UNREADABLE = (b'{"instruction": "a", "output": "1"}\n'
@@ -245,11 +248,11 @@ UNREADABLE = (b'{"instruction": "a", "output": "1"}\n'
 def test_unreadable_lines_are_skipped_and_counted(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(UNREADABLE)
-    with pytest.warns(SkippedRowsWarning, match=r"skipped 4 bad row\(s\) .*line 2: invalid JSON"):
-        convs, skipped = load_sft(path, skip_bad_rows=True)
-    assert skipped == 4 and [c.messages[-1].content for c in convs] == ["1", "2"]
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 4 of 6 rows: 4 malformed \(lines 2, 3, 4, 5: invalid JSON"):
+        convs, report = load_sft(path, skip_bad_rows=True)
+    assert report.n_skipped == 4 and [c.messages[-1].content for c in convs] == ["1", "2"]
     with pytest.warns(SkippedRowsWarning):
-        assert len(load_prompts(path, skip_bad_rows=True)) == 2
+        assert len(load_prompts(path, skip_bad_rows=True)[0]) == 2
     bad = []
     assert [n for n, _ in read_rows(path, on_bad=bad.append)] == [1, 6]
     assert [(e.line, e.what.split(" (")[0]) for e in bad] == [
@@ -259,15 +262,15 @@ def test_unreadable_lines_are_skipped_and_counted(tmp_path):
         path.write_bytes(b"\n".join(UNREADABLE.split(b"\n")[i] for i in (0, line - 1)) + b"\n")
         with pytest.raises(DataError, match=what) as info:
             load_sft(path)
-        assert f"{path}:2" in str(info.value) and "skip bad rows" in str(info.value)
+        assert f"{path}:2" in str(info.value) and "--skip-bad-rows" in str(info.value)
 
 
 def test_unreadable_rows_of_a_json_array_are_skipped(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[{"instruction": "q", "output": "a"}, "text", 3]', encoding="utf-8")
-    with pytest.warns(SkippedRowsWarning, match="line 2"):
-        convs, skipped = load_sft(path, skip_bad_rows=True)
-    assert (len(convs), skipped) == (1, 2)
+    with pytest.warns(SkippedRowsWarning, match="lines 2, 3"):
+        convs, report = load_sft(path, skip_bad_rows=True)
+    assert (len(convs), report.n_skipped) == (1, 2)
 
 
 def test_format_override_and_unknown_format(tmp_path):
@@ -278,6 +281,31 @@ def test_format_override_and_unknown_format(tmp_path):
         load_sft(path, format="nonsense")
     with pytest.raises(DataError, match="missing field 'output'"):
         load_sft(path, format="alpaca")
+
+
+def test_a_conversation_trains_on_the_turns_it_has_and_strict_stops_at_any_change(tmp_path):
+    def conv(*turns):
+        return {"messages": [{"role": r, "content": c} for r, c in turns]}
+    rows = [conv((U, "a"), (A, "b"), (U, "unanswered")),                 # trailing user turn
+            conv((A, "mid-dialogue"), (U, "a"), (A, "b")),               # leading assistant turn
+            conv((U, "a"), (A, "b"), (U, "c"), (A, "  ")),               # an empty reply at the end
+            conv((A, "only a reply")),                                    # nothing to train on
+            conv((U, "a"), (A, "b"))]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 1 of 5 rows: 1 with no assistant reply after a user turn "
+                                                r"\(line 4\); kept with changes: 1 with turns after the last reply "
+                                                r"dropped \(line 1\); 1 with leading assistant turns dropped \(line 2\); "
+                                                r"1 cut before an empty reply \(line 3\)"):
+        convs, report = load_sft(path)
+    assert [[(m.role, m.content) for m in c.messages] for c in convs] == [[(U, "a"), (A, "b")]] * 4
+    for line in (1, 2, 3, 4):
+        with pytest.raises(DataError, match="--strict") as info:
+            load_sft(write_jsonl(tmp_path / f"s{line}.jsonl", [rows[4], rows[line - 1]]), strict=True)
+        assert info.value.line == 2
+    kto = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "q", "completion": "", "label": False},
+                                             {"prompt": "q", "completion": "ok", "label": True}])
+    with pytest.warns(SkippedRowsWarning, match="1 with an empty completion"):
+        assert len(load_unpaired(kto)[0]) == 1
 
 
 # ---- preferences -------------------------------------------------------------------------------
@@ -332,24 +360,31 @@ def test_ultrafeedback_lists_with_replies_only_use_prompt_field(tmp_path):
     assert prefs == [Preference([Message(U, "q?")], "yes", "no")]
 
 
-def test_identical_pairs_skipped_and_bad_pairs(tmp_path):
+def test_pairs_with_an_empty_or_identical_reply_are_skipped_and_counted_unless_strict(tmp_path):
     rows = [PREF_CASES["prompt_chosen_rejected"], {"prompt": "p", "chosen": "same", "rejected": "same"},
-            {"prompt": "p", "chosen": "", "rejected": "x"}, {"prompt": "p", "chosen": "x", "rejected": ""}]
-    path = write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(DataError, match="chosen reply is empty") as info:
-        load_preferences(path)
-    assert f"{path}:3" in str(info.value)
-    with pytest.warns(SkippedRowsWarning, match=r"skipped 1 bad row\(s\)"):   # the identical pair is not bad
-        prefs, skipped = load_preferences(path, skip_bad_rows=True)
-    assert skipped == 2 and [p.rejected for p in prefs] == ["5", ""]
+            {"prompt": "p", "chosen": "", "rejected": "x"}, {"prompt": "p", "chosen": "x", "rejected": " "},
+            {"prompt": "p", "chosen": 3, "rejected": "x"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows[:4])
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 3 of 4 rows: 1 with identical chosen and rejected replies "
+                                                r"\(line 2\); 1 with an empty chosen reply \(line 3\); 1 with an empty "
+                                                r"rejected reply \(line 4\) \(--strict"):
+        prefs, report = load_preferences(path)
+    assert report.n_skipped == 3 and [p.rejected for p in prefs] == ["5"]
+    with pytest.raises(DataError, match="with identical chosen and rejected replies") as info:
+        load_preferences(path, strict=True)
+    assert f"{path}:2" in str(info.value) and "--strict" in str(info.value)
+    bad = write_jsonl(tmp_path / "b.jsonl", [rows[0], rows[4]])      # structural: stops unless --skip-bad-rows
+    with pytest.raises(DataError, match="must be text") as info:
+        load_preferences(bad)
+    assert info.value.line == 2 and "--skip-bad-rows" in str(info.value)
 
 
 # ---- unpaired (KTO) and prompts ----------------------------------------------------------------
 def test_unpaired_formats(tmp_path):
     rows = [{"prompt": "q1", "completion": "good", "label": True},
             {"prompt": "q2", "completion": "bad", "label": False}]
-    items, skipped = load_unpaired(write_jsonl(tmp_path / "k.jsonl", rows))
-    assert skipped == 0 and items == [Unpaired([Message(U, "q1")], "good", True),
+    items, report = load_unpaired(write_jsonl(tmp_path / "k.jsonl", rows))
+    assert report.n_skipped == 0 and items == [Unpaired([Message(U, "q1")], "good", True),
                                       Unpaired([Message(U, "q2")], "bad", False)]
     row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], "label": False}
@@ -363,21 +398,21 @@ def test_unpaired_formats(tmp_path):
 def test_unpaired_from_paired_file(tmp_path):
     same = {"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}
     path = write_jsonl(tmp_path / "p.jsonl", [PREF_CASES["hh_rlhf"], same])
-    items, skipped = load_unpaired(path)
-    assert skipped == 1
+    items, report = load_unpaired(path)
+    assert report.n_skipped == 1
     assert [(u.completion, u.label) for u in items] == [("Paris.", True), ("Lyon, I think.", False)]
 
 
 def test_load_prompts_from_every_kind(tmp_path):
     sft = write_jsonl(tmp_path / "s.jsonl", [SFT_CASES["lima"][0]])
-    (prompt, answer), = load_prompts(sft)
+    (prompt, answer), = load_prompts(sft)[0]
     assert roles(prompt) == [U, A, U, A, U] and prompt[-1].content == "And 3+3?" and answer is None
     qa = write_jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": "#### 4"}, {"question": "1+1?", "answer": 2}])
-    assert load_prompts(qa) == [([Message(U, "2+2?")], "#### 4"), ([Message(U, "1+1?")], "2")]
+    assert load_prompts(qa)[0] == [([Message(U, "2+2?")], "#### 4"), ([Message(U, "1+1?")], "2")]
     plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Write a poem."}])
-    assert load_prompts(plain) == [([Message(U, "Write a poem.")], None)]
+    assert load_prompts(plain)[0] == [([Message(U, "Write a poem.")], None)]
     pref = write_jsonl(tmp_path / "h.jsonl", [PREF_CASES["hh_rlhf"]])
-    assert load_prompts(pref)[0][0][-1].content == "Capital of France?"
+    assert load_prompts(pref)[0][0][0][-1].content == "Capital of France?"
 
 
 # ---- real public samples (skipped where the shared folder is absent) ---------------------------
@@ -385,8 +420,8 @@ def test_load_prompts_from_every_kind(tmp_path):
                                        ("sft/lima.json", 1029), ("sft/identity_sharegpt.json", 500),
                                        ("sft/glaive_toolcall_demo.json", 300)])
 def test_real_sft_files(rel, count):
-    convs, skipped = load_sft(real(rel))
-    assert (len(convs), skipped) == (count, 0)
+    convs, report = load_sft(real(rel))
+    assert (len(convs), report.n_skipped, report.changed) == (count, 0, {})
     for c in convs:
         assert c.messages[-1].role == A and c.messages[-1].content.strip()
         assert all(m.role != A for m in c.messages[:1])
@@ -399,25 +434,32 @@ def test_real_lima_history_and_glaive_tools():
     assert all(c.messages[0].role == S and c.messages[0].content.startswith("Tools:") for c in glaive)
 
 
-def test_real_sharegpt_has_rows_without_a_reply():
+def test_real_sharegpt_trains_on_the_turns_it_has_by_default():
+    """338 of its 1000 conversations start with a gpt turn; 9 hold nothing else. By default those
+    turns are dropped and the 9 rows skipped, both reported with line numbers; --strict stops."""
     path = real("sft/sharegpt_1k.jsonl")
-    with pytest.raises(DataError, match="no assistant reply") as info:
-        load_sft(path)
-    assert f"{path}:46" in str(info.value)  # a conversation holding only a gpt turn
-    with pytest.warns(SkippedRowsWarning, match=r"skipped 9 bad row\(s\)"):
-        convs, skipped = load_sft(path, skip_bad_rows=True)
-    assert (len(convs), skipped) == (991, 9)
-    assert all(c.messages[0].role in (U, S) for c in convs)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 9 of 1000 rows: 9 with no assistant reply after a user "
+                                                r"turn \(lines 46, 443, 462, 622, 731, \.\.\.\); kept with changes: 329 "
+                                                r"with leading assistant turns dropped \(lines 1, 2, 4, 8, 9, \.\.\.\)"):
+        convs, report = load_sft(path)
+    assert (len(convs), report.n_skipped, len(report.changed["with leading assistant turns dropped"])) == (991, 9, 329)
+    assert all(c.messages[0].role in (U, S) and c.messages[-1].role == A for c in convs)
+    with pytest.raises(DataError, match="with leading assistant turns dropped") as info:
+        load_sft(path, strict=True)
+    assert info.value.line == 1 and "--strict" in str(info.value)
 
 
 def test_real_hh_rlhf_prompt_split():
     path = real("preference/hh-rlhf/helpful-base.jsonl.gz")
-    prefs, skipped = load_preferences(path)
-    assert (len(prefs), skipped) == (2352, 2)  # two rows have identical chosen and rejected
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 6 of 2354 rows: 4 with an empty rejected reply \(lines 121, "
+                                                r"741, 1215, 2064\); 2 with identical chosen and rejected replies "
+                                                r"\(lines 722, 2169\)"):
+        prefs, report = load_preferences(path)
+    assert (len(prefs), report.n_skipped) == (2348, 6)
     checked = 0
     for _, row in read_rows(path):
         c, r = row["chosen"], row["rejected"]
-        if c == r or c.count("\n\nAssistant:") != r.count("\n\nAssistant:"):
+        if c == r or c.count("\n\nAssistant:") != r.count("\n\nAssistant:") or not r.rsplit("Assistant:", 1)[1].strip():
             continue  # the plain rule below needs one reply per side
         pref = to_preference(row, "hh_rlhf")
         assert pref.chosen == c.rsplit("\n\nAssistant:", 1)[1].strip()
@@ -431,26 +473,37 @@ def test_real_hh_rlhf_prompt_split():
 
 
 def test_real_preference_files():
-    prefs, skipped = load_preferences(real("preference/dpo_sharegpt_demo.json"))
-    assert (len(prefs), skipped) == (300, 0)
+    prefs, report = load_preferences(real("preference/dpo_sharegpt_demo.json"))
+    assert (len(prefs), report.n_skipped) == (300, 0)
     assert sum(p.prompt[0].role == S for p in prefs) == 80
     path = real("preference/ultrafeedback_1k.jsonl")
-    with pytest.raises(DataError, match="chosen reply is empty"):
-        load_preferences(path)
-    with pytest.warns(SkippedRowsWarning, match=r"skipped 1 bad row\(s\)"):
-        prefs, skipped = load_preferences(path, skip_bad_rows=True)
-    assert (len(prefs), skipped) == (995, 5)  # 1 empty chosen, 4 identical pairs
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 6 of 1000 rows: 4 with identical chosen and rejected replies "
+                                                r"\(lines 307, 656, 911, 998\); 1 with an empty rejected reply \(line 479\); "
+                                                r"1 with an empty chosen reply \(line 834\)"):
+        prefs, report = load_preferences(path)
+    assert (len(prefs), report.n_skipped) == (994, 6)
+    with pytest.raises(DataError, match="with identical chosen and rejected replies") as info:
+        load_preferences(path, strict=True)
+    assert info.value.line == 307
+    for name, n in (("helpful-online", 1132), ("helpful-rejection-sampled", 2717)):
+        with pytest.warns(SkippedRowsWarning):
+            assert len(load_preferences(real(f"preference/hh-rlhf/{name}.jsonl.gz"))[0]) == n
 
 
 def test_real_kto_file():
-    items, skipped = load_unpaired(real("preference/kto_demo.json"))
-    assert skipped == 0 and len(items) == 300
+    items, report = load_unpaired(real("preference/kto_demo.json"))
+    assert report.n_skipped == 0 and len(items) == 300
     assert Counter(u.label for u in items) == {True: 150, False: 150}
     assert all(u.prompt[-1].role == U for u in items)
 
 
 def test_real_prompt_sources():
     gsm = real("eval/gsm8k_train.jsonl")
-    prompts = load_prompts(gsm)
+    prompts, _ = load_prompts(gsm)
     assert len(prompts) == 7473 and prompts[0][1].split("####")[-1].strip() == "72"
-    assert len(load_prompts(real("sft/identity_sharegpt.json"))) == 500
+    assert len(load_prompts(real("sft/identity_sharegpt.json"))[0]) == 500
+    with pytest.warns(SkippedRowsWarning, match="9 with no user turn to prompt with"):
+        prompts, report = load_prompts(real("sft/sharegpt_1k.jsonl"))   # a conversation's prompt: up to its last user turn
+    assert len(prompts) == 991 and all(p[-1].role == U for p, _ in prompts)
+    with pytest.raises(DataError, match="--strict"):
+        load_prompts(real("sft/sharegpt_1k.jsonl"), strict=True)

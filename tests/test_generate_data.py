@@ -75,8 +75,8 @@ def test_rows_are_sft_ready_with_their_metadata_and_do_not_depend_on_batching(fi
     assert {"logprob", "tokens", "prompt_id", "sample"} <= set(r)
     assert got.get((9, 0), {"messages": [{"role": "system"}]})["messages"][0]["role"] == "system"
     assert all(r["answer"] == str(r["prompt_id"]) for r in a if r["prompt_id"] < 9)
-    convs, skipped = load_sft("a.jsonl")                           # an SFT file as it is
-    assert len(convs) == len(a) and skipped == 0
+    convs, report = load_sft("a.jsonl")                            # an SFT file as it is
+    assert len(convs) == len(a) and report.n_skipped == 0 and not report.changed
     assert _run("c.jsonl", "--seed", "1") == 0
     assert not _same(_by_sample(_rows("c.jsonl")), got)            # another seed, other samples
 
@@ -139,8 +139,8 @@ def test_pairs_are_best_against_worst_without_ties_and_dpo_reads_them(files):
         assert p["chosen"] == scored[(p["prompt_id"], p["chosen_sample"])]["messages"][-1]["content"]
     tied = {i for i in range(10) if len({r["reward"] for (j, _), r in scored.items() if j == i}) == 1}
     assert not tied & {p["prompt_id"] for p in pairs}
-    prefs, skipped = load_preferences("pairs.jsonl")
-    assert len(prefs) == len(pairs) and skipped == 0
+    prefs, report = load_preferences("pairs.jsonl")
+    assert len(prefs) == len(pairs) and report.n_skipped == 0
     assert main(["dpo", "m.tinygpt", "--data", "pairs.jsonl", "--out", "d.lora", "--steps", "2", "--batch", "2",
                  "--device", "cpu", "--quiet"]) == 0
 

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tinygpt.errors import DataError
+from conftest import SHARED_DATA
 from tinygpt.eval.ifeval import (
     CHECKERS, check_instruction, check_instruction_loose, load_ifeval, loose_variants,
     score_ifeval,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval" / "ifeval_sample.jsonl"
+SAMPLE = SHARED_DATA / "eval" / "ifeval_sample.jsonl"
 
 ALL_IDS = {
     "punctuation:no_comma", "length_constraints:number_words", "keywords:existence",

@@ -7,7 +7,7 @@ import pytest
 
 from tinygpt.commands import COMMANDS, command
 from tinygpt.errors import UserError
-from tinygpt.options import Options, _base, at_least, convert, option, parse, specs, to_argv
+from tinygpt.options import Options, _base, _help, at_least, convert, option, parse, specs, to_argv
 
 SAMPLES = {int: [3, 1, 8, 300, 2000], float: [0.5, 0.25, 0.01, 2.0, 300.0], str: ["m.tinygpt", "x", "a,b", "cpu", "best"]}
 BAD = {int: "seven", float: "nan"}
@@ -129,3 +129,43 @@ def test_the_command_reference_in_docs_is_up_to_date():
     from tinygpt.commands import reference_markdown
     doc = Path(__file__).resolve().parents[1] / "docs" / "commands.md"
     assert doc.read_text() == reference_markdown() + "\n", "run: python -m tinygpt.commands > docs/commands.md"
+
+
+def _outside(spec) -> list:
+    """Values just outside the range of a numeric option (from its check's bounds), and the
+    non-finite ones for floats."""
+    kind, _, _ = _base(spec.type)
+    lo, hi, lo_open, hi_open = spec.meta["check"].bounds
+    step = 1 if kind is int else 1e-6 * max(1.0, abs(lo if lo is not None else hi))
+    out = []
+    if lo is not None:
+        out.append(lo if lo_open else lo - step)
+    if hi is not None:
+        out.append(hi if hi_open else hi + step)
+    if kind is float:
+        out += ["nan", "inf", "-inf"]
+    return [int(v) if kind is int and not isinstance(v, str) else v for v in out]
+
+
+NUMERIC = [(name, s.name) for name, _ in [(n, None) for n in COMMANDS] for s in specs(command(name).options)
+           if s.meta["cli"] and _base(s.type)[0] in (int, float) and not s.meta["choices"]]
+
+
+@pytest.mark.parametrize("name,field", NUMERIC, ids=[f"{n}:{f}" for n, f in NUMERIC])
+def test_every_numeric_option_has_a_range_and_refuses_values_outside_it(name, field):
+    """For every numeric option of every command: a declared range, shown in --help; every value
+    just outside it (and NaN, inf for floats) is a one-line error naming the flag, and the value
+    at a closed bound is accepted."""
+    cmd = command(name)
+    spec = next(s for s in specs(cmd.options) if s.name == field)
+    assert getattr(spec.meta["check"], "bounds", None), f"{name} {spec.flag} has no range"
+    assert spec.meta["check"].range in _help(spec)
+    base = _required(cmd.options, field)
+    base_argv = [t for s in specs(cmd.options) if s.name in base for t in _flag_tokens(s, base[s.name])]
+    for bad in _outside(spec):
+        with pytest.raises(UserError) as e:
+            cmd.parse(base_argv + [spec.flag, str(bad)])
+        assert spec.flag in e.value.what, (name, spec.flag, bad, e.value.what)
+    lo, hi, lo_open, hi_open = spec.meta["check"].bounds
+    for edge in ([lo] if lo is not None and not lo_open else []) + ([hi] if hi is not None and not hi_open else []):
+        convert(spec, [edge] if _base(spec.type)[1] else edge, None)           # the bound itself is allowed

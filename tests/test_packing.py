@@ -7,7 +7,7 @@ import torch
 
 from tinygpt.config import ModelConfig
 from tinygpt.data.packing import (IGNORE, RowOrder, best_fit_decreasing, pack_rows, pad_examples,
-                                  prepare_examples, to_pair, truncate_left)
+                                  prepare_examples, to_pair, truncate_example)
 from tinygpt.losses import token_cross_entropy
 from tinygpt.model import GPT, packed_mask
 
@@ -23,24 +23,31 @@ def _random_examples(n, seed=0, lo=3, hi=40, vocab=300):
     return out
 
 
-def test_truncate_left_keeps_the_reply_and_drops_what_cannot_fit():
+def test_truncate_left_keeps_the_final_reply_cutting_whole_turns_then_prompt_then_reply_end():
     ids = list(range(10))
     mask = [0, 0, 0, 0, 0, 0, 1, 1, 1, 0]           # reply at 6..8, then an untrained marker
-    assert truncate_left(ids, mask, 10) == (ids, mask)
-    assert truncate_left(ids, mask, 5) == (ids[5:], mask[5:])   # one context token before the reply
-    assert truncate_left(ids, mask, 4) is None                  # reply + tail = 4 tokens, no context
-    assert truncate_left(ids, [0] * 10, 20) is None             # nothing trained
-    # multi-turn: an earlier reply may be cut, the final one must survive
+    assert truncate_example(ids, mask, 10) == (ids, mask, None)
+    assert truncate_example(ids, mask, 5) == (ids[5:], mask[5:], "prompt")    # one context token before the reply
+    # reply + tail = 4 tokens, no room for context: the prompt keeps max_length // 2 tokens, the reply its start
+    assert truncate_example(ids, mask, 4) == (ids[4:8], mask[4:8], "reply")
+    assert truncate_example(ids, [0] * 10, 20) is None                       # nothing trained
+    assert truncate_example(ids, mask, 5, "drop") is None and truncate_example(ids, mask, 10, "drop")[2] is None
+    # multi-turn: the cut falls where an earlier reply ended, so whole exchanges go
     mask2 = [0, 1, 1, 0, 0, 0, 0, 1, 1, 0]
-    assert truncate_left(ids, mask2, 6) == (ids[4:], mask2[4:])
+    assert truncate_example(ids, mask2, 7) == (ids[3:], mask2[3:], "turns")
+    assert truncate_example(ids, mask2, 6) == (ids[4:], mask2[4:], "prompt")   # no exchange boundary left to cut at
 
 
-def test_prepare_examples_counts_drops_and_shifts_targets():
+def test_prepare_examples_counts_cuts_and_drops_and_shifts_targets():
     enc = [([5, 6, 7, 8], [0, 0, 1, 1]), (list(range(20)), [0] * 10 + [1] * 10), ([1, 2], [0, 0])]
-    pairs, dropped = prepare_examples(enc, max_length=8)
-    assert dropped == 2 and len(pairs) == 1
+    pairs, counts = prepare_examples(enc, max_length=8)
+    assert counts == {"turns": 0, "prompt": 0, "reply": 1, "dropped": 1} and len(pairs) == 2
     inp, tgt = pairs[0]
     assert inp.tolist() == [5, 6, 7] and tgt.tolist() == [IGNORE, 7, 8]
+    inp, tgt = pairs[1]                              # 4 prompt tokens, then the reply's first 4
+    assert inp.tolist() == [6, 7, 8, 9, 10, 11, 12] and tgt.tolist() == [IGNORE] * 3 + [10, 11, 12, 13]
+    pairs, counts = prepare_examples(enc, max_length=8, mode="drop")
+    assert counts["dropped"] == 2 and len(pairs) == 1
 
 
 def test_best_fit_decreasing_finds_the_tight_packing():

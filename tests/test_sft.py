@@ -16,11 +16,12 @@ from tinygpt.checkpoint import load_model, save_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import load_sft
-from tinygpt.data.packing import RowOrder
+from tinygpt.data.packing import RowOrder, prepare_examples
+from tinygpt.errors import UserError
 from tinygpt.lora import lora_modules
 from tinygpt.model import GPT
 from tinygpt.data.formats import format_instruction
-from tinygpt.stages.sft import SFTOptions, SFTTrainer, encode_conversations, sft_loss_step
+from tinygpt.stages.sft import SFTOptions, SFTTrainer, add_template_tokens, encode_conversations, sft_loss_step
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
 
@@ -135,7 +136,7 @@ def test_bad_rows_stop_with_file_and_line_or_are_skipped(setup, capsys):
     bad3 = _write(base.parent / "bad3.jsonl", ROWS[:6] + [{"messages": "oops"}, {"text": "no format"}])
     assert main(["sft", str(base), "--data", str(bad3), "--out", str(out), "--steps", "1", "--batch", "2",
                  "--ctx", "64", "--device", "cpu", "--skip-bad-rows"]) == 0
-    assert "skipped 2 bad row(s)" in capsys.readouterr().err
+    assert "skipped 2 of 8 rows: 2 malformed (lines 7, 8" in capsys.readouterr().err
     assert _cli(base, base.parent / "missing.jsonl", out, "--steps", "1") == 2
 
 
@@ -145,7 +146,7 @@ def test_flag_errors_exit_2(setup, capsys):
     assert _cli(base, data, base.parent / "a.lora", "--steps", "2", "--epochs", "1") == 2
     assert _cli(base, data, base.parent / "a.lora", "--ctx", "4096") == 2
     assert _cli(base, data, base.parent / "a.lora", "--template", "nope") == 2
-    assert _cli(base, data, base.parent / "a.lora", "--max-length", "3", "--steps", "1") == 2   # nothing fits
+    assert _cli(base, data, base.parent / "a.lora", "--max-length", "3", "--truncate", "drop", "--steps", "1") == 2
     err = capsys.readouterr().err
     assert err.count("tinygpt: error:") == 5 and "Traceback" not in err
 
@@ -160,11 +161,15 @@ def test_epochs_warmup_and_truncation_arithmetic(setup):
                  max_length=18, batch=4, accum=2)
     enc = encode_conversations(tok, t.template, load_sft(data)[0])
     fits = sum(1 for ids, mask in enc if len(ids) <= 18 or (len(ids) - mask.index(1) + 1) <= 18)
-    assert fits == len(ROWS) and t.stats["train_dropped"] == 3   # long prompts were cut, not dropped
-    assert len(t.train_rows) == fits and t.train_rows.x.shape[1] <= 17
-    assert t.plan.steps == math.ceil(2.5 * fits / 8)
+    cut = t.stats["train_cut"]                          # long prompts were cut; the 3 long replies at their end
+    assert fits == len(ROWS) and (cut["reply"], cut["dropped"]) == (3, 0)
+    assert len(t.train_rows) == fits + 3 and t.train_rows.x.shape[1] <= 17
+    assert t.plan.steps == math.ceil(2.5 * (fits + 3) / 8)
     assert t.plan.warmup == min(100, t.plan.steps // 10)
-    assert any("3 dropped" in m for m in logs)
+    assert any("3 inside the final reply), 0 dropped" in m for m in logs)
+    model, tok = load_model_and_tokenizer(base)
+    with pytest.raises(UserError, match=f"all {len(ROWS) + 3} dropped.*--truncate left"):   # every one is longer
+        _trainer(model, tok, data, base.parent / "e.lora", ctx=64, packing=False, max_length=18, truncate="drop")
 
 
 def test_resume_equals_uninterrupted(setup):
@@ -271,3 +276,24 @@ def test_sft_improves_exact_match_on_the_synthetic_eval(tmp_path):
         return sum(exact_match(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
     before, after = score([]), score([out])
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_real_sharegpt_trains_by_default(shared_data):
+    """ShareGPT at --max-length 257 with a byte-level model: 9 conversations hold no reply (skipped,
+    counted), 329 start with a gpt turn (dropped), and nearly every example is longer than the
+    window. --truncate left (the default) trains all 991 (each final reply kept, cut at its end
+    when it alone is longer); --truncate drop keeps the 7 that fit."""
+    tok = Tokenizer.byte_level()
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), block_size=256))
+    template = get_template("chatml", tok)
+    add_template_tokens(model, tok, template)                       # as the stage does
+    with pytest.warns(UserWarning, match="skipped 9 of 1000 rows"):
+        convs, report = load_sft(shared_data / "sft" / "sharegpt_1k.jsonl")
+    assert (len(convs), report.n_skipped) == (991, 9)
+    enc = encode_conversations(tok, template, convs)
+    pairs, cut = prepare_examples(enc, 257, "left")
+    assert len(pairs) == 991 and cut == {"turns": 27, "prompt": 33, "reply": 924, "dropped": 0}
+    assert all(len(x) <= 256 for x, _ in pairs)
+    pairs, cut = prepare_examples(enc, 257, "drop")
+    assert len(pairs) == 7 and cut["dropped"] == 984

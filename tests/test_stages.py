@@ -154,6 +154,18 @@ STAGES = {
 SUFFIX = {"train": ".tinygpt", "reward": ".tinygpt"}
 
 
+def ctrl_c_at(monkeypatch, step: int):
+    """Make training raise KeyboardInterrupt (Ctrl-C) when it reaches `step`; returns the undo."""
+    real = engine_mod.Engine._round
+
+    def stop(self):
+        if self.round == step:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(engine_mod.Engine, "_round", stop)
+    return lambda: monkeypatch.setattr(engine_mod.Engine, "_round", real)
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
     model, _ = _base(tmp_path)
@@ -172,15 +184,9 @@ def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
                                       "--quiet", "--save-every", "1"]
     straight, resumed = tmp_path / f"a{ext}", tmp_path / f"b{ext}"
     assert main(argv + ["--out", str(straight)]) == 0
-    real = engine_mod.Engine._round
-
-    def stop_at_2(self):
-        if self.round == 2:
-            raise KeyboardInterrupt
-        return real(self)
-    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_2)
+    undo = ctrl_c_at(monkeypatch, 2)
     assert main(argv + ["--out", str(resumed)]) == 130
-    monkeypatch.setattr(engine_mod.Engine, "_round", real)
+    undo()
     assert main(argv + ["--out", str(resumed), "--resume"]) == 0
     a, b = load_tensors(straight)[0], load_tensors(resumed)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage

@@ -2,20 +2,25 @@
 
 `tinygpt COMMAND [options]`: each command's Options dataclass is its flags and its `--config
 FILE.yaml` keys (`options.py`), so nothing here knows any option. A user mistake prints one line
-`tinygpt: error: <what>, <where>, <what to do>` and exits 2; Ctrl-C exits 130.
+`tinygpt: error: <what>, <where>, <what to do>` and exits 2; Ctrl-C exits 130. Writes go through
+`io` (atomic, their OSErrors already one-line errors); an OSError of the machine's state that
+still reaches here (a full disk, a read-only file system, no permission) is printed the same
+way rather than as a traceback.
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
 import warnings
 
 from .commands import COMMANDS, command, split_command
-from .data.rows import SkippedRowsWarning
-from .errors import UserError
+from .errors import Notice, UserError
+from .io import write_error
 
 USAGE = "usage: tinygpt COMMAND [options]   (tinygpt COMMAND --help for its options)"
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def overview() -> str:
@@ -41,7 +46,7 @@ def parse_args(argv: list[str]):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    sys.stderr.write(f"tinygpt: warning: {message}\n" if issubclass(category, SkippedRowsWarning)
+    sys.stderr.write(f"tinygpt: warning: {message}\n" if issubclass(category, Notice)
                      else warnings.formatwarning(message, category, filename, lineno, line))
 
 
@@ -60,8 +65,8 @@ def main(argv=None) -> int:
         cmd, opts = parse_args(argv)
         if main_thread and not getattr(cmd.run, "manages_signals", False):   # the server shuts down itself
             signal.signal(signal.SIGTERM, _interrupt)
-        with warnings.catch_warnings():    # skipped data rows are reported even with --quiet
-            warnings.simplefilter("always", SkippedRowsWarning)
+        with warnings.catch_warnings():    # notices (skipped rows, ...) are shown even with --quiet
+            warnings.simplefilter("always", Notice)
             warnings.showwarning = _show_warning
             cmd.run(opts)
         return 0
@@ -73,6 +78,11 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        print(f"tinygpt: error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        return 2
     except SystemExit as e:              # --help
         return e.code if isinstance(e.code, int) else 0
     finally:

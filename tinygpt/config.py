@@ -7,10 +7,17 @@ Design choices:
 - Named presets (`from_name`) and one scaling dial (`from_depth`): width = 64 * depth, heads of 128.
 - `vocab_size` is padded to a multiple of 64 for our own models (faster matmuls); imported
   checkpoints keep their exact size. Ids past the tokenizer's size are never produced when sampling.
+- Every field is checked when a config is made (from a preset, a file's metadata, a Hugging Face
+  config): its type, and sizes within `LIMITS`, so a damaged or crafted file (n_layer 100000,
+  block_size 1e9) is refused before anything is built or allocated. The limits are far above
+  what this project trains (and above the published models it imports) but small enough that a
+  model of that shape can be described on the meta device in seconds.
 """
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from .errors import UserError
@@ -41,6 +48,7 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        self._check_types()
         for name, allowed in (("pos_emb", POS_EMB), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'", None, f"choose one of {', '.join(allowed)}")
@@ -62,6 +70,20 @@ class ModelConfig:
             else:
                 self.intermediate_size = 4 * self.n_embd
 
+    def _check_types(self) -> None:
+        """Each field has its declared type and lies within LIMITS (UserError otherwise)."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+            number = {int: numbers.Integral, float: numbers.Real}.get(kind)
+            if number and isinstance(v, number) and not isinstance(v, bool):   # numpy scalars, ints for floats
+                v = kind(v)
+                setattr(self, f.name, v)
+            if type(v) is not kind:
+                raise UserError(f"model config field {f.name} must be {f.type}, got {v!r}")
+            lo, hi = LIMITS.get(f.name, (None, None))
+            if kind is float and not math.isfinite(v) or lo is not None and not lo <= v <= hi:
+                raise UserError(f"model config field {f.name} is {v!r}, outside [{lo}, {hi}]")
+
     # ---- (de)serialisation ----------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -77,7 +99,13 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, s: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"the model config is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UserError("the model config is not a JSON object")
+        return cls.from_dict(d)
 
     # ---- presets ----------------------------------------------------------------------------------
     @classmethod
@@ -95,6 +123,14 @@ class ModelConfig:
         n_head = max(1, n_embd // 128)
         return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
 
+
+# Sizes a config may have (inclusive). 0 in n_kv_head, head_dim and intermediate_size means "derived".
+LIMITS: dict[str, tuple] = {
+    "vocab_size": (1, 1 << 22), "n_layer": (1, 1024), "n_embd": (1, 1 << 16), "n_head": (1, 1024),
+    "n_kv_head": (0, 1024), "head_dim": (0, 4096), "intermediate_size": (0, 1 << 20), "block_size": (1, 1 << 18),
+    "rope_theta": (1e-3, 1e12), "norm_eps": (0.0, 1.0),
+}
+MAX_BLOCK_SIZE = LIMITS["block_size"][1]
 
 # Modern small-model block (nanochat / modded-nanogpt style) for our own presets; `gpt2` is GPT-2.
 _MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False)

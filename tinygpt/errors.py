@@ -24,3 +24,8 @@ class DataError(UserError):
             where = f"{path}:{line}" if line is not None else str(path)
         self.path, self.line = path, line
         super().__init__(what, where, fix)
+
+
+class Notice(UserWarning):
+    """Something the user should know that does not stop the command (rows skipped, a file saved
+    by an interrupted run). The command line prints it as one line, `tinygpt: warning: ...`."""

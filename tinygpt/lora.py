@@ -29,6 +29,10 @@ Design choices:
   the embeddings if needed and writes the rows in. The rows are written into the base weights, so
   `disable_lora` does not take them out: a reference model "without the new adapter" keeps the
   rows of the adapters under it, and only template tokens are concerned.
+- A `.lora` file is verified before anything is allocated for it (`read_adapter`,
+  `load_adapters`): typed metadata, a rank that matches every A (r, in) and B (out, r), tensors
+  only for layers this model has, at least one layer wrapped, finite values (checksum checked by
+  `io.load_tensors`). A new adapter's rank is at most the smaller side of every layer it wraps.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .io import load_tensors, save_tensors
+from .io import load_tensors, nonfinite, save_tensors, warn_if_unfinished
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_FORMAT = "tinygpt-lora"
@@ -236,6 +240,16 @@ def base_fingerprint(model) -> str:
     return fp
 
 
+def check_rank(model, rank: int, targets) -> None:
+    """A new adapter's rank is at most the smaller side of every layer it wraps (a larger one
+    only allocates)."""
+    sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head" and n.rsplit(".", 1)[-1] in set(targets)]
+    if sides and rank > min(sides):
+        raise UserError(f"--lora-rank {rank} exceeds the smallest side ({min(sides)}) of the layers it wraps", None,
+                        f"use a rank of at most {min(sides)}")
+
+
 def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, targets=DEFAULT_TARGETS,
                name: str = "default", weight: float = 1.0, freeze: bool = True) -> int:
     """Add a fresh trainable adapter `name` on every target linear; freeze everything else.
@@ -247,6 +261,7 @@ def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, t
     if not mods:
         raise UserError(f"no linear layers named {', '.join(targets)} in this model", None,
                         f"choose targets among {', '.join(DEFAULT_TARGETS)}")
+    check_rank(model, rank, targets)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -337,8 +352,14 @@ def save_adapter(model, path, name: str = "default", extra: dict | None = None) 
     save_tensors(path, adapter_state(model, name), meta)
 
 
-def read_adapter(path) -> tuple[dict, dict]:
-    tensors, meta = load_tensors(path)
+_INFO_TYPES = {"rank": int, "alpha": (int, float), "dropout": (int, float), "targets": list,
+               "base_fingerprint": str, "trained_tokens": list}
+
+
+def adapter_info(meta: dict, shapes: dict, path) -> dict:
+    """The typed metadata of a .lora file (rank, alpha, dropout, targets, base_fingerprint,
+    trained_tokens, and the rest as `extra`), checked against its tensors' {name: (dtype, shape)}:
+    the rank must match every A (r, in) / B (out, r) pair. A one-line UserError otherwise."""
     if meta.get("format") != LORA_FORMAT:
         raise UserError("not a tinygpt LoRA adapter file", str(path), "pass a .lora written by tinygpt")
     try:
@@ -346,46 +367,78 @@ def read_adapter(path) -> tuple[dict, dict]:
         info["trained_tokens"] = json.loads(meta.get("trained_tokens", "[]"))
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"adapter metadata is incomplete ({e})", str(path)) from None
+    for k, kind in _INFO_TYPES.items():
+        v = info[k]
+        bad = not isinstance(v, kind) or isinstance(v, bool) or (k in ("targets", "trained_tokens") and not all(
+            isinstance(x, str) for x in v))
+        if bad or (k == "rank" and v < 1) or (k in ("alpha", "dropout") and not math.isfinite(v)):
+            raise UserError(f"adapter metadata {k} is {v!r}", str(path), "the file is damaged or not a tinygpt adapter")
+    layers = [k[:-len(".lora_A")] for k in shapes if k.endswith(".lora_A")]
+    if not layers:
+        raise UserError(f"the adapter holds no LoRA layers (targets {', '.join(info['targets'])})", str(path),
+                        "the file is damaged or empty")
+    unnamed = [n for n in layers if n.rsplit(".", 1)[-1] not in info["targets"]]
+    if unnamed:
+        raise UserError(f"the adapter holds {unnamed[0]}, which its targets ({', '.join(info['targets'])}) do not "
+                        "name", str(path), "the file is damaged")
+    for name, (_, a) in shapes.items():
+        if name.endswith(".lora_A"):
+            b = shapes.get(name[:-1] + "B", (None, None))[1]
+            if len(a) != 2 or b is None or len(b) != 2 or a[0] != info["rank"] or b[1] != info["rank"]:
+                raise UserError(f"the adapter's rank {info['rank']} does not match its tensors ({name}: "
+                                f"{tuple(a)}, B: {None if b is None else tuple(b)})", str(path), "the file is damaged")
     info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
+    return info
+
+
+def read_adapter(path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """(tensors, info) of a .lora file (`adapter_info`), its values finite unless `allow_nonfinite`."""
+    tensors, meta = load_tensors(path)
+    info = adapter_info(meta, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, path)
+    bad = [] if allow_nonfinite else nonfinite(tensors)
+    if bad:
+        raise UserError(f"adapter tensors hold NaN or infinite values (the first: {bad[0]})", str(path),
+                        "the adapter diverged; use an earlier one (--allow-nonfinite loads it to inspect)")
+    warn_if_unfinished(meta, path)
     return tensors, info
 
 
-def checked_adapter(model, path) -> tuple[dict, dict]:
-    """(tensors, info) of an adapter file, refused unless it was trained on this model's base."""
+def checked_adapter(model, path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """(tensors, info) of an adapter file, refused unless it was trained on this model's base and
+    wraps only layers this model has, with their shapes."""
     fp = base_fingerprint(model)
-    tensors, info = read_adapter(path)
+    tensors, info = read_adapter(path, allow_nonfinite)
     if info["base_fingerprint"] != fp:
         raise UserError(f"adapter was trained on another base model (adapter base {info['base_fingerprint']}, "
                         f"this model {fp})", str(path), "load the base model the adapter was trained on")
+    _check_fits(model, tensors, info, path)
     return tensors, info
 
 
-def adapter_pairs(model, tensors: dict, info: dict, path) -> dict[str, tuple[LoRALinear, torch.Tensor, torch.Tensor]]:
+def adapter_pairs(model, tensors: dict, info: dict) -> dict[str, tuple[LoRALinear, torch.Tensor, torch.Tensor]]:
     """module name -> (its LoRALinear, A (r, in), B (out, r)) for every linear the adapter trained;
-    the target linears are wrapped first and the shapes checked against them."""
+    the target linears are wrapped first (shapes were checked by `checked_adapter`)."""
     out = {}
     for mod_name, m in wrap_linears(model, set(info["targets"])).items():
         a, b = tensors.get(f"{mod_name}.lora_A"), tensors.get(f"{mod_name}.lora_B")
-        if a is None:
-            continue
-        if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
-            raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {mod_name}", str(path))
-        out[mod_name] = (m, a, b)
+        if a is not None:
+            out[mod_name] = (m, a, b)
     return out
 
 
-def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list[str]:
+def load_adapters(model, specs, trainable: bool = False, tokenizer=None, allow_nonfinite: bool = False) -> list[str]:
     """Stack adapters from (path, weight) pairs onto the model; returns their names.
-    An adapter whose base fingerprint differs from this model's is refused. An adapter that trained
-    token rows needs the tokenizer: tokens it lacks are added and the rows written into the model."""
+    An adapter whose base fingerprint differs from this model's is refused, and so is one that
+    wraps no layer of this model or holds layers it lacks. An adapter that trained token rows
+    needs the tokenizer: tokens it lacks are added and the rows written into the model."""
     names = []
     existing = {n for m in lora_modules(model).values() for n in m.lora_A}
     for path, weight in specs:
-        tensors, info = checked_adapter(model, path)
+        tensors, info = checked_adapter(model, path, allow_nonfinite)
         if info["trained_tokens"]:
             _restore_token_rows(model, tokenizer, info["trained_tokens"], tensors, path)
         name = f"a{len(existing) + len(names)}"
-        for m, a, b in adapter_pairs(model, tensors, info, path).values():
+        for m, a, b in adapter_pairs(model, tensors, info).values():
             m.add(name, info["rank"], info["alpha"], 0.0, weight)
             with torch.no_grad():
                 m.lora_A[name].copy_(a)
@@ -397,3 +450,17 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None) -> list
         model._lora_meta[name]["trained_tokens"] = info["trained_tokens"]
         names.append(name)
     return names
+
+
+def _check_fits(model, tensors: dict, info: dict, path) -> None:
+    """The adapter wraps only layers `model` has (by name and shape)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head"}
+    for n in [k[:-len(".lora_A")] for k in tensors if k.endswith(".lora_A")]:   # adapter_info: at least one
+        m = linears.get(n)
+        if m is None:
+            raise UserError(f"the adapter wraps {n}, a layer this model does not have", str(path),
+                            "load the base model the adapter was trained on")
+        a, b = tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]
+        if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+            raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {n}", str(path),
+                            "load the base model the adapter was trained on")

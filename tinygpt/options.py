@@ -55,22 +55,32 @@ def option(default=None, help: str = "", *, flag: str | None = None, aliases: tu
     return field(default=default, metadata={"option": meta})
 
 
-# value checks: each returns None when the value is fine, else what is wrong with it
-def at_least(lo):
-    return lambda v: None if v is None or v >= lo else f"must be >= {lo}"
-
-
-def above(lo):
-    return lambda v: None if v is None or v > lo else f"must be > {lo}"
-
-
+# value checks: each returns None when the value is fine, else what is wrong with it. The range
+# checks carry their bounds (`check.bounds` = (lo, hi, lo_open, hi_open), None for no bound) and
+# their text (`check.range`), which --help shows and the tests generate out-of-range values from.
 def between(lo, hi, lo_open: bool = False, hi_open: bool = False):
+    if lo is None:
+        text = f"{'<' if hi_open else '<='} {hi}"
+    elif hi is None:
+        text = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
     def check(v):
         if v is None:
             return None
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+        return None if ok else f"must be {text}"
+    check.bounds, check.range = (lo, hi, lo_open, hi_open), text
     return check
+
+
+def at_least(lo):
+    return between(lo, None)
+
+
+def above(lo):
+    return between(lo, None, lo_open=True)
 
 
 def each(check):
@@ -81,7 +91,11 @@ def each(check):
             if msg:
                 return msg
         return None
+    run.bounds, run.range = getattr(check, "bounds", None), getattr(check, "range", None)
     return run
+
+
+SEED = between(0, 2**32 - 1)       # what every seed option accepts
 
 
 @dataclass
@@ -230,12 +244,16 @@ class Parser(argparse.ArgumentParser):
 
 def _help(spec: Spec) -> str:
     m = spec.meta
-    text = m["help"] or ""
+    text, notes = m["help"] or "", []
     if m["auto"]:
-        text += f" (default: {m['auto']})"
+        notes.append(f"default: {m['auto']}")
     elif spec.default is not None and not isinstance(spec.default, bool) and spec.default != []:
         shown = ",".join(map(str, spec.default)) if isinstance(spec.default, (list, tuple)) else spec.default
-        text += f" (default: {shown})"
+        notes.append(f"default: {shown}")
+    if getattr(m["check"], "range", None):
+        notes.append(m["check"].range)
+    if notes:
+        text += f" ({'; '.join(notes)})"
     return text.replace("%", "%%").strip()
 
 

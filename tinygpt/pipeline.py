@@ -51,8 +51,9 @@ import torch
 import yaml
 
 from .commands import command
+from .device import check_device_name
 from .errors import UserError
-from .io import atomic_write_text
+from .io import atomic_write_text, check_writable
 from .options import Options, knows, option, to_argv
 from .report import STATE_FILE, build_report, compare_line, read_state
 from .train.engine import STATE_FILE as STATE_FILE_TRAIN
@@ -269,6 +270,7 @@ def run_pipeline(config, out=None, force: bool = False, log=print, device: str |
     if device:
         pipe.defaults["device"] = device
     run = Path(out) if out else Path("runs") / pipe.name
+    check_writable(run, folder=True)
     run.mkdir(parents=True, exist_ok=True)
     state = read_state(run)
     state.update({"name": pipe.name, "config": str(pipe.source), "hardware": hardware(),
@@ -318,7 +320,8 @@ class PipelineOptions(Options):
     preset: str | None = option(None, "a built-in pipeline: demo, demo-rl, distill")
     out: str | None = option(None, "run folder", auto="runs/<name>")
     force: bool = option(False, "re-run every stage, even those up to date")
-    device: str | None = option(None, "device for every stage", auto="the config's, else auto")
+    device: str | None = option(None, "device for every stage", auto="the config's, else auto",
+                                check=lambda v: None if v is None else check_device_name(v))
 
     def check(self) -> None:
         if bool(self.config) == bool(self.preset):

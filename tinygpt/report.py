@@ -40,7 +40,7 @@ matplotlib.use("Agg")                  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import UserError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, check_writable
 from .options import Options, option
 from .train.engine import run_dir_for
 
@@ -350,6 +350,7 @@ def build_report(run) -> dict:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder not found: {run}", None, "pass the folder given to 'tinygpt pipeline --out'")
+    check_writable(run / "report.md", "the run folder")
     info = collect(run)
     shead, srows = _stage_rows(info["stages"])
     md = [f"# Run report: {info['name']}", "", f"Hardware: {info['hardware'] or 'unknown'}", "",

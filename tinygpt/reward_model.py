@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .chat import get_template
-from .checkpoint import gpt_from_tensors, read_model_file, save_model
+from .checkpoint import gpt_from_tensors, read_model_file, save_model, split_head
 from .data.formats import Message
 from .data.pairs import encode_prompt, encode_reply
 from .errors import UserError
@@ -99,9 +99,10 @@ def load_reward_model(path, device="cpu") -> RewardModel:
     """A trained reward model from its .tinygpt file, in eval mode, tokenizer at `.tokenizer`,
     the chat template it was trained with at `.template`."""
     tensors, cfg, tok, meta = read_model_file(path)
-    if meta.get("head") != HEAD or "score.weight" not in tensors:
+    if meta.get("head") != HEAD:
         raise UserError("not a reward model (no reward head)", str(path), "train one with 'tinygpt reward'")
-    score = tensors.pop("score.weight")
+    tensors, head = split_head(tensors, meta, cfg, path)
+    score = head["score.weight"]
     backbone = gpt_from_tensors(tensors, cfg, path, what="reward model file")
     rm = RewardModel(backbone.to(device), tok, meta.get("chat_template"))
     with torch.no_grad():

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .chat import encode_segments
-from .checkpoint import gpt_from_tensors, read_model_file, save_model
+from .checkpoint import gpt_from_tensors, read_model_file, save_model, split_head
 from .errors import UserError
 from .logprobs import make_batch, target_logprobs
 from .losses import entropy_from_logits
@@ -82,9 +82,10 @@ def save_value_network(path, value: ValueNetwork, tokenizer, extra: dict | None 
 def load_value_network(path, device="cpu") -> ValueNetwork:
     """The ValueNetwork written by `save_value_network` (e.g. to continue PPO with it)."""
     tensors, cfg, _, meta = read_model_file(path)
-    head = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("value_head.")}
-    if meta.get("head") != "value" or set(head) != {"weight", "bias"}:
+    if meta.get("head") != "value":
         raise UserError("not a value network file (no value head)", str(path), "give the run folder's value.tinygpt")
+    tensors, head = split_head(tensors, meta, cfg, path)
+    head = {k.split(".", 1)[1]: v for k, v in head.items()}
     backbone = gpt_from_tensors(tensors, cfg, path, what="value network file")
     value = ValueNetwork(cfg.n_embd, backbone)
     value.head.load_state_dict(head)

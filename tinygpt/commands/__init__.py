@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("tinygpt.commands.files:import_command", "convert a Hugging Face folder or a .gguf into a .tinygpt"),
     "export": ("tinygpt.commands.files:export_command", "export to a transformers folder, a PEFT adapter or GGUF"),
     "quantize": ("tinygpt.commands.files:quantize_command", "weight-only int8 quantization (per-channel scales)"),
+    "verify": ("tinygpt.commands.files:verify_command", "check a .tinygpt, .lora or training state file (checksum, "
+               "metadata, shapes, finite values) without loading a model"),
     "pipeline": ("tinygpt.pipeline:pipeline_command", "run the whole recipe from a YAML file (resumable)"),
     "report": ("tinygpt.report:report_command", "(re)build report.md and report.html of a run folder"),
 }

@@ -9,7 +9,7 @@ from ..device import DeviceOptions, setup_device
 from ..errors import UserError
 from ..eval.harness import TASKS, evaluate
 from ..io import check_writable
-from ..options import at_least, option
+from ..options import SEED, at_least, option
 from ..reward_model import load_reward_model
 from ..stages.common import (
     ModelOptions,
@@ -42,7 +42,7 @@ class EvalOptions(ModelOptions, TemplateOptions, DeviceOptions):
     judge: str | None = option(None, "winrate, harmless: reward model (.tinygpt) judging the answers")
     tie_margin: float = option(0.0, "winrate: reward gap counted as a tie", check=at_least(0))
     label: str | None = option(None, "name of this model in reports", auto="the file stem")
-    seed: int = option(1234, "few-shot selection")
+    seed: int = option(1234, "few-shot selection", check=SEED)
     log_samples: bool = option(False, "write every item's inputs, outputs and scores into the results JSON")
     quiet: bool = option(False, "no per-task lines on stderr")
 

@@ -52,7 +52,7 @@ from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
 from ..generate import generate
 from ..io import atomic_write_text, check_writable, file_sha256
-from ..options import at_least, option
+from ..options import SEED, at_least, option
 from ..rollout import Episode, encode_prompts
 from ..stages.common import (
     ModelOptions,
@@ -96,7 +96,7 @@ class GenerateOptions(ModelOptions, TemplateOptions, SamplingOptions, RowOptions
     max_new_tokens: int | None = option(None, "new tokens per sample", auto="half the model's context",
                                         check=at_least(1))
     batch: int = option(64, "sequences generated together (prompts x --n)", check=at_least(1))
-    seed: int = option(0, "seed of the samples (sample k of prompt i: its own generator from seed, i, k)")
+    seed: int = option(0, "seed of the samples (sample k of prompt i: its own generator from seed, i, k)", check=SEED)
     score_with: str | None = option(None, "reward model (.tinygpt from 'tinygpt reward') scoring every sample")
     reward_fn: str | None = option(None, "verifiable reward scoring every sample: gsm8k, synth, format or "
                                    "module:function")
@@ -284,7 +284,7 @@ def generate_command(opts: GenerateOptions) -> None:
                         None, "lower --max-new-tokens")
     template = resolve_template(opts.template, tok, opts.model, lora_specs(opts))
     stops = set(stop_ids(tok, template))
-    rows = load_prompts(opts.prompts, opts.skip_bad_rows, opts.format)
+    rows, _ = load_prompts(opts.prompts, opts.skip_bad_rows, opts.strict, opts.format)   # warns of skipped rows
     prompts = [(i, p) for i, row in enumerate(rows) for p in encode_prompts(tok, template, [row], block - max_new)[0]]
     if not prompts:
         raise UserError("no usable prompts", opts.prompts, "check the file or lower --max-new-tokens")

@@ -27,7 +27,7 @@ from ..data.formats import Message
 from ..device import DeviceOptions
 from ..errors import UserError
 from ..generate import generate
-from ..options import at_least, option
+from ..options import SEED, at_least, option
 from ..stages.common import (
     ModelOptions,
     SamplingOptions,
@@ -48,7 +48,7 @@ class SampleOptions(ModelOptions, SamplingOptions, DeviceOptions):
     prompt: str = option("", "prompt text", auto="the start of a document")
     max_new_tokens: int = option(200, "new tokens per sample (at most what the context leaves)", check=at_least(1))
     num_samples: int = option(1, "samples to write", check=at_least(1))
-    seed: int | None = option(None, "seed of the first sample (sample i uses seed + i)")
+    seed: int | None = option(None, "seed of the first sample (sample i uses seed + i)", check=SEED)
 
 
 def sample(opts: SampleOptions) -> None:
@@ -90,7 +90,7 @@ class ChatOptions(ModelOptions, TemplateOptions, SamplingOptions, DeviceOptions)
     max_new_tokens: int | None = option(None, "longest reply", auto="256, at most half the model's context",
                                         check=at_least(1))
     temperature: float = option(0.7, "0 = greedy", check=at_least(0))
-    seed: int | None = option(None, "seed of the first reply (turn i uses seed + i)")
+    seed: int | None = option(None, "seed of the first reply (turn i uses seed + i)", check=SEED)
 
 
 def chat(opts: ChatOptions) -> None:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import DataError, UserError
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, clean_temp_files
 from ..tokenizer import EOS
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -140,6 +140,7 @@ def tokenize_corpus(specs, tokenizer, cache_root, val_split: float = 0.0, seed: 
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     meta_path = cache / "meta.json"
     if not meta_path.exists():
+        clean_temp_files(cache)                 # shards of a tokenization that was killed
         docs = [d for p in paths for d in read_documents(p)]
         if not docs:
             raise UserError("empty corpus: no documents found", ", ".join(map(str, paths)),

@@ -1,28 +1,30 @@
 """Dataset row schemas -> one canonical record type per training stage.
 
-Every loader reads rows with `rows.read_rows`, converts each row with a per-format function, and
-returns canonical records: `Conversation` (SFT), `Preference` (DPO/ORPO/reward models),
-`Unpaired` (KTO) or prompt lists (PPO/GRPO). Chat templates never see dataset field names.
+Every loader reads rows with `rows.read_rows` (JSONL, JSON arrays, parquet, gzip; errors carry
+`path:line`), converts each row with a per-format function and returns canonical records:
+`Conversation` (SFT), `Preference` (DPO/ORPO/reward models), `Unpaired` (KTO) or prompt lists
+(PPO/GRPO). Chat templates never see dataset field names.
 
 Design choices:
-- Files are read by `rows.py` (JSONL, JSON arrays, parquet, gzip; errors carry `path:line`).
 - The format is detected from the fields of the first row that converts (or named with
   `format=`) and then used for the whole file, so a later malformed row is reported as
   "missing field 'output'" rather than as an unknown format.
 - Instruction formats put the instruction and its input/context into ONE user turn, joined by a
   blank line (`format_instruction`); the dataset's input is data for the instruction, not a turn.
 - Role names are normalised (`human`->user, `gpt`/`chatgpt`/`bard`/...->assistant). Tool traffic
-  is folded into the three roles rather than rejected: a `function_call` turn is something the
-  model emits, so it becomes assistant text (trained); an `observation`/`tool` turn comes from the
-  environment, so it becomes user text (never trained). A row's `tools` list, when present, is
-  put into the system message so the model sees the schemas it is calling.
-- Conversations are tidied: leading assistant turns are dropped (ShareGPT rows that start
-  mid-dialogue), consecutive turns of the same role are merged with a blank line, trailing
-  non-assistant turns are dropped (nothing after the last reply is trained). Content is kept
-  verbatim otherwise. An empty assistant turn anywhere makes the row bad.
-- Preference prompts always end with a user turn; `chosen`/`rejected` are the final assistant
-  texts. Pairs whose two replies are identical carry no signal: they are skipped and counted.
-  An empty chosen reply is a bad row; an empty rejected reply is kept (a real, bad answer).
+  is folded into the three roles: a `function_call` turn is something the model emits, so it
+  becomes assistant text (trained); an `observation`/`tool` turn comes from the environment, so
+  it becomes user text (never trained). A row's `tools` list goes into the system message.
+- Real data by default: a conversation trains on the turns it has. Leading assistant turns are
+  dropped (ShareGPT rows that start mid-dialogue), trailing turns after the last reply are
+  dropped (an unanswered user turn), and a conversation is cut before its first empty reply;
+  each change is noted (`rows.load_records` counts it; --strict makes it an error). Consecutive
+  turns of one role are merged with a blank line; content is kept verbatim. A row with nothing
+  left to train on is a `Quirk`: skipped and counted, an error with --strict.
+- Preference prompts end with a user turn; `chosen`/`rejected` are the final assistant texts.
+  A pair with an empty reply, or with two identical replies, carries no usable signal: a Quirk.
+  The same rules hold for KTO completions. RL prompts from conversation rows are the
+  conversation up to its last user turn; the replies of preference rows are not needed.
 - Anthropic HH-RLHF transcripts: the prompt is the common prefix of `chosen` and `rejected` up to
   the last `\\n\\nAssistant:` inside it, parsed into turns so any chat template can render it.
   The replies are the stripped rest of each transcript, kept whole even when it holds more turns.
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
-from .rows import load_records
+from .rows import Quirk, RowReport, load_records
 
 ROLES = ("system", "user", "assistant")
 SFT_FORMATS = ("instruction_response", "dolly", "alpaca", "lima", "sharegpt", "messages",
@@ -142,13 +144,15 @@ def _messages(value, name: str) -> list[Message]:
 
 
 # ---- tidying conversations --------------------------------------------------------------------
-def _tidy(messages: list[Message]) -> list[Message]:
-    """Drop assistant turns before the first user turn; merge consecutive same-role turns."""
+def _tidy(messages: list[Message], notes: list | None = None) -> list[Message]:
+    """Drop assistant turns before the first user turn (noted); merge consecutive same-role turns."""
     out: list[Message] = []
     seen_user = False
     for m in messages:
         seen_user = seen_user or m.role == "user"
         if m.role == "assistant" and not seen_user:
+            if notes is not None:
+                notes.append("with leading assistant turns dropped")
             continue
         if out and out[-1].role == m.role:
             out[-1] = Message(m.role, out[-1].content + "\n\n" + m.content)
@@ -157,16 +161,24 @@ def _tidy(messages: list[Message]) -> list[Message]:
     return out
 
 
-def _finish_sft(messages: list[Message]) -> Conversation:
-    msgs = _tidy(messages)
-    for m in msgs:
-        if m.role == "assistant" and not m.content.strip():
-            raise ValueError("an assistant turn is empty")
-    while msgs and msgs[-1].role != "assistant":
-        msgs.pop()
-    if not msgs:
-        raise ValueError("no assistant reply after a user turn")
-    return Conversation(msgs)
+def _finish_sft(messages: list[Message], notes: list | None = None) -> Conversation:
+    """The trainable conversation: tidied, cut before its first empty reply and after its last
+    reply (each change noted); a Quirk when no reply is left."""
+    notes = [] if notes is None else notes
+    msgs = _tidy(messages, notes)
+    empty = next((i for i, m in enumerate(msgs) if m.role == "assistant" and not m.content.strip()), None)
+    if empty is not None:
+        msgs = msgs[:empty]
+        if any(m.role == "assistant" for m in msgs):
+            notes.append("cut before an empty reply")
+        else:
+            raise Quirk("with an empty reply")
+    replies = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+    if not replies:
+        raise Quirk("with no assistant reply after a user turn")
+    if replies[-1] < len(msgs) - 1 and empty is None:
+        notes.append("with turns after the last reply dropped")
+    return Conversation(msgs[:replies[-1] + 1])
 
 
 def _check_prompt(prompt: list[Message]) -> list[Message]:
@@ -175,9 +187,9 @@ def _check_prompt(prompt: list[Message]) -> list[Message]:
     return prompt
 
 
-def _split_last_reply(messages: list[Message]) -> tuple[list[Message], str]:
+def _split_last_reply(messages: list[Message], notes: list | None = None) -> tuple[list[Message], str]:
     """(conversation before the last assistant turn, that turn's text)."""
-    conv = _finish_sft(messages).messages
+    conv = _finish_sft(messages, notes).messages
     return _check_prompt(conv[:-1]), conv[-1].content
 
 
@@ -208,10 +220,10 @@ def _system(row: dict) -> list[Message]:
     return [Message("system", "\n\n".join(parts))] if parts else []
 
 
-def _instruction_row(row: dict, reply_field: str, input_field: str) -> Conversation:
+def _instruction_row(row: dict, reply_field: str, input_field: str) -> list[Message]:
     instruction = _text(_get(row, "instruction"), "field 'instruction'", allow_empty=False)
     user = format_instruction(instruction, _optional_text(row, input_field))
-    reply = _text(_get(row, reply_field), f"field {reply_field!r}", allow_empty=False)
+    reply = _text(_get(row, reply_field), f"field {reply_field!r}")
     history = row.get("history") or []
     if not isinstance(history, list):
         raise ValueError("field 'history' must be a list of [user, assistant] pairs")
@@ -221,28 +233,29 @@ def _instruction_row(row: dict, reply_field: str, input_field: str) -> Conversat
             raise ValueError(f"history[{i}] must be a [user, assistant] pair")
         before += [Message("user", _text(pair[0], f"history[{i}][0]")),
                    Message("assistant", _text(pair[1], f"history[{i}][1]"))]
-    return _finish_sft(_system(row) + before + [Message("user", user), Message("assistant", reply)])
+    return _system(row) + before + [Message("user", user), Message("assistant", reply)]
 
 
-def _prompt_completion_row(row: dict) -> Conversation:
+def _prompt_completion_row(row: dict) -> list[Message]:
     prompt = _get(row, "prompt")
     completion = _get(row, "completion")
     msgs = ([Message("user", _text(prompt, "field 'prompt'"))] if isinstance(prompt, str)
             else _messages(prompt, "prompt"))
     if isinstance(completion, str):
-        msgs.append(Message("assistant", _text(completion, "field 'completion'", allow_empty=False)))
+        msgs.append(Message("assistant", _text(completion, "field 'completion'")))
     else:
         msgs += _messages(completion, "completion")
-    return _finish_sft(_system(row) + msgs)
+    return _system(row) + msgs
 
 
-_SFT_CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+# format -> the row's messages, as written (`_finish_sft` makes them a trainable conversation)
+_SFT_CONVERTERS: dict[str, Callable[[dict], list[Message]]] = {
     "instruction_response": lambda r: _instruction_row(r, "response", "context"),
     "dolly": lambda r: _instruction_row(r, "response", "context"),
     "alpaca": lambda r: _instruction_row(r, "output", "input"),
     "lima": lambda r: _instruction_row(r, "output", "input"),
-    "sharegpt": lambda r: _finish_sft(_system(r) + _messages(_get(r, "conversations"), "conversations")),
-    "messages": lambda r: _finish_sft(_system(r) + _messages(_get(r, "messages"), "messages")),
+    "sharegpt": lambda r: _system(r) + _messages(_get(r, "conversations"), "conversations"),
+    "messages": lambda r: _system(r) + _messages(_get(r, "messages"), "messages"),
     "prompt_completion": _prompt_completion_row,
 }
 
@@ -265,11 +278,17 @@ def detect_format(row: dict) -> str:
                      f"(known formats: {', '.join(SFT_FORMATS)})")
 
 
-def to_conversation(row: dict, fmt: str) -> Conversation:
-    """Convert one row of SFT format `fmt`; ValueError with a short reason for a bad row."""
+def sft_messages(row: dict, fmt: str) -> list[Message]:
+    """The messages of one row of SFT format `fmt`, as written; ValueError for a malformed row."""
     if fmt not in _SFT_CONVERTERS:
         raise UserError(f"unknown SFT format {fmt!r}", None, f"use one of: {', '.join(SFT_FORMATS)}")
     return _SFT_CONVERTERS[fmt](row)
+
+
+def to_conversation(row: dict, fmt: str, notes: list | None = None) -> Conversation:
+    """Convert one row of SFT format `fmt`: ValueError with a short reason for a malformed row,
+    Quirk for one with nothing to train on; what is changed is appended to `notes`."""
+    return _finish_sft(sft_messages(row, fmt), notes)
 
 
 # ---- preference formats -----------------------------------------------------------------------
@@ -357,42 +376,53 @@ def detect_preference_format(row: dict) -> str:
     raise ValueError("preference row has no 'prompt' and its replies are not HH-RLHF transcripts")
 
 
-def to_preference(row: dict, fmt: str) -> Preference:
-    """Convert one row of preference format `fmt`. An empty chosen reply is a bad row; an empty
-    rejected reply is kept (HH-RLHF has a few: "saying nothing" is a real, bad answer)."""
+def preference_parts(row: dict, fmt: str) -> Preference:
+    """The prompt and replies of one row of preference format `fmt`, as written (no checks on
+    the replies); ValueError for a malformed row."""
     if fmt not in _PREFERENCE_CONVERTERS:
         raise UserError(f"unknown preference format {fmt!r}", None,
                         f"use one of: {', '.join(PREFERENCE_FORMATS)}")
-    pref = _PREFERENCE_CONVERTERS[fmt](row)
-    if not pref.chosen.strip():
-        raise ValueError("the chosen reply is empty")
+    return _PREFERENCE_CONVERTERS[fmt](row)
+
+
+def to_preference(row: dict, fmt: str) -> Preference:
+    """Convert one row of preference format `fmt`; a Quirk when a reply is empty or the two are
+    identical (nothing to learn from the pair)."""
+    pref = preference_parts(row, fmt)
+    if not pref.chosen.strip() or not pref.rejected.strip():
+        raise Quirk(f"with an empty {'chosen' if not pref.chosen.strip() else 'rejected'} reply")
+    if pref.chosen == pref.rejected:
+        raise Quirk("with identical chosen and rejected replies")
     return pref
 
 
 # ---- unpaired (KTO) formats -------------------------------------------------------------------
 def _label(row: dict) -> bool:
     value = _get(row, "label")
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"field 'label' must be true/false, got {value!r}")
 
 
-def to_unpaired(row: dict, fmt: str) -> list[Unpaired]:
-    """Convert one KTO row; a preference row gives a desirable and an undesirable example."""
+def _labelled_messages(row: dict) -> list[Message]:
+    key = "messages" if "messages" in row else "conversations"
+    return _system(row) + _messages(_get(row, key), key)
+
+
+def to_unpaired(row: dict, fmt: str, notes: list | None = None) -> list[Unpaired]:
+    """Convert one KTO row; a preference row gives a desirable and an undesirable example. An
+    empty completion is a Quirk, as an empty reply is for pairs."""
     if fmt == "prompt_completion_label":
-        label = _label(row)  # like rejected replies, an undesirable completion may be empty
-        completion = _text(_get(row, "completion"), "field 'completion'", allow_empty=not label)
+        label = _label(row)
+        completion = _text(_get(row, "completion"), "field 'completion'")
+        if not completion.strip():
+            raise Quirk("with an empty completion")
         return [Unpaired(_as_prompt(_get(row, "prompt"), "prompt"), completion, label)]
     if fmt == "messages_label":
-        key = "messages" if "messages" in row else "conversations"
-        prompt, completion = _split_last_reply(_system(row) + _messages(_get(row, key), key))
+        prompt, completion = _split_last_reply(_labelled_messages(row), notes)
         return [Unpaired(prompt, completion, _label(row))]
     if fmt in _PREFERENCE_CONVERTERS:
         p = to_preference(row, fmt)
-        if p.chosen == p.rejected:
-            return []
         return [Unpaired(p.prompt, p.chosen, True), Unpaired(p.prompt, p.rejected, False)]
     raise UserError(f"unknown KTO format {fmt!r}", None, f"use one of: {', '.join(UNPAIRED_FORMATS)}")
 
@@ -407,31 +437,37 @@ def detect_unpaired_format(row: dict) -> str:
 # ---- RL prompts -------------------------------------------------------------------------------
 def _answer(row: dict) -> str | None:
     value = row.get("answer")
-    if value is None:
-        return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    return _text(value, "field 'answer'")
+    return None if value is None else _text(value, "field 'answer'")
 
 
-def to_prompt(row: dict, fmt: str | None = None) -> tuple[list[Message], str | None]:
+def _up_to_last_user(msgs: list[Message]) -> list[Message]:
+    users = [i for i, m in enumerate(msgs) if m.role == "user"]
+    if not users:
+        raise Quirk("with no user turn to prompt with")
+    return msgs[:users[-1] + 1]
+
+
+def to_prompt(row: dict, fmt: str | None = None, notes: list | None = None) -> tuple[list[Message], str | None]:
     """The prompt of any supported row, plus its reference answer when the row has one. `fmt`
-    (an SFT or preference format) reads the row as that format; None tells by its fields."""
+    (an SFT or preference format) reads the row as that format; None tells by its fields. A
+    conversation's prompt is everything up to its last user turn; a Quirk when it has none."""
     if fmt in _PREFERENCE_CONVERTERS:
         return to_preference(row, fmt).prompt, None
     if fmt in _SFT_CONVERTERS:
-        return _check_prompt(to_conversation(row, fmt).messages[:-1]), None
+        return _up_to_last_user(to_conversation(row, fmt, notes).messages), None
     if "chosen" in row and "rejected" in row:
-        return to_preference(row, detect_preference_format(row)).prompt, None
+        return preference_parts(row, detect_preference_format(row)).prompt, None
     if "question" in row:
         question = _text(_get(row, "question"), "field 'question'", allow_empty=False)
         return _system(row) + [Message("user", question)], _answer(row)
     if "prompt" in row and "completion" not in row:
         return _system(row) + _as_prompt(_get(row, "prompt"), "prompt"), _answer(row)
-    if "label" in row:
-        return to_unpaired(row, detect_unpaired_format(row))[0].prompt, None
-    conv = to_conversation(row, detect_format(row)).messages
-    return _check_prompt(conv[:-1]), None
+    if "label" in row and not ("messages" in row or "conversations" in row):
+        return _as_prompt(_get(row, "prompt"), "prompt"), None
+    msgs = _tidy(_labelled_messages(row) if "label" in row else sft_messages(row, detect_format(row)), notes)
+    return _up_to_last_user(msgs), None
 
 
 # ---- loaders ----------------------------------------------------------------------------------
@@ -440,37 +476,37 @@ def _check_format(fmt: str | None, known: tuple[str, ...], kind: str) -> None:
         raise UserError(f"unknown {kind} format {fmt!r}", None, f"use one of: {', '.join(known)}")
 
 
-def load_sft(path, format: str | None = None, skip_bad_rows: bool = False) -> tuple[list[Conversation], int]:
-    """Read an SFT file -> (conversations, number of skipped bad rows)."""
+def load_sft(path, format: str | None = None, skip_bad_rows: bool = False,
+             strict: bool = False) -> tuple[list[Conversation], RowReport]:
+    """Read an SFT file -> (conversations, what was skipped or changed)."""
     _check_format(format, SFT_FORMATS, "SFT")
-    return load_records(path, format, detect_format, lambda r, f: [to_conversation(r, f)], skip_bad_rows)
+    return load_records(path, format, detect_format, lambda r, f, notes: [to_conversation(r, f, notes)],
+                        skip_bad_rows, strict)
 
 
-def _pair(row: dict, fmt: str) -> list[Preference]:
-    p = to_preference(row, fmt)
-    return [] if p.chosen == p.rejected else [p]
-
-
-def load_preferences(path, format: str | None = None,
-                     skip_bad_rows: bool = False) -> tuple[list[Preference], int]:
-    """Read a preference file -> (pairs, skipped rows). Identical pairs are always skipped."""
+def load_preferences(path, format: str | None = None, skip_bad_rows: bool = False,
+                     strict: bool = False) -> tuple[list[Preference], RowReport]:
+    """Read a preference file -> (pairs, what was skipped)."""
     _check_format(format, PREFERENCE_FORMATS, "preference")
-    return load_records(path, format, detect_preference_format, _pair, skip_bad_rows)
+    return load_records(path, format, detect_preference_format, lambda r, f, notes: [to_preference(r, f)],
+                        skip_bad_rows, strict)
 
 
-def load_unpaired(path, format: str | None = None,
-                  skip_bad_rows: bool = False) -> tuple[list[Unpaired], int]:
-    """Read a KTO file -> (examples, skipped rows). Paired files give two examples per pair."""
+def load_unpaired(path, format: str | None = None, skip_bad_rows: bool = False,
+                  strict: bool = False) -> tuple[list[Unpaired], RowReport]:
+    """Read a KTO file -> (examples, what was skipped or changed). Paired files give two examples
+    per pair."""
     _check_format(format, UNPAIRED_FORMATS, "KTO")
-    return load_records(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows)
+    return load_records(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows, strict)
 
 
 def load_prompts(path, skip_bad_rows: bool = False,
-                 format: str | None = None) -> list[tuple[list[Message], str | None]]:
-    """Read prompts from SFT, preference, KTO, {prompt} or {question, answer} files. Each prompt
-    ends with a user turn; the answer is the row's `answer` field, else None. `format` (an SFT or
-    preference format) reads every row as that format instead of telling each by its fields."""
+                 strict: bool = False, format: str | None = None
+                 ) -> tuple[list[tuple[list[Message], str | None]], RowReport]:
+    """Read prompts from SFT, preference, KTO, {prompt} or {question, answer} files -> (prompts,
+    what was skipped or changed). Each prompt ends with a user turn; the answer is the row's
+    `answer` field, else None. `format` (an SFT or preference format) reads every row as that
+    format instead of telling each by its fields."""
     _check_format(format, SFT_FORMATS + PREFERENCE_FORMATS, "prompt")
-    prompts, _ = load_records(path, format or "any", lambda r: "any",
-                              lambda r, f: [to_prompt(r, None if f == "any" else f)], skip_bad_rows)
-    return prompts
+    return load_records(path, format or "any", lambda r: "any",
+                        lambda r, f, notes: [to_prompt(r, None if f == "any" else f, notes)], skip_bad_rows, strict)

@@ -4,9 +4,12 @@ Design choices:
 - An example is its tokens `ids` (n) and a 0/1 `mask` of trained tokens. It trains as the pair
   inputs = ids[:-1], targets = ids[1:] with untrained targets set to IGNORE, so it fills n - 1
   positions and never predicts across its own boundary.
-- Truncation (`truncate_left`) cuts the prompt from the LEFT so the final reply survives whole;
-  an example whose final reply (plus what follows it) cannot fit is dropped, and the caller
-  counts the drops. Earlier turns that get cut keep their trained tokens trained.
+- Truncation (`truncate_example`) of an example longer than max_length: mode "left" (the
+  default) keeps the final reply and cuts from the left: whole exchanges first (the cut falls
+  where an earlier reply ends), else the oldest prompt tokens; a final reply too long to fit
+  even so is cut at its end (it then trains without its end-of-turn marker) after at most half
+  the window of its prompt. Mode "drop" leaves such examples out. The caller reports how many
+  were cut each way and dropped. Earlier turns that are kept keep their trained tokens trained.
 - Packing (`pack_rows`) is best-fit decreasing: longest example first, into the open row with
   the least room that still fits it (a sorted list of free space, so O(n log n) searches). Rows
   are `ctx` positions; position ids restart at 0 for every example and `doc` numbers the
@@ -30,24 +33,33 @@ IGNORE = -100   # target id that the cross-entropy skips (`losses.token_cross_en
 
 
 # ---- one example ----------------------------------------------------------------------------------
-def truncate_left(ids: list[int], mask: list[int], max_length: int):
-    """Keep the last `max_length` tokens. Returns (ids, mask), or None when the final reply (the
-    last run of trained tokens and everything after it) does not fit with at least one context
-    token before it. Examples with nothing trained also give None."""
+TRUNCATE_MODES = ("left", "drop")
+
+
+def truncate_example(ids: list[int], mask: list[int], max_length: int, mode: str = "left"):
+    """(ids, mask, how) of an example cut to `max_length` tokens: how is None (it fits), "turns"
+    (whole exchanges cut from the left), "prompt" (prompt tokens cut from the left) or "reply"
+    (the final reply cut at its end); None when it is dropped (mode "drop", or nothing trained)."""
     n = len(ids)
     trained = [i for i, m in enumerate(mask) if m]
     if not trained:
         return None
     if n <= max_length:
-        return ids, mask
-    last = trained[-1]
-    start = last
+        return ids, mask, None
+    if mode == "drop":
+        return None
+    start = trained[-1]
     while start > 0 and mask[start - 1]:       # walk back to the start of the final reply
         start -= 1
     cut = n - max_length
-    if start < cut + 1:                        # the reply's first token needs a token before it
-        return None
-    return ids[cut:], mask[cut:]
+    ends = [b for b in range(max(cut, 1), start) if mask[b - 1] and not mask[b]]   # where a reply ended
+    if ends:
+        return ids[ends[0]:], mask[ends[0]:], "turns"
+    if start >= cut + 1:                       # the reply's first token keeps a token before it
+        return ids[cut:], mask[cut:], "prompt"
+    keep = min(start, max_length // 2)         # the end of the prompt, then as much reply as fits
+    lo = start - keep
+    return ids[lo:lo + max_length], mask[lo:lo + max_length], "reply"
 
 
 def to_pair(ids, mask) -> tuple[np.ndarray, np.ndarray]:
@@ -58,17 +70,20 @@ def to_pair(ids, mask) -> tuple[np.ndarray, np.ndarray]:
     return ids[:-1].astype(np.int32), tgt.astype(np.int32)
 
 
-def prepare_examples(encoded, max_length: int):
-    """encoded: list of (ids, mask). Returns (pairs, dropped): truncated input/target pairs for
-    every example whose final reply fits in `max_length` tokens, and how many did not."""
-    pairs, dropped = [], 0
+def prepare_examples(encoded, max_length: int, mode: str = "left"):
+    """encoded: list of (ids, mask). Returns (pairs, counts): input/target pairs of every example
+    kept (cut to `max_length` as `mode` says), and counts {"turns", "prompt", "reply": examples
+    cut that way, "dropped": examples left out}."""
+    pairs, counts = [], {"turns": 0, "prompt": 0, "reply": 0, "dropped": 0}
     for ids, mask in encoded:
-        kept = truncate_left(ids, mask, max_length)
+        kept = truncate_example(ids, mask, max_length, mode)
         if kept is None or len(kept[0]) < 2:
-            dropped += 1
+            counts["dropped"] += 1
             continue
-        pairs.append(to_pair(*kept))
-    return pairs, dropped
+        if kept[2]:
+            counts[kept[2]] += 1
+        pairs.append(to_pair(kept[0], kept[1]))
+    return pairs, counts
 
 
 # ---- packing ---------------------------------------------------------------------------------------

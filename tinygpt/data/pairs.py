@@ -197,13 +197,14 @@ def cache_key(items, *parts) -> str:
 
 
 def load_items(path, kind: str, tok, template, fmt, skip_bad_rows: bool, max_length: int, max_prompt_length: int,
-               seed: int = 0) -> tuple[list, dict]:
+               seed: int = 0, strict: bool = False) -> tuple[list, dict]:
     """Tokenized items of a preference file: pairs (kind "pair") or KTO completions ("kto").
-    Returns (items, counts of skipped rows and dropped pairs)."""
+    Returns (items, {"skipped": rows skipped, "dropped": pairs identical after truncation,
+    "report": the RowReport})."""
     if kind == "kto":
-        records, skipped = load_unpaired(path, fmt, skip_bad_rows)
+        records, report = load_unpaired(path, fmt, skip_bad_rows, strict)
         return tokenize_unpaired(records, tok, template, max_length, max_prompt_length, seed), \
-            {"skipped": skipped, "dropped": 0}
-    records, skipped = load_preferences(path, fmt, skip_bad_rows)
+            {"skipped": report.n_skipped, "dropped": 0, "report": report}
+    records, report = load_preferences(path, fmt, skip_bad_rows, strict)
     items, dropped = tokenize_pairs(records, tok, template, max_length, max_prompt_length)
-    return items, {"skipped": skipped, "dropped": dropped}
+    return items, {"skipped": report.n_skipped, "dropped": dropped, "report": report}

@@ -9,25 +9,73 @@ Design choices:
   and one `SkippedRowsWarning` names the file and the first such line.
 - `load_records` fixes the format by the first row that converts and applies it to every row,
   so a later malformed row is reported as what it lacks, not as an unknown format.
+- Two kinds of row problems. A structural one (not JSON, a missing or mistyped field) stops
+  with file and line unless `skip_bad_rows`. A `Quirk` is what real published sets contain (an
+  empty reply, identical replies, a conversation without a reply): such rows are skipped and
+  counted by default. Converters also note changes to rows they keep (leading assistant turns
+  dropped, ...). With `strict`, every quirk and every change stops at its row instead. The
+  `RowReport` counts each reason with its first line numbers, and one `SkippedRowsWarning` (a
+  Notice: shown even with --quiet) states it. Every message names the flag that changes it.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
-from ..errors import DataError
+from ..errors import DataError, Notice
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
-_SKIP_FIX = "fix or delete the row, or skip bad rows"
+_SKIP_FIX = "fix or delete the row, or pass --skip-bad-rows to skip such rows"
+_STRICT_FIX = "--strict stops at such rows; without it they are skipped (or kept with the change)"
+SHOWN_LINES = 5                    # line numbers listed per reason in a report
 
 
-class SkippedRowsWarning(UserWarning):
-    """Rows left out of a data file because skipping bad rows was asked for."""
+class SkippedRowsWarning(Notice):
+    """Rows of a data file skipped or changed while reading it."""
+
+
+class Quirk(ValueError):
+    """A row as real data sets have them; skipped (and counted by its message) unless strict."""
+
+
+@dataclass
+class RowReport:
+    """What reading a file did to its rows: malformed rows skipped (`bad`, with --skip-bad-rows),
+    quirky rows skipped and kept rows changed (reason -> line numbers)."""
+    path: str
+    rows: int = 0
+    bad: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    changed: dict = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.bad) + sum(map(len, self.skipped.values()))
+
+    def summary(self) -> str | None:
+        """One line for the log and the warning (None when every row was read as it is)."""
+        def lines(ls):
+            shown = ", ".join(map(str, ls[:SHOWN_LINES]))
+            return f"line{'s' if len(ls) > 1 else ''} {shown}{', ...' if len(ls) > SHOWN_LINES else ''}"
+        parts = [f"{len(ls)} {why} ({lines(ls)})" for why, ls in self.skipped.items()]
+        if self.bad:
+            parts.append(f"{len(self.bad)} malformed ({lines([e.line for e in self.bad])}: {self.bad[0].what})")
+        out = []
+        if parts:
+            out.append(f"skipped {self.n_skipped} of {self.rows} rows: " + "; ".join(parts))
+        if self.changed:
+            out.append("kept with changes: " + "; ".join(f"{len(ls)} {why} ({lines(ls)})"
+                                                          for why, ls in self.changed.items()))
+        if not out:
+            return None
+        flags = " (--strict stops at such rows instead)" if self.skipped or self.changed else ""
+        return f"{self.path}: " + "; ".join(out) + flags
 
 
 def _kind(path: Path) -> str:
@@ -129,34 +177,43 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
             yield n, row
 
 
-# ---- small validators (raise ValueError with a short reason) ---------------------------------
-def load_records(path, fmt: str | None, detect, convert, skip_bad_rows: bool):
-    """Convert every row of a file. `convert(row, fmt)` returns a list of records (empty: an
-    uninformative row, counted as skipped). The format is fixed by the first row that converts.
-    With `skip_bad_rows`, unreadable and malformed rows are counted and reported once as a
-    `SkippedRowsWarning` (the command line prints it even with --quiet)."""
-    out, uninformative, bad = [], 0, []
+# ---- rows to records ---------------------------------------------------------------------------
+def load_records(path, fmt: str | None, detect, convert, skip_bad_rows: bool = False, strict: bool = False):
+    """Convert every row of a file -> (records, RowReport). `convert(row, fmt, notes)` returns a
+    list of records and appends to `notes` what it changed in a row it keeps; it raises `Quirk`
+    for a row to skip and ValueError for a malformed one. The format is fixed by the first row
+    that converts. Anything skipped or changed is reported once as a `SkippedRowsWarning`."""
+    out, report = [], RowReport(str(path))
 
     def unreadable(e: DataError):
+        report.rows += 1
         if not skip_bad_rows:
             raise DataError(e.what, e.path, e.line, _SKIP_FIX)
-        bad.append(e)
+        report.bad.append(e)
 
     for line, row in read_rows(path, unreadable):
+        report.rows += 1
+        notes: list[str] = []
         try:
             row_fmt = fmt or detect(row)
-            records = convert(row, row_fmt)
+            records = convert(row, row_fmt, notes)
+        except Quirk as e:
+            if strict:
+                raise DataError(str(e), path, line, _STRICT_FIX) from None
+            report.skipped.setdefault(str(e), []).append(line)
+            continue
         except ValueError as e:
             if not skip_bad_rows:
                 raise DataError(f"bad row ({e})", path, line, _SKIP_FIX) from None
-            bad.append(DataError(f"bad row ({e})", path, line))
+            report.bad.append(DataError(f"bad row ({e})", path, line))
             continue
+        if notes and strict:
+            raise DataError(notes[0], path, line, _STRICT_FIX)
+        for n in dict.fromkeys(notes):
+            report.changed.setdefault(n, []).append(line)
         fmt = row_fmt
-        if not records:
-            uninformative += 1
         out.extend(records)
-    if bad:
-        first = bad[0]
-        warnings.warn(f"skipped {len(bad)} bad row(s) in {path} (the first at line {first.line}: {first.what})",
-                      SkippedRowsWarning, stacklevel=3)
-    return out, uninformative + len(bad)
+    text = report.summary()
+    if text:
+        warnings.warn(text, SkippedRowsWarning, stacklevel=3)
+    return out, report

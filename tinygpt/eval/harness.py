@@ -258,7 +258,7 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
              shots: int = 0, batch: int = 8, device: str = "auto", out=None, fewshot_data=None,
              stride: int | None = None, max_new_tokens: int | None = None, against=None,
              against_lora=(), judge=None, tie_margin: float = 0.0, label: str | None = None,
-             seed: int = 1234, log_samples: bool = False, log=print) -> dict:
+             seed: int = 1234, log_samples: bool = False, log=print, allow_nonfinite: bool = False) -> dict:
     """Evaluate a model (+ adapters) on tasks; returns (and writes to `out`) the results dict.
     Chat tasks render with the one template rule (`stages.common.resolve_template`); GSM8K uses a
     template only when one is given or recorded in the model files (else plain text, for a base)."""
@@ -270,7 +270,7 @@ def evaluate(model_path, tasks, lora=(), data=None, limit: int | None = None, te
     if shots < 0:
         raise UserError(f"--shots must be >= 0, got {shots}")
     dev, _, _ = setup_device(device)
-    model, tok = load_model_and_tokenizer(model_path, lora=lora, device=dev)
+    model, tok = load_model_and_tokenizer(model_path, lora=lora, device=dev, allow_nonfinite=allow_nonfinite)
     chosen = resolve_template(template, tok, model_path, lora, fallback=False)
     template = chosen.name if chosen is not None else None
     ctx = EvalContext(model, tok, chosen, shots, batch, limit,

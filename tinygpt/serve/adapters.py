@@ -142,8 +142,8 @@ class ServedAdapters:
 
     def _wrap_linears(self, model, loaded, device, dtype) -> None:
         per_module: dict = {}
-        for j, ((tensors, info), path) in enumerate(loaded):
-            for name, (m, a, b) in adapter_pairs(model, tensors, info, path).items():
+        for j, ((tensors, info), _) in enumerate(loaded):
+            for name, (m, a, b) in adapter_pairs(model, tensors, info).items():
                 per_module.setdefault(name, (m, []))[1].append((j, a, b, info["alpha"] / info["rank"]))
         for m, parts in per_module.values():
             A = torch.cat([a for _, a, _, _ in parts]).to(device, dtype)                   # (R, in)

@@ -19,7 +19,7 @@ import uvicorn
 from ..device import DTYPE_NAMES, DeviceOptions, resolve_dtype, setup_device
 from ..errors import UserError
 from ..load import load_model_and_tokenizer
-from ..options import at_least, between, option
+from ..options import SEED, at_least, between, option
 from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs
 from .adapters import ServedAdapters, adapter_files
 from .app import create_app
@@ -47,7 +47,7 @@ class ServeOptions(ModelOptions, TemplateOptions, DeviceOptions):
     max_body: int = option(1 << 20, "largest request body, in bytes", check=at_least(1024))
     dtype: str = option("auto", "weights and KV cache dtype", choices=DTYPE_NAMES)
     cuda_graph: bool = option(True, "replay decode steps as CUDA graphs on CUDA", negate="--no-cuda-graph")
-    seed: int = option(0, "seed of the sampler of requests without a seed")
+    seed: int = option(0, "seed of the sampler of requests without a seed", check=SEED)
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 

@@ -34,8 +34,9 @@ from ..device import setup_device
 from ..errors import UserError
 from ..io import check_writable, file_sha256, fingerprint
 from ..load import load_model_and_tokenizer
-from ..lora import DEFAULT_TARGETS, apply_lora, merge_and_unload, read_adapter
-from ..options import Options, at_least, between, option
+from ..lora import DEFAULT_TARGETS, apply_lora, check_rank, merge_and_unload
+from ..options import Options, at_least, between, each, option
+from ..train.engine import run_dir_for
 from ..train.optim import default_warmup
 
 CHATML = "chatml"
@@ -50,7 +51,9 @@ class ModelOptions(Options):
     model: str = option(None, ".tinygpt file, Hugging Face folder or .gguf", positional=True, required=True)
     lora: list[str] = option([], "adapter file, as PATH or PATH:WEIGHT (repeatable; they stack in order)", repeat=True)
     lora_weight: list[float] = option([], "weight of the --lora at the same position (older spelling of "
-                                          "PATH:WEIGHT)", repeat=True)
+                                          "PATH:WEIGHT)", repeat=True, check=each(between(-100, 100)))
+    allow_nonfinite: bool = option(False, "load weights holding NaN or infinite values (to inspect a diverged "
+                                   "model; refused otherwise)")
 
     def check(self) -> None:
         lora_specs(self)
@@ -67,12 +70,22 @@ class TemplateOptions(Options):
 
 
 @dataclass
-class RowOptions(Options):
+class RowCheckOptions(Options):
+    """What reading rows does with malformed and quirky rows (every data and prompt file)."""
+
+    group = "data"
+    skip_bad_rows: bool = option(False, "skip malformed rows (not JSON, a missing or mistyped field) instead of "
+                                 "stopping")
+    strict: bool = option(False, "stop at any row that would be skipped or changed (an empty reply, identical "
+                          "replies, no reply, leading assistant turns) instead of skipping it")
+
+
+@dataclass
+class RowOptions(RowCheckOptions):
     """How a data file's rows are read."""
 
     group = "data"
     format: str | None = option(None, "row format", auto="detected from the first row")
-    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
 
 
 @dataclass
@@ -81,8 +94,9 @@ class LoRAOptions(Options):
 
     group = "LoRA"
     full: bool = option(False, "train every weight and write a .tinygpt (default: a LoRA adapter, .lora)")
-    lora_rank: int = option(16, "rank of the new adapter", check=at_least(1))
-    lora_alpha: float = option(32.0, "alpha of the new adapter (scale alpha/rank)", check=at_least(1e-12))
+    lora_rank: int = option(16, "rank of the new adapter (at most the smaller side of each wrapped layer)",
+                            check=between(1, 1 << 16))
+    lora_alpha: float = option(32.0, "alpha of the new adapter (scale alpha/rank)", check=between(0, 1e6, lo_open=True))
     lora_dropout: float = option(0.0, "dropout on the adapter's input", check=between(0, 1, hi_open=True))
     lora_targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers the adapter wraps (comma-separated)",
                                      check=lambda v: None if v else "must name at least one layer")
@@ -108,7 +122,7 @@ class PairDataOptions(RowOptions, TemplateOptions):
     max_length: int = option(1024, "prompt + reply tokens (replies cut at the end)", check=at_least(2))
     max_prompt_length: int = option(512, "prompt tokens kept (cut from the left)", check=at_least(1))
     epochs: float | None = option(None, "train for this many epochs (instead of --steps)", auto="1",
-                                  check=lambda v: None if v is None or v > 0 else "must be > 0")
+                                  check=between(0, 1e6, lo_open=True))
     val_split: float = option(0.0, "fraction of pairs held out for validation", check=between(0, 1, hi_open=True))
     packing: bool = option(True, "one sequence per row, right-padded", negate="--no-packing")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
@@ -157,8 +171,17 @@ def load_for_command(opts, device="auto"):
     loaded with its stacked adapters on this process's device."""
     check_inputs(opts)
     dev, _, _ = setup_device(device)
-    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), device=dev)
-    return dev, model, tok
+    return (dev, *load_opts_model(opts, device=dev))
+
+
+def load_opts_model(opts, **kw):
+    """(model, tokenizer) of ModelOptions: the model with its stacked adapters, finiteness as
+    --allow-nonfinite says; a new adapter's rank (LoRAOptions) checked against it at once."""
+    model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), allow_nonfinite=opts.allow_nonfinite,
+                                          **kw)
+    if hasattr(opts, "lora_rank") and not opts.full:
+        check_rank(model, opts.lora_rank, opts.lora_targets)
+    return model, tok
 
 
 def check_inputs(opts, *paths) -> None:
@@ -179,6 +202,9 @@ def check_out(out, full: bool | None = None) -> None:
     if out is None:
         raise UserError("--out is required", None, "give the output file")
     check_writable(out)
+    run = run_dir_for(out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"the run folder beside --out is a file: {run}", str(out), "move that file or choose another --out")
     if full is None:
         return
     lora_out = Path(out).suffix == ".lora"
@@ -221,7 +247,7 @@ def recorded_templates(model_path=None, adapters=()) -> list[tuple[str, str]]:
                 out.append((str(path), _recorded(meta)))
     for spec in adapters:
         path = spec if isinstance(spec, (str, Path)) else spec[0]
-        t = _recorded(read_adapter(path)[1]["extra"])
+        t = _recorded(_file_meta(path))
         if t:
             out.append((str(path), t))
     return out

@@ -32,7 +32,6 @@ from ..data.pairs import ItemBatches, cache_key, load_items
 from ..device import autocast
 from ..errors import UserError
 from ..io import load_tensors, save_tensors
-from ..load import load_model_and_tokenizer
 from ..logprobs import LogProbModel, sequence_logprobs
 from ..lora import disable_lora, save_adapter
 from ..losses import DPO_LOSS_TYPES, dpo_loss, kto_loss, orpo_loss, simpo_loss
@@ -47,6 +46,7 @@ from .common import (
     check_out,
     compile_blocks,
     epochs_to_steps,
+    load_opts_model,
     lora_specs,
     make_trainable,
     reference_for,
@@ -162,14 +162,14 @@ class PreferenceTrainer(Stage):
         self.device, self.rank, self.world, self.dtype = run.device, run.rank, run.world, run.dtype
         if self.gpt is None:
             check_inputs(o, ("--data", o.data))
-            self.gpt, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o))
+            self.gpt, self.tok = load_opts_model(o)
         self.gpt.grad_checkpointing = o.grad_checkpointing
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         template_tokens(self.gpt, self.tok, self.template, may_add=o.full, where=f"--template {self.template.name}")
         max_length = min(o.max_length, self.gpt.config.block_size)
         if self.items is None:
             items, n = load_items(o.data, self.kind, self.tok, self.template, o.format, o.skip_bad_rows, max_length,
-                                  min(o.max_prompt_length, max_length - 1), o.seed)
+                                  min(o.max_prompt_length, max_length - 1), o.seed, o.strict)
             run.log(f"{len(items)} examples from {o.data} ({n['skipped']} rows skipped, {n['dropped']} identical "
                     "after truncation)")
             self.items, self.val_items = split_items(items, o.val_split, o.seed)
@@ -288,7 +288,7 @@ class PreferenceTrainer(Stage):
         return self.evaluate()
 
     def save(self, final: bool) -> None:
-        meta = {"stage": self.opts.command, **template_record(self.template)}
+        meta = {"stage": self.opts.command, **template_record(self.template), **self.artifact_metadata()}
         if self.opts.full:
             save_model(self.opts.out, self.gpt, self.tok, meta)
         else:

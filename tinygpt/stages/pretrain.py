@@ -4,6 +4,11 @@ The stage supplies its data (cached uint16/uint32 token shards, random windows p
 loss step and its validation; the engine does the rest. A tokenizer is trained on the corpus
 unless one is given (`--tokenizer`, `--byte-tokenizer`); `--init` continues pretraining a
 `.tinygpt`, Hugging Face folder or `.gguf` instead of building a fresh model.
+
+Context: `--ctx` is the length of the training windows. A fresh model's context (block_size,
+what its position tables cover) is `--block-size` when given, else `--ctx` when that fits the
+preset, else the preset's; a `--ctx` beyond the model's context is an error naming
+`--block-size` (enlarging a model is asked for explicitly, never done by a window length).
 """
 from __future__ import annotations
 
@@ -13,7 +18,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_model
-from ..config import ARCHS, PRESETS, ModelConfig, arch_overrides, pad_vocab
+from ..config import (
+    ARCHS,
+    LIMITS,
+    MAX_BLOCK_SIZE,
+    PRESETS,
+    ModelConfig,
+    arch_overrides,
+    pad_vocab,
+)
 from ..data.corpus import TokenBatches, expand_paths, read_documents, tokenize_corpus
 from ..errors import UserError
 from ..load import load_model_and_tokenizer
@@ -35,13 +48,18 @@ class PretrainOptions(TrainOptions):
                                required=True)
     preset: str = option("tiny", "model size", choices=tuple(PRESETS))
     depth: int | None = option(None, "one scaling dial: width 64*depth, heads of 128 (overrides --preset)",
-                               check=at_least(1))
+                               check=between(1, LIMITS["n_layer"][1]))
     arch: str | None = option(None, "block family over that shape (default: the preset's); llama, qwen2 and "
                               "gpt2 export to transformers and GGUF", choices=tuple(ARCHS))
     tokenizer: str | None = option(None, "tokenizer.json or Hugging Face folder", auto="train one on the corpus")
-    vocab_size: int = option(4096, "vocabulary of the tokenizer trained here", check=at_least(261))
+    vocab_size: int = option(4096, "vocabulary of the tokenizer trained here",
+                             check=between(261, LIMITS["vocab_size"][1]))
     byte_tokenizer: bool = option(False, "use 256 bytes + specials, no BPE")
-    ctx: int | None = option(None, "context length", auto="the preset's", check=at_least(1))
+    ctx: int | None = option(None, "positions per training window", auto="the model's context",
+                             check=between(1, MAX_BLOCK_SIZE))
+    block_size: int | None = option(None, "context of a fresh model (positions it can attend over)",
+                                    auto="--ctx when it fits the preset, else the preset's",
+                                    check=between(2, MAX_BLOCK_SIZE))
     val_split: float = option(0.0, "fraction of documents held out for validation", check=between(0, 1, hi_open=True))
     init: str | None = option(None, "continue pretraining from this .tinygpt, Hugging Face folder or .gguf")
     steps: int | None = option(1000, "optimizer steps", check=at_least(1))
@@ -54,9 +72,18 @@ class PretrainOptions(TrainOptions):
     def check(self) -> None:
         if self.tokenizer and self.byte_tokenizer:
             raise UserError("--tokenizer and --byte-tokenizer both given", None, "give one of them")
-        if self.init and (self.tokenizer or self.byte_tokenizer or self.depth or self.arch):
+        if self.init and (self.tokenizer or self.byte_tokenizer or self.depth or self.arch or self.block_size):
             raise UserError("--init continues an existing model: its tokenizer and shape are fixed", None,
-                            "drop --tokenizer/--byte-tokenizer/--depth/--arch")
+                            "drop --tokenizer/--byte-tokenizer/--depth/--arch/--block-size")
+        if self.ctx and self.block_size and self.ctx > self.block_size:
+            raise UserError(f"--ctx {self.ctx} exceeds --block-size {self.block_size}", None,
+                            "raise --block-size or lower --ctx")
+        if self.ctx and not self.block_size and not self.init:
+            block = PRESETS[self.preset]["block_size"] if self.depth is None else ModelConfig.block_size
+            if self.ctx > block:
+                raise UserError(f"--ctx {self.ctx} exceeds the model's context ({block}, "
+                                f"{'--preset ' + self.preset if self.depth is None else '--depth'})", None,
+                                f"give --block-size {self.ctx} to build a model with that context, or lower --ctx")
         super().check()
 
 
@@ -83,8 +110,8 @@ def build_tokenizer(opts: PretrainOptions, log=print) -> Tokenizer:
 
 def build_model_config(opts: PretrainOptions, tok: Tokenizer) -> ModelConfig:
     over = {"vocab_size": pad_vocab(tok.vocab_size), **arch_overrides(opts.arch)}
-    if opts.ctx:
-        over["block_size"] = opts.ctx
+    if opts.block_size or opts.ctx:
+        over["block_size"] = opts.block_size or opts.ctx      # check() keeps --ctx within the preset's
     if opts.depth:
         return ModelConfig.from_depth(opts.depth, **over)
     return ModelConfig.from_name(opts.preset, **over)
@@ -119,7 +146,8 @@ class PretrainStage(Stage):
         cfg = self.model.config
         self.ctx = o.ctx or cfg.block_size
         if self.ctx > cfg.block_size:
-            raise UserError(f"--ctx {self.ctx} exceeds the model's context {cfg.block_size}", None, "lower --ctx")
+            raise UserError(f"--ctx {self.ctx} exceeds the model's context {cfg.block_size}", o.init,
+                            "lower --ctx (the context of a model read with --init is fixed)")
         self.model.to(run.device)
         out = Path(o.out)
         data = tokenize_corpus(o.corpus, self.tok, out.parent / ".tinygpt-cache", o.val_split, o.seed, log)
@@ -149,6 +177,6 @@ class PretrainStage(Stage):
         return {"val_loss": tot / cnt}
 
     def save(self, final: bool) -> None:
-        save_model(self.opts.out, self.model, self.tok)
+        save_model(self.opts.out, self.model, self.tok, self.artifact_metadata())
         if final:
             self.log(f"saved {self.opts.out}")

@@ -14,7 +14,6 @@ import torch
 
 from ..data.pairs import ItemBatches, load_items
 from ..errors import UserError
-from ..load import load_model_and_tokenizer
 from ..lora import merge_and_unload
 from ..losses import bradley_terry_loss
 from ..options import at_least, between, option
@@ -27,6 +26,7 @@ from .common import (
     check_out,
     compile_blocks,
     epochs_to_steps,
+    load_opts_model,
     lora_specs,
     resolve_plan,
     resolve_template,
@@ -87,14 +87,14 @@ class RewardModelTrainer(Stage):
         self.device, self.world = run.device, run.world
         if self.gpt is None:
             check_inputs(o, ("--data", o.data))
-            self.gpt, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o))
+            self.gpt, self.tok = load_opts_model(o)
         merge_and_unload(self.gpt)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         template_tokens(self.gpt, self.tok, self.template, may_add=True, where=f"--template {self.template.name}")
         max_length = min(o.max_length, self.gpt.config.block_size)
         if self.items is None:
             items, n = load_items(o.data, "pair", self.tok, self.template, o.format, o.skip_bad_rows, max_length,
-                                  min(o.max_prompt_length, max_length - 1))
+                                  min(o.max_prompt_length, max_length - 1), strict=o.strict)
             run.log(f"{len(items)} pairs from {o.data} ({n['skipped']} rows skipped, {n['dropped']} identical after "
                     "truncation)")
             self.items, self.val_items = split_items(items, o.val_split, o.seed)
@@ -139,6 +139,6 @@ class RewardModelTrainer(Stage):
         return self.evaluate()
 
     def save(self, final: bool) -> None:
-        self.rm.save(self.opts.out, template_record(self.template))
+        self.rm.save(self.opts.out, {**template_record(self.template), **self.artifact_metadata()})
         if final:
             self.log(f"saved {self.opts.out}")

@@ -78,10 +78,12 @@ from ..verifiers import reward_source
 from .common import (
     LoRAOptions,
     ModelOptions,
+    RowCheckOptions,
     SamplingOptions,
     TemplateOptions,
     check_inputs,
     check_out,
+    load_opts_model,
     lora_specs,
     make_trainable,
     reference_for,
@@ -94,7 +96,7 @@ from .common import (
 
 
 @dataclass
-class RLOptions(ModelOptions, TemplateOptions, LoRAOptions, SamplingOptions, TrainOptions):
+class RLOptions(ModelOptions, TemplateOptions, RowCheckOptions, LoRAOptions, SamplingOptions, TrainOptions):
     """Prompts, the reward, and the rollout and update settings PPO and GRPO share."""
 
     group = "online RL"
@@ -116,7 +118,6 @@ class RLOptions(ModelOptions, TemplateOptions, LoRAOptions, SamplingOptions, Tra
     kl_horizon: int = option(10000, "adaptive KL controller horizon, in sequences", check=at_least(1))
     max_kl: float = option(0.0, "stop an iteration's epochs above this approximate KL (0: off)", check=at_least(0))
     samples: int = option(4, "completions per iteration written to samples.jsonl", check=at_least(0))
-    skip_bad_rows: bool = option(False, "skip malformed rows instead of stopping")
     lr: float | None = option(None, "peak learning rate", auto="1e-5, or 1e-6 with --full",
                               check=between(0, 1, lo_open=True))
     lr_schedule: str = option("constant", "learning-rate schedule", choices=("cosine", "linear", "constant", "wsd"))
@@ -213,8 +214,7 @@ class RLTrainer(Stage):
         if self.policy is None:
             check_inputs(o, ("--prompts", o.prompts), ("--reward", o.reward), ("--value-model", self._value_path()))
             # LoRA: the frozen base may live in bf16, the adapter trains in float32; --full keeps fp32 weights
-            self.policy, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o), device=run.device,
-                                                             dtype=torch.float32 if o.full else run.dtype)
+            self.policy, self.tok = load_opts_model(o, device=run.device, dtype=torch.float32 if o.full else run.dtype)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         if self.prompts is None:             # prompts given as token ids need no template tokens
             template_tokens(self.policy, self.tok, self.template, may_add=False, where=str(o.model))
@@ -258,7 +258,7 @@ class RLTrainer(Stage):
 
     def _load_prompts(self, log) -> list:
         o = self.opts
-        rows = load_prompts(o.prompts, o.skip_bad_rows)
+        rows, report = load_prompts(o.prompts, o.skip_bad_rows, o.strict)   # warns of skipped rows
         prompts, dropped = encode_prompts(self.tok, self.template, rows,
                                           self.policy.config.block_size - o.max_new_tokens)
         if dropped:
@@ -393,7 +393,7 @@ class RLTrainer(Stage):
         if self.rank != 0:
             return
         o = self.opts
-        meta = {"stage": self.kind, **template_record(self.template),
+        meta = {"stage": self.kind, **template_record(self.template), **self.artifact_metadata(),
                 "stacked_on": json.dumps([str(p) for p, _ in lora_specs(o)])}
         if isinstance(self.reference, str):
             save_adapter(self.policy, o.out, self.reference, meta)

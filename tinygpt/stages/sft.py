@@ -6,6 +6,9 @@ Design choices:
   boundaries (never from searching the token stream). Only assistant replies and their
   end-of-turn marker are trained. Everything is tokenized, truncated and packed ONCE before
   training; a batch is a gather of int32 rows (`data/packing.py`).
+- Real conversations are longer than small windows: `--truncate left` (the default) keeps each
+  final reply and cuts the oldest turns (a reply longer than --max-length is cut at its end),
+  `--truncate drop` leaves long examples out; the data line says how many went each way.
 - Packing is on by default: examples are bin-packed into rows of `ctx` positions, position ids
   restart per example and attention is block-diagonal (`model.packed_mask`: FlexAttention on
   CUDA, a dense mask on CPU), so an example's loss is the same packed or alone. `--no-packing`
@@ -33,9 +36,14 @@ import torch
 from ..chat import encode_segments, ensure_special_tokens
 from ..checkpoint import save_model
 from ..data.formats import Conversation, load_sft
-from ..data.packing import RowOrder, pack_rows, pad_examples, prepare_examples
+from ..data.packing import (
+    TRUNCATE_MODES,
+    RowOrder,
+    pack_rows,
+    pad_examples,
+    prepare_examples,
+)
 from ..errors import UserError
-from ..load import load_model_and_tokenizer
 from ..lora import (
     base_fingerprint,
     lora_modules,
@@ -45,7 +53,7 @@ from ..lora import (
 )
 from ..losses import token_cross_entropy
 from ..model import packed_mask
-from ..options import above, at_least, between, option
+from ..options import at_least, between, option
 from ..train.stage import Stage, TrainOptions
 from .common import (
     LoRAOptions,
@@ -55,6 +63,7 @@ from .common import (
     check_inputs,
     check_out,
     epochs_to_steps,
+    load_opts_model,
     lora_specs,
     make_trainable,
     resolve_plan,
@@ -71,10 +80,12 @@ class ChatDataOptions(RowOptions, TemplateOptions):
     group = "data"
     data: str | None = option(None, "SFT file (.jsonl .json .parquet): messages, sharegpt, alpaca, dolly, "
                               "prompt/completion, ...", required=True)
-    epochs: float | None = option(None, "train for this many epochs (instead of --steps)", check=above(0))
+    epochs: float | None = option(None, "train for this many epochs (instead of --steps)", check=between(0, 1e6, lo_open=True))
     ctx: int | None = option(None, "positions per packed row", auto="the model's context", check=at_least(2))
-    max_length: int | None = option(None, "longest example in tokens; prompts are cut from the left",
-                                    auto="ctx + 1", check=at_least(2))
+    max_length: int | None = option(None, "longest example in tokens (see --truncate)", auto="ctx + 1",
+                                    check=at_least(2))
+    truncate: str = option("left", "longer examples: left keeps the final reply and cuts the oldest turns (a reply "
+                           "longer than --max-length is cut at its end); drop leaves them out", choices=TRUNCATE_MODES)
     packing: bool = option(True, "one example per row, right-padded", negate="--no-packing")
     val_split: float = option(0.0, "fraction of conversations held out", check=between(0, 1, hi_open=True))
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
@@ -167,7 +178,7 @@ class SFTTrainer(Stage):
         self.device, self.rank, self.world = run.device, run.rank, run.world
         if self.model is None:
             check_inputs(o, ("--data", o.data))
-            self.model, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o))
+            self.model, self.tok = load_opts_model(o)
         model, tok, log = self.model, self.tok, run.log
         self.data_name = str(self.data) if isinstance(self.data, (str, Path)) else "<conversations>"
         if not o.full:
@@ -201,7 +212,8 @@ class SFTTrainer(Stage):
             raise UserError(f"--max-length {max_len} does not fit the row length {ctx} (+1)", None,
                             "lower --max-length or raise --ctx")
         if isinstance(self.data, (str, Path)):
-            convs, skipped = load_sft(self.data, o.format, o.skip_bad_rows)   # warns of skipped rows
+            convs, report = load_sft(self.data, o.format, o.skip_bad_rows, o.strict)   # warns of skipped rows
+            skipped = report.n_skipped
         else:
             convs, skipped = [c if isinstance(c, Conversation) else Conversation(list(c)) for c in self.data], 0
         if not convs:
@@ -215,11 +227,11 @@ class SFTTrainer(Stage):
         for split, items in (("train", train_c), ("val", val_c)):
             if not items:
                 continue
-            pairs, dropped = prepare_examples(encode_conversations(self.tok, self.template, items), max_len)
-            self.stats[f"{split}_dropped"] = dropped
+            pairs, cut = prepare_examples(encode_conversations(self.tok, self.template, items), max_len, o.truncate)
+            self.stats[f"{split}_cut"] = cut
             if not pairs:
-                raise UserError(f"no {split} example fits --max-length {max_len} (all {dropped} too long)",
-                                self.data_name, "raise --max-length / --ctx")
+                raise UserError(f"no {split} example fits --max-length {max_len} (all {cut['dropped']} dropped)",
+                                self.data_name, "raise --max-length / --ctx, or --truncate left")
             rows = pack_rows(pairs, ctx, pad) if o.packing else pad_examples(pairs, pad, multiple)
             setattr(self, f"{split}_rows", rows.to(self.device))
             self.stats[f"{split}_examples"] = len(pairs)
@@ -228,9 +240,11 @@ class SFTTrainer(Stage):
 
     def _log_data(self) -> None:
         s, rows = self.stats, self.train_rows
-        msg = (f"SFT data: {s['conversations']} conversations ({s['skipped_rows']} bad rows skipped), "
-               f"{s['train_examples']} train examples, {s['train_dropped']} dropped (final reply does not "
-               f"fit --max-length {self.max_len})")
+        c = s["train_cut"]
+        msg = (f"SFT data: {s['conversations']} conversations ({s['skipped_rows']} rows skipped), "
+               f"{s['train_examples']} train examples; longer than --max-length {self.max_len}: "
+               f"{c['turns'] + c['prompt'] + c['reply']} cut (--truncate {self.opts.truncate}: {c['turns']} oldest "
+               f"turns, {c['prompt']} inside the prompt, {c['reply']} inside the final reply), {c['dropped']} dropped")
         if self.opts.packing:
             fill = rows.real_tokens() / max(1, rows.x.numel())
             msg += f"; packed into {len(rows)} rows of {self.ctx} ({fill:.0%} filled)"
@@ -265,7 +279,8 @@ class SFTTrainer(Stage):
                                  validates=self.val_rows is not None)
         self._order = RowOrder(len(self.train_rows), o.seed)
         self._key = {"model": self.model.config.to_json(), "data": self.data_name, "ctx": self.ctx,
-                     "max_length": self.max_len, "packing": o.packing, "template": self.template.name,
+                     "max_length": self.max_len, "truncate": o.truncate, "packing": o.packing,
+                     "template": self.template.name,
                      "batch": o.batch, "accum": o.accum, "seed": o.seed, "world": self.world,
                      "full": o.full, "lora": [o.lora_rank, o.lora_alpha, list(o.lora_targets)],
                      "val_split": o.val_split, "rows": len(self.train_rows)}
@@ -295,7 +310,7 @@ class SFTTrainer(Stage):
         return {"val_loss": loss / max(count, 1.0)}
 
     def save(self, final: bool) -> None:
-        o, record = self.opts, template_record(self.template)
+        o, record = self.opts, {**template_record(self.template), **self.artifact_metadata()}
         if o.full:
             save_model(o.out, self.gpt, self.tok, record)
         else:

@@ -22,7 +22,14 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
   RNG states, the stage's extra state and a key of the settings that must match), written
   atomically, so a kill at any instant leaves the previous state or the new one, whole. Batches
   are pure functions of their index, so resuming at round k and running to N gives the same
-  weights as an uninterrupted run; metrics.jsonl is cut back to round k.
+  weights as an uninterrupted run; metrics.jsonl is cut back to round k. The state carries a
+  content checksum (`io.save_tensors`): a damaged state is refused, never resumed;
+- last good, not last finite: every save first checks that the trainable weights and the
+  learning rate are finite (on every rank, so all stop together) and refuses to write otherwise;
+  a run in which no step was good (every one skipped) ends with an error and writes nothing;
+- the stage's artifact records how far training got (`artifact_metadata`: training_status
+  complete, checkpoint or interrupted, at training_step of training_steps). Ctrl-C saves under
+  --out marked interrupted (the loaders warn about such files) and says so; --resume finishes it.
 """
 from __future__ import annotations
 
@@ -41,7 +48,13 @@ from tqdm import tqdm
 
 from ..device import autocast, resolve_dtype, setup_device
 from ..errors import UserError
-from ..io import clean_temp_files, load_tensors, save_tensors
+from ..io import (
+    JsonlLog,
+    atomic_write_text,
+    clean_temp_files,
+    load_tensors,
+    save_tensors,
+)
 from .optim import lr_at, make_optimizer
 
 STATE_FILE = "state.safetensors"
@@ -53,12 +66,6 @@ def run_dir_for(out) -> Path:
     """The run folder beside an output file: `model.tinygpt` -> `model.run/`."""
     out = Path(out)
     return out.with_name(out.stem + ".run") if out.suffix else Path(str(out) + ".run")
-
-
-def strict_json(row: dict) -> str:
-    """One metrics line: non-finite floats become null (strict JSON parsers reject NaN)."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    return json.dumps(clean, allow_nan=False)
 
 
 def _stderr_log(quiet: bool):
@@ -116,7 +123,8 @@ class Engine:
         self.total_steps = stage.schedule_steps()        # optimizer steps the schedule spans
         self._ahead = None                               # (index, batch) fetched early
         self._samples = None                             # samples.jsonl, opened on first use
-        self.round = self.step = self.tokens_seen = self.bad_steps = 0
+        self.last_row: dict = {}                         # on resume, the last metrics row kept
+        self.round = self.step = self.tokens_seen = self.bad_steps = self.good_steps = 0
 
     @property
     def is_main(self) -> bool:
@@ -142,6 +150,7 @@ class Engine:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         scalars = {"round": self.round, "step": self.step, "tokens_seen": self.tokens_seen,
+                   "good_steps": self.good_steps,
                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
                    "resume_key": self.stage.resume_key(), "stage": self.stage.state_dict(),
                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
@@ -153,10 +162,14 @@ class Engine:
         if not path.exists():
             raise UserError(f"--resume: no training state in {self.run_dir}", None,
                             "train without --resume first, or check --out")
-        tensors, meta = load_tensors(path)
         try:
+            tensors, meta = load_tensors(path)
             scalars = json.loads(meta["state"])
-        except (KeyError, json.JSONDecodeError):
+            if not all(isinstance(scalars.get(k), int) for k in ("round", "step", "tokens_seen")):
+                raise KeyError("counters")
+        except UserError as e:        # damaged (checksum mismatch) or not a safetensors file
+            raise UserError(f"--resume: {e.what}", str(path), "delete the run folder to start again") from None
+        except (KeyError, TypeError, json.JSONDecodeError):
             raise UserError("--resume: the training state is not one this tinygpt wrote", str(path),
                             "delete the run folder to start again") from None
         key = self.stage.resume_key()
@@ -166,7 +179,8 @@ class Engine:
             raise UserError(f"--resume with a different configuration: {k} was {was!r}, now {now!r}",
                             str(self.run_dir), "use the original settings or start a new run")
         params = self._trainable_state()
-        if set(f"param.{n}" for n in params) != {k for k in tensors if k.startswith("param.")}:
+        if set(f"param.{n}" for n in params) != {k for k in tensors if k.startswith("param.")} or \
+                any(tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
             raise UserError("--resume: the saved weights do not match this model", str(path), "start a new run")
         with torch.no_grad():
             for n, p in params.items():
@@ -185,6 +199,7 @@ class Engine:
         if scalars.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(scalars["scaler"])
         self.round, self.step, self.tokens_seen = scalars["round"], scalars["step"], scalars["tokens_seen"]
+        self.good_steps = scalars.get("good_steps", self.step)
         self.stage.load_state_dict(scalars.get("stage") or {})
 
     # ---- one optimizer step ------------------------------------------------------------------
@@ -269,6 +284,7 @@ class Engine:
         self.tokens_seen += int(round(metrics.get("tokens", 0) * n_micro)) * self.world
         self.step += 1
         self.bad_steps = 0 if finite else self.bad_steps + 1
+        self.good_steps += int(finite)
         if not finite:
             self.log(f"step {self.step}: non-finite loss or gradient, step skipped")
             if self.bad_steps >= cfg.max_bad_steps:
@@ -277,22 +293,23 @@ class Engine:
         return {"loss": loss, "lr": lr, "grad_norm": float(norm), "finite": finite, **metrics}
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _open_log(self, name: str, resume: bool):
-        """A JSONL log of the run folder for appending: on resume, cut back to the rounds the state
-        holds (rows carry their `step`)."""
+    def _open_log(self, name: str, resume: bool) -> "JsonlLog":
+        """A JSONL log of the run folder for appending: on resume, cut back (atomically) to the
+        rounds the state holds (rows carry their `step`); the last row kept is `self.last_row`."""
         path = self.run_dir / name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume and path.exists():
             keep = []
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= self.round:
-                        keep.append(line + "\n")
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     break                       # a line cut by the kill: nothing after it is kept
-            path.write_text("".join(keep), encoding="utf-8")
-            return open(path, "a", encoding="utf-8")
-        return open(path, "w", encoding="utf-8")
+                if row.get("step", 0) <= self.round:
+                    keep.append(line + "\n")
+                    self.last_row = row
+            atomic_write_text(path, "".join(keep))
+            return JsonlLog(path, "a")
+        return JsonlLog(path, "w")
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -303,18 +320,16 @@ class Engine:
         if cfg.resume:
             self.load_state()
             self.log(f"resumed from step {self.round} ({self.run_dir})")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = self._open_log("metrics.jsonl", cfg.resume) if self.is_main else None
         progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
-        last: dict = {}
+        last = self.last_row                             # a finished run resumed: its last logged round
         self._t_round = flushed = time.perf_counter()
         try:
             while self.round < self.rounds:
                 last = self._round()
                 if metrics_file:
-                    metrics_file.write(strict_json(last) + "\n")
+                    metrics_file.write(last)
                     if time.perf_counter() - flushed > FLUSH_SECONDS:   # a write per step costs on some disks
                         metrics_file.flush()
                         flushed = time.perf_counter()
@@ -330,8 +345,7 @@ class Engine:
                 progress = None
             if metrics_file:
                 metrics_file.flush()
-            self.log(f"interrupted at step {self.round}: saving a checkpoint")
-            self.checkpoint(final=True)
+            self._interrupted()
             raise
         finally:
             if progress:
@@ -342,6 +356,20 @@ class Engine:
         self.checkpoint(final=True)
         return last
 
+    def _interrupted(self) -> None:
+        """Ctrl-C: save under --out marked interrupted at this step; before any good step only the
+        resume state (--resume continues from it; there is no model worth a file yet)."""
+        where = f"step {self.round} of {self.rounds}"
+        if self.good_steps == 0:
+            self._check_saveable(final=False)
+            if self.is_main:
+                self.save_state()
+            self.log(f"interrupted at {where}, before any good step: the resume state is saved, no model file")
+            return
+        self.checkpoint(final=True, status="interrupted")
+        self.log(f"interrupted at {where}: saved {self.cfg.out} marked as interrupted at step {self.round} "
+                 "(training_status in its metadata); --resume finishes the run")
+
     def write_samples(self, rows: list[dict]) -> None:
         """Rows for the run folder's samples.jsonl (RL completions), each with its `step`."""
         if not self.is_main:
@@ -349,7 +377,7 @@ class Engine:
         if self._samples is None:
             self._samples = self._open_log("samples.jsonl", self.cfg.resume)
         for r in rows:
-            self._samples.write(strict_json(r) + "\n")
+            self._samples.write(r)
         self._samples.flush()
 
     def _round(self) -> dict:
@@ -378,12 +406,35 @@ class Engine:
         self.model.train()
         return out
 
-    def checkpoint(self, final: bool) -> None:
-        """Write the resume state and the stage's artifact (rank 0 only)."""
+    def checkpoint(self, final: bool, status: str | None = None) -> None:
+        """Write the resume state and the stage's artifact (rank 0 only), after checking that
+        what would be saved is good (on every rank). status: what `artifact_metadata` records
+        (default: complete for the final save, checkpoint for a periodic one)."""
+        self._status = status or ("complete" if final else "checkpoint")
+        self._check_saveable(final)
         if not self.is_main:
             return
         self.save_state()
         self.stage.save(final)
+
+    def _check_saveable(self, final: bool) -> None:
+        """Non-finite weights or learning rate are never saved; neither is a run with no good step."""
+        out = str(self.cfg.out)
+        if final and self.good_steps == 0:
+            raise UserError(f"no good step: all {self.step} steps had a non-finite loss or gradient and were "
+                            "skipped, so nothing was saved", out, "lower --lr, use --dtype float32 or check the data")
+        peaks = torch._foreach_norm([p.detach() for p in self.params], float("inf")) if self.params else []
+        lr_ok = all(math.isfinite(g["lr"]) for g in self.opt.param_groups)
+        if not lr_ok or (peaks and not bool(torch.isfinite(torch.stack(peaks)).all())):
+            what = "the weights" if lr_ok else "the learning rate"
+            raise UserError(f"training diverged: {what} became non-finite by step {self.step}, so nothing was "
+                            "saved (the last saved checkpoint, if any, is kept)", out,
+                            "lower --lr or --warmup the start, and start again (or --resume from the last save)")
+
+    def artifact_metadata(self) -> dict:
+        """What a stage writes into its artifact's metadata: how far training got."""
+        return {"training_status": getattr(self, "_status", "checkpoint"), "training_step": self.round,
+                "training_steps": self.rounds}
 
 
 class Progress:

@@ -14,7 +14,8 @@ reads, plus the stage's own) and these methods, called by `Engine.fit` in this o
                                `model` is `self.model`, possibly wrapped by DDP.
     validate(model) -> dict    held-out metrics (`val_loss`, ...), called every `val_every` steps
                                (the plan sets val_every 0 when there is nothing to validate).
-    save(final)                write the stage's artifact (a .tinygpt, a .lora, ...).
+    save(final)                write the stage's artifact (a .tinygpt, a .lora, ...), with
+                               `self.artifact_metadata()` in its metadata (how far training got).
     summary(last) -> str       the one line the command prints at the end.
 
 RL stages also define `iteration(engine, it) -> metrics`: one round of the outer loop (generate
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
-from ..options import at_least, between, option
+from ..options import SEED, at_least, between, option
 from .engine import fit
 from .optim import SCHEDULES
 
@@ -61,7 +62,7 @@ class TrainOptions(DeviceOptions):
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
     val_every: int | None = option(0, "validation every N steps (0 = off)", check=at_least(0))
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", check=at_least(1))
-    seed: int = option(0, "random seed (data order, initialisation, sampling)")
+    seed: int = option(0, "random seed (data order, initialisation, sampling)", check=SEED)
     resume: bool = option(False, "continue from the run folder's saved state")
     quiet: bool = option(False, "no progress bar or set-up messages")
 
@@ -104,6 +105,11 @@ class Stage:
 
     def schedule_steps(self) -> int:
         return self.plan.steps
+
+    def artifact_metadata(self) -> dict:
+        """Metadata every artifact carries: training_status (complete, checkpoint, interrupted),
+        training_step and training_steps (empty outside the engine)."""
+        return self.engine.artifact_metadata() if self.engine is not None else {}
 
     def state_dict(self) -> dict:
         return {}
