@@ -88,7 +88,7 @@ def test_lora_sft_loss_goes_down_and_writes_an_adapter(setup):
     assert "val_loss" in m[14] and "val_loss" in m[29] and m[29]["val_loss"] < m[14]["val_loss"] * 1.05
     assert all(r["tokens"] > 0 for r in m)
     model, _ = load_model_and_tokenizer(base, lora=[out])
-    assert len(lora_modules(model)) == 6 * model.config.n_layer
+    assert len(lora_modules(model)) == 7 * model.config.n_layer    # q, k, v, o, gate, up, down
 
 
 def test_packed_and_padded_data_give_the_same_total_loss(setup):
@@ -197,7 +197,7 @@ def test_stacked_adapter_trains_on_top_of_a_frozen_one(setup):
     third = base.parent / "third.lora"
     t = _trainer(model, tok, data, third, ctx=64, lora_rank=2, lora=[str(first)], steps=3, batch=4, lr=1e-2)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if ".default" not in k and "token_rows" not in k}
-    assert sum(".lora_A.a0" in k for k in frozen) == 6 * model.config.n_layer
+    assert sum(".lora_A.a0" in k for k in frozen) == 7 * model.config.n_layer
     with torch.no_grad():
         s, c, _ = sft_loss_step(ref.train(), t.train_rows.batch(RowOrder(len(t.train_rows), 0).take(0, 4)))
     t.train()

@@ -164,6 +164,7 @@ class PreferenceTrainer(Stage):
             check_inputs(o, ("--data", o.data))
             self.gpt, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o))
         self.gpt.grad_checkpointing = o.grad_checkpointing
+        self.gpt.set_dropout(0.0)        # policy and reference log-probs must not be noisy (TRL does the same)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         template_tokens(self.gpt, self.tok, self.template, may_add=o.full, where=f"--template {self.template.name}")
         max_length = min(o.max_length, self.gpt.config.block_size)

@@ -89,6 +89,7 @@ class RewardModelTrainer(Stage):
             check_inputs(o, ("--data", o.data))
             self.gpt, self.tok = load_model_and_tokenizer(o.model, lora=lora_specs(o))
         merge_and_unload(self.gpt)
+        self.gpt.set_dropout(0.0)        # chosen and rejected are compared: no noise between them (as TRL)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         template_tokens(self.gpt, self.tok, self.template, may_add=True, where=f"--template {self.template.name}")
         max_length = min(o.max_length, self.gpt.config.block_size)
