@@ -190,8 +190,8 @@ def prepare_python(args, work: Path) -> dict:
             break
         sample.append(text)
         size += len(text)
-    tok = Tokenizer.train(sample, args.vocab)
-    tok.save(work / "tokenizer.json")
+    Tokenizer.train(sample, args.vocab).save(work / "tokenizer.json")
+    tok = Tokenizer.load(work / "tokenizer.json")      # as `tinygpt train --tokenizer` will read it (same cache key)
     corpus = work / "train.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
         for text in train:

@@ -87,6 +87,9 @@ def test_shape_options_override_the_preset_and_block_size_rules(tmp_path, capsys
     assert (c.mlp, c.norm, c.pos_emb, c.qk_norm, c.tie_embeddings) == ("gelu", "layernorm", "learned", False, True)
     assert main(common + ["--preset", "nano", "--ctx", "200"]) == 0               # --ctx alone sets the context
     assert load_model(out)[0].config.block_size == 200
+    assert main(common + ["--depth", "2", "--ctx", "32"]) == 0                    # the dial builds the default block
+    c = load_model(out)[0].config
+    assert (c.n_layer, c.n_embd, c.n_head, c.mlp, c.qk_norm, c.tie_embeddings) == (2, 128, 1, "swiglu", True, False)
     out.unlink()
     shutil.rmtree(tmp_path / ".tinygpt-cache")
     for argv, words in ((["--ctx", "128", "--block-size", "64"], ["--ctx 128 exceeds --block-size 64"]),

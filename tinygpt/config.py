@@ -40,7 +40,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "relu2"
+    mlp: str = "swiglu"
     bias: bool = False            # biases on every linear layer and norm (GPT-2)
     qkv_bias: bool = False        # biases on q/k/v only (Qwen2)
     qk_norm: bool = True          # RMSNorm on queries and keys per head
@@ -102,7 +102,7 @@ class ModelConfig:
             raise UserError(f"--depth must be >= 1, got {depth}")
         n_embd = 64 * depth
         n_head = max(1, n_embd // 128)
-        return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
+        return cls(**{**ARCHS[DEFAULT_ARCH], "n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
 
 
 # Block families (`tinygpt train --arch`). `qwen3` is the presets' own: Qwen3's block with an untied

@@ -2,8 +2,8 @@
 
 Design choices:
 - One class covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied head), Llama/SmolLM2
-  (RoPE, RMSNorm, SwiGLU, GQA), Qwen2 (plus q/k/v biases) and the modern small-model block
-  (RoPE, RMSNorm, ReLU^2, QK-norm, untied head). Which one is decided by `ModelConfig` alone.
+  (RoPE, RMSNorm, SwiGLU, GQA), Qwen2 (plus q/k/v biases), Qwen3 (plus per-head QK-norm: the
+  presets' block) and nanochat's block (ReLU^2 MLP). Which one is decided by `ModelConfig` alone.
 - Parameter names follow Hugging Face Llama (`model.layers.N.self_attn.q_proj.weight`, ...), so
   export and import are name maps, not rewrites.
 - `forward` returns logits; `hidden` returns the final normalised hidden states for heads that
