@@ -3,6 +3,7 @@ token-level split), keep-best and early stop in the engine, and Muon."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,20 +12,22 @@ import torch
 from tinygpt.checkpoint import load_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
-from tinygpt.data.corpus import TokenBatches, eval_windows, split_documents, tokenize_corpus, window_batches
+from tinygpt.data.corpus import eval_windows, split_documents, tokenize_corpus, window_batches
 from tinygpt.errors import UserError
 from tinygpt.eval.ppl import window_loss
 from tinygpt.generate import generate
-from tinygpt.io import load_tensors
 from tinygpt.model import GPT
+from tinygpt.stages.common import resolve_plan
 from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step
 from tinygpt.tokenizer import Tokenizer
+import tinygpt.train.engine as engine_mod
 from tinygpt.train.engine import prepare
 from tinygpt.train.optim import is_hidden_matrix
 from tinygpt.train.stage import FunctionStage, TrainOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-BOOK = " ".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} ran to the {['mill', 'sea'][i % 2]}." for i in range(300))
+BOOK = " ".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} ran to the {['mill', 'sea'][i % 2]}."
+               for i in range(300))
 
 
 def _nano(dropout=0.0, **kw):
@@ -64,8 +67,9 @@ def test_dropout_is_recorded_in_the_model_file(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(BOOK)
     out = tmp_path / "m.tinygpt"
-    assert main(["train", "--corpus", str(corpus), "--preset", "nano", "--byte-tokenizer", "--ctx", "32", "--steps", "2",
-                 "--batch", "2", "--dropout", "0.2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert main(["train", "--corpus", str(corpus), "--preset", "nano", "--byte-tokenizer", "--ctx", "32",
+                 "--steps", "2", "--batch", "2", "--dropout", "0.2", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 0
     model, _, _ = load_model(out)
     assert model.config.dropout == 0.2 and model.model.layers[0].self_attn.dropout == 0.2
 
@@ -214,7 +218,6 @@ def test_early_stop_after_k_validations_without_improvement(tmp_path):
 
 
 def test_resume_with_keep_best_keeps_the_best_so_far(tmp_path, monkeypatch):
-    import tinygpt.train.engine as engine_mod
     values = [3.0, 1.0, 2.0, 1.5, 0.5, 0.7]
     stage, saves = _scripted(tmp_path, values, steps=6, keep_best=True, save_every=1, early_stop=3)
     real = engine_mod.Engine._round
@@ -318,3 +321,11 @@ def test_muon_gradient_accumulation_matches_one_big_batch(tmp_path):
     rel = float((flat(d1) - flat(d4)).norm() / flat(d1).norm())
     far = float((flat(d1) - flat(other)).norm() / flat(d1).norm())
     assert rel < 0.01 and far > 0.3, (rel, far)
+
+
+def test_keep_best_validates_twenty_times_unless_told():
+    o = PretrainOptions(corpus=["c.txt"], out="m.tinygpt", val_split=0.1, keep_best=True)
+    assert resolve_plan(o, 1000, validates=True).val_every == 50
+    assert resolve_plan(replace(o, keep_best=False, early_stop=3), 1000, validates=True).val_every == 50
+    assert resolve_plan(replace(o, keep_best=False), 1000, validates=True).val_every == 1000   # at the end
+    assert resolve_plan(replace(o, val_every=7), 1000, validates=True).val_every == 7

@@ -20,7 +20,8 @@ from tinygpt.model import GPT  # noqa: E402
 from tinygpt.tokenizer import Tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TEXT = "".join(f"{['ROMEO', 'JULIET'][i % 2]}:\nWhat light through yonder window {i % 7} breaks?\n\n" for i in range(200))
+TEXT = "".join(f"{['ROMEO', 'JULIET'][i % 2]}:\nWhat light through yonder window {i % 7} breaks?\n\n"
+               for i in range(200))
 TINY = ["--device", "cpu", "--no-compile", "--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32",
         "--set", "ctx=32", "--set", "batch=4", "--set", "steps=6", "--set", "eval_every=3", "--set", "warmup=1"]
 

@@ -34,7 +34,7 @@ from ..losses import token_cross_entropy
 from ..model import GPT
 from ..options import Options, at_least, between, option
 from ..tokenizer import Tokenizer
-from ..train.stage import Stage, TrainOptions
+from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import check_out, resolve_plan
 
 DEFAULT_VAL_TOKENS = 1 << 20
@@ -100,7 +100,7 @@ class PretrainOptions(ModelShapeOptions, TrainOptions):
     batch: int = option(16, "micro-batch size (rows)", check=at_least(1))
     lr: float | None = option(1e-3, "peak learning rate", check=between(0, 1, lo_open=True))
     warmup: int | None = option(None, "warmup steps", auto="50, at most 10% of the steps", check=at_least(0))
-    val_every: int | None = option(None, "validation every N steps", auto="with --val-split: at the end",
+    val_every: int | None = option(None, "validation every N steps", auto=AUTO_VAL_EVERY,
                                    check=at_least(0))
 
     def check(self) -> None:

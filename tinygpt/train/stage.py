@@ -43,6 +43,9 @@ from .engine import fit
 from .optim import DEFAULT_OPTIMIZER, MUON_LR, OPTIMIZERS, SCHEDULES
 
 
+AUTO_VAL_EVERY = "with --val-split: at the end; with --keep-best or --early-stop too: 20 times over the run"
+
+
 @dataclass
 class TrainOptions(DeviceOptions):
     """The options every training stage has; the engine reads them from the stage's plan."""
