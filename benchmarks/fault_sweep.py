@@ -89,7 +89,7 @@ def value_cases() -> list[dict]:
                 v = str(int(v)) if kind is int and not isinstance(v, str) else str(v)
                 out.append({"group": "values", "id": f"{name} {s.flag} {v}", "argv": argv + [s.flag, v],
                             "expect": "error"})
-    hand = [("train", ["--tokenizer", "{tmp}/tok.json"]), ("train", ["--ctx", "100000"]),
+    hand = [("train", ["--tokenizer", "{tmp}/tok.json"]), ("train", ["--ctx", "1000", "--block-size", "512"]),
             ("sample", ["--lora-weight", "1"]), ("export", ["--format", "peft"]), ("eval", ["--tasks", "nope"]),
             ("train", ["--preset", "nope"]), ("sft", ["--template", "nope"]), ("grpo", ["--reward-fn", "nope"]),
             ("dpo", ["--loss", "nope"]), ("sample", ["--device", "tpu"])]

@@ -121,7 +121,7 @@ def test_acc_and_acc_norm_differ_on_a_crafted_case(tok):
 
 def test_winogrande_partial_scoring_depends_on_the_context(tok):
     V = tok.vocab_size
-    x, y, sp = ids(tok, "x")[0], ids(tok, "y")[0], ids(tok, " ")[0]
+    x, _y, sp = ids(tok, "x")[0], ids(tok, "y")[0], ids(tok, " ")[0]
     table = torch.zeros(V, V)
     table[x, sp] = 4.0     # after "x" a space is likely; after "y" it is not
     m = Bigram(table)

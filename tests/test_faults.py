@@ -306,7 +306,7 @@ def test_out_under_a_file_or_beside_a_run_folder_that_is_a_file(world, capsys):
 HAND_CASES = [
     ("train", ["--warmup", "-5"], "--warmup"), ("train", ["--grad-clip", "-1"], "--grad-clip"),
     ("train", ["--weight-decay", "-1"], "--weight-decay"), ("train", ["--min-lr", "-1"], "--min-lr"),
-    ("train", ["--lr", "inf"], "--lr"), ("train", ["--ctx", "100000"], "--block-size"),
+    ("train", ["--lr", "inf"], "--lr"), ("train", ["--ctx", "1000", "--block-size", "512"], "--block-size"),
     ("train", ["--tokenizer", "t.json"], "--byte-tokenizer"), ("train", ["--seed", "-1"], "--seed"),
     ("train", ["--block-size", "1000000000"], "--block-size"), ("train", ["--depth", "100000"], "--depth"),
     ("dpo", ["--beta", "-1"], "--beta"), ("dpo", ["--beta", "0"], "--beta"), ("kto", ["--beta", "0"], "--beta"),

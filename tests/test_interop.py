@@ -254,7 +254,8 @@ def test_export_refuses_shapes_without_a_class(tmp_path, capsys):
     tok = Tokenizer.byte_level()
     save_model(tmp_path / "relu2.tinygpt", _ours("llama", tok, mlp="relu2"), tok)
     save_model(tmp_path / "ln.tinygpt", _ours("llama", tok, norm="layernorm"), tok)
-    for name, fmt, words in (("relu2", "hf", ("ReLU^2", "no Hugging Face")), ("relu2", "gguf", ("ReLU^2",)),
+    for name, fmt, words in (("relu2", "hf", ("ReLU^2", "no Hugging Face", "--arch modern")),
+                             ("relu2", "gguf", ("ReLU^2", "--arch")),
                              ("ln", "hf", ("RMSNorm",))):
         out = tmp_path / f"out_{name}_{fmt}"
         _expect_error(capsys, ["export", str(tmp_path / f"{name}.tinygpt"), "--format", fmt, "--out", str(out)], *words)
@@ -534,14 +535,47 @@ def test_quantize_file_and_load(tmp_path, capsys):
                   "nothing to quantize")
 
 
-@pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
-                                      ("gpt2", "GPT2LMHeadModel")])
+def _preset_model(name, tok):
+    """Preset `name` with its own block (everything but the sizes), presets wider than 128 shrunk to
+    2 layers x 64 with 2 heads; random weights."""
+    from tinygpt.config import PRESETS
+    shape = dict(PRESETS[name])
+    if shape["n_embd"] > 128:
+        shape.update(n_layer=2, n_embd=64, n_head=2)
+    cfg = ModelConfig(**{**shape, "vocab_size": tok.vocab_size, "block_size": 64})
+    return _randomize(GPT(cfg), seed=len(name)).eval()
+
+
+@pytest.mark.parametrize("name", ["nano", "tiny", "huge", "mega", "behemoth", "titan", "gpt2"])
+def test_every_preset_exports_to_transformers_and_gguf_with_equal_logits(tmp_path, name):
+    from tinygpt.config import PRESETS
+    from tinygpt.interop.gguf import load_gguf
+    assert set(PRESETS) == {"nano", "tiny", "huge", "mega", "behemoth", "titan", "gpt2"}   # a new preset joins here
+    tok = _bpe()
+    model = _preset_model(name, tok)
+    save_model(tmp_path / "m.tinygpt", model, tok)
+    assert main(["export", str(tmp_path / "m.tinygpt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["export", str(tmp_path / "m.tinygpt"), "--format", "gguf", "--dtype", "f32",
+                 "--out", str(tmp_path / "m.gguf")]) == 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(ref).__name__ == ("GPT2LMHeadModel" if name == "gpt2" else "Qwen3ForCausalLM")
+    back, _ = load_gguf(tmp_path / "m.gguf")
+    x = torch.randint(0, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(ref(x).logits, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(back.eval()(x), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch,cls", [(None, "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM"),
+                                      ("qwen2", "Qwen2ForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
 def test_pretrained_with_an_exportable_arch_exports_to_transformers(tmp_path, arch, cls):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"story {i}: the fox ran {i % 5} miles to the river." for i in range(50)))
     out = tmp_path / "m.tinygpt"
-    assert main(["train", "--corpus", str(corpus), "--preset", "nano", "--arch", arch, "--byte-tokenizer",
-                 "--ctx", "32", "--steps", "3", "--batch", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert main(["train", "--corpus", str(corpus), "--preset", "nano", *(["--arch", arch] if arch else []),
+                 "--byte-tokenizer", "--ctx", "32", "--steps", "3", "--batch", "2", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 0
     assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     ours, tok = load_model_and_tokenizer(out)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -52,8 +52,9 @@ def test_fresh_adapter_is_exactly_the_base_and_counts_its_parameters():
     before = model(X)
     n = apply_lora(model, rank=4, alpha=8)
     assert torch.equal(model(X), before)
-    c = model.config    # q, k, v, o (C x C) and up (C -> 4C), down (4C -> C) per layer
-    per_layer = 4 * 4 * (c.n_embd + c.n_embd) + 2 * 4 * (c.n_embd + c.intermediate_size)
+    c = model.config    # q, k, v, o (C x C), gate and up (C -> I), down (I -> C) per layer (SwiGLU)
+    assert c.mlp == "swiglu"
+    per_layer = 4 * 4 * (c.n_embd + c.n_embd) + 3 * 4 * (c.n_embd + c.intermediate_size)
     assert n == c.n_layer * per_layer
     assert all(p.requires_grad == (".lora_" in name) for name, p in model.named_parameters())
 
@@ -148,7 +149,7 @@ def test_sft_changes_every_adapter_parameter_and_no_base_parameter(tmp_path):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.train()
     adapters = [k for k in before if ".lora_" in k]
-    assert len(adapters) == 2 * 6 * model.config.n_layer
+    assert len(adapters) == 2 * 7 * model.config.n_layer          # A and B of q, k, v, o, gate, up, down
     trained = adapters + ["model.embed_tokens.token_rows", "lm_head.token_rows"]   # + template tokens' rows
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) != (k in trained), k   # adapters all moved, nothing else did
@@ -249,13 +250,13 @@ def test_trainable_share_is_reported(tie, tmp_path):
     model, tok = _model(tie_embeddings=tie)
     logs = []
     t = _sft(model, tok, tmp_path / "x.lora", steps=1, data=CONVS[:4], log=logs.append, batch=2)
-    # nano: C = 64, MLP width 256, 2 layers, no gate; rank 16 adds r * (in + out) per linear:
-    # q, k, v, o: 4 * 16 * (64 + 64) = 8192; up, down: 2 * 16 * (64 + 256) = 10240 -> 18432 a layer.
-    n = 2 * 18432
-    # the base: embeddings 320 * 64 (twice when untied), per layer 4 * 64 * 64 + 2 * 64 * 256 weights
-    # + 2 * 64 + 2 * 32 norm gains, and a final norm of 64.
-    base = 320 * 64 * (1 if tie else 2) + 2 * (4 * 64 * 64 + 2 * 64 * 256 + 2 * 64 + 2 * 32) + 64
-    assert base == (119232 if tie else 139712)
+    # nano: C = 64, SwiGLU width 192, 2 layers; rank 16 adds r * (in + out) per linear: q, k, v, o:
+    # 4 * 16 * (64 + 64) = 8192; gate, up, down: 3 * 16 * (64 + 192) = 12288 -> 20480 a layer.
+    n = 2 * 20480
+    # the base: embeddings 320 * 64 (twice when untied), per layer 4 * 64 * 64 + 3 * 64 * 192 weights
+    # + 2 * 64 + 2 * 32 norm gains (block norms, QK-norms), and a final norm of 64.
+    base = 320 * 64 * (1 if tie else 2) + 2 * (4 * 64 * 64 + 3 * 64 * 192 + 2 * 64 + 2 * 32) + 64
+    assert base == (127424 if tie else 147904)
     rows = 2 * 64 * (1 if tie else 2)   # chatml's <|im_start|> and <|im_end|>: embedding (+ head) rows
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n + rows
     assert t.trainable_share == pytest.approx(n / base)   # share of the base

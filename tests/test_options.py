@@ -33,8 +33,8 @@ def _flag_tokens(spec, value) -> list[str]:
     m = spec.meta
     if m["positional"]:
         return [str(value)]
-    if isinstance(value, bool):
-        return [m["negate"]] if m["negate"] else [spec.flag]
+    if isinstance(value, bool):      # a negated switch gives False; an automatic (None) one has both
+        return [m["negate"]] if m["negate"] and not value else [spec.flag]
     if isinstance(value, list):
         return [spec.flag, *map(str, value)] if m["many"] else [t for v in value for t in (spec.flag, str(v))]
     return [spec.flag, str(value)]
@@ -70,9 +70,10 @@ def test_flag_and_config_key_agree(name, field, tmp_path):
     value = _valid(spec)
     by_flag = _outcome(lambda: cmd.parse(base_argv + _flag_tokens(spec, value)))
     by_key = _outcome(lambda: cmd.parse(base_argv + ["--config", _yaml(tmp_path, {field: value})]))
-    dashed = field.replace("_", "-") if not spec.meta["negate"] else spec.meta["negate"].lstrip("-")
+    negated = bool(spec.meta["negate"]) and value is False
+    dashed = field.replace("_", "-") if not negated else spec.meta["negate"].lstrip("-")
     by_dashed = _outcome(lambda: cmd.parse(base_argv + ["--config", _yaml(
-        tmp_path, {dashed: (not value) if spec.meta["negate"] else value})]))
+        tmp_path, {dashed: (not value) if negated else value})]))
     assert by_flag == by_key == by_dashed
     if by_flag[0] == "ok":
         opts = by_flag[1]
@@ -169,3 +170,16 @@ def test_every_numeric_option_has_a_range_and_refuses_values_outside_it(name, fi
     lo, hi, lo_open, hi_open = spec.meta["check"].bounds
     for edge in ([lo] if lo is not None and not lo_open else []) + ([hi] if hi is not None and not hi_open else []):
         convert(spec, [edge] if _base(spec.type)[1] else edge, None)           # the bound itself is allowed
+@dataclass
+class _Tri(Options):
+    command = "tri"
+    on: bool | None = option(None, "automatic unless given", negate="--no-on")
+
+
+def test_an_automatic_switch_has_both_spellings(tmp_path):
+    p = lambda argv: parse(_Tri, argv, "tinygpt tri")   # noqa: E731
+    assert (p([]).on, p(["--on"]).on, p(["--no-on"]).on) == (None, True, False)
+    for mapping, want in (({"on": False}, False), ({"no-on": True}, False), ({"on": True}, True)):
+        assert p(["--config", _yaml(tmp_path, mapping)]).on is want
+    for value in (True, False):
+        assert p(to_argv(_Tri(on=value))).on is value

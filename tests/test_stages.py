@@ -135,6 +135,8 @@ def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, mo
 STAGES = {
     "train": lambda p: ["train", "--corpus", str(p / "corpus.txt"), "--preset", "nano", "--byte-tokenizer",
                         "--ctx", "32", "--batch", "2", "--lr", "3e-3"],
+    "train-muon": lambda p: ["train", "--corpus", str(p / "corpus.txt"), "--preset", "nano", "--byte-tokenizer",
+                             "--ctx", "32", "--batch", "2", "--lr", "3e-3", "--optimizer", "muon"],
     "sft": lambda p: ["sft", str(p / "base.tinygpt"), "--data", str(p / "sft.jsonl"), "--batch", "2", "--lr", "1e-2"],
     "reward": lambda p: ["reward", str(p / "base.tinygpt"), "--data", str(p / "prefs.jsonl"), "--batch", "2",
                          "--lr", "1e-3", "--val-split", "0"],
@@ -151,7 +153,7 @@ STAGES = {
                       "--batch", "2", "--max-new-tokens", "4", "--minibatch", "2", "--lr", "1e-2",
                       "--kl-target", "0.1"],
 }
-SUFFIX = {"train": ".tinygpt", "reward": ".tinygpt"}
+SUFFIX = {"train": ".tinygpt", "train-muon": ".tinygpt", "reward": ".tinygpt"}
 
 
 def ctrl_c_at(monkeypatch, step: int):
@@ -208,3 +210,42 @@ def test_lora_path_weight_pairs():
                       ({"lora": ["a.lora:inf"]}, "finite")):
         with pytest.raises(UserError, match=what):
             ModelOptions(model="m", **bad)
+# ---- keep-best, every stage that validates ------------------------------------------------------
+@pytest.mark.parametrize("stage", ["train", "sft", "reward", "dpo", "orpo", "kto"])
+def test_keep_best_writes_the_artifact_at_each_new_lowest_validation_only(stage, tmp_path, monkeypatch):
+    _base(tmp_path)
+    _files(tmp_path)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
+    out = tmp_path / f"k{SUFFIX.get(stage, '.lora')}"
+    saves = []
+    real_init = engine_mod.Engine.__init__
+
+    def init(self, st, *a, **k):           # record every artifact write: its round and the file it left
+        real_init(self, st, *a, **k)
+        real_save = st.save
+
+        def save(final):
+            real_save(final)
+            saves.append((self.round, out.read_bytes()))
+        st.save = save
+    monkeypatch.setattr(engine_mod.Engine, "__init__", init)
+    argv = STAGES[stage](tmp_path)
+    if "--val-split" in argv:              # the resume table turns validation off for the reward stage
+        del argv[argv.index("--val-split"):argv.index("--val-split") + 2]
+    assert main(argv + ["--steps", "6", "--val-split", "0.25", "--val-every", "1", "--keep-best", "--lr", "5e-2",
+                        "--device", "cpu", "--dtype", "float32", "--quiet", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "k.run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in rows]
+    lowest = [r["step"] for i, r in enumerate(rows) if r["val_loss"] < min(vals[:i], default=float("inf"))]
+    assert [r for r, _ in saves] == lowest, (stage, vals)          # written at each new lowest, never after
+    assert rows[-1]["best_val_loss"] == min(vals)
+    # the file holds the last lowest's weights; the end of the run only marks it complete
+    (final, meta), (best, _) = load_tensors(out), load_tensors(_bytes_file(tmp_path, saves[-1][1]))
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    assert meta["training_status"] == "complete" and float(meta["best_val_loss"]) == min(vals)
+
+
+def _bytes_file(folder, data: bytes):
+    path = folder / "saved.safetensors"
+    path.write_bytes(data)
+    return path

@@ -1,10 +1,16 @@
 """ModelConfig: one small dataclass that describes every model tinygpt builds or imports.
 
 Design choices:
-- ~17 fields cover GPT-2, Llama/SmolLM2/TinyLlama, Qwen2 and the modern nanochat-style block
+- ~18 fields cover GPT-2, Llama/SmolLM2/TinyLlama, Qwen2, Qwen3 and the nanochat-style block
   (RoPE, RMSNorm, ReLU^2, QK-norm, untied head). Anything derivable (head_dim, the MLP width, the
   KV head count) is derived in `__post_init__`, so a config on disk is always fully resolved.
 - Named presets (`from_name`) and one scaling dial (`from_depth`): width = 64 * depth, heads of 128.
+- The presets' block is Qwen3's (RoPE, RMSNorm, SwiGLU, QK-norm, no biases; the head untied), so
+  every model pretrained with the defaults exports to transformers and llama.cpp. The other block
+  families (`ARCHS`) are one `--arch` away; `modern` (nanochat's ReLU^2 MLP) has no such class.
+- `dropout` (nanoGPT's placement: embeddings, attention probabilities, the attention and MLP
+  outputs) is part of the config, so a model file records how it was trained; it only acts in
+  training mode. 0 suits large corpora; small ones (a few MB, many epochs) want 0.1-0.2.
 - `vocab_size` is padded to a multiple of 64 for our own models (faster matmuls); imported
   checkpoints keep their exact size. Ids past the tokenizer's size are never produced when sampling.
 - Every field is checked when a config is made (from a preset, a file's metadata, a Hugging Face
@@ -41,11 +47,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "relu2"
+    mlp: str = "swiglu"
     bias: bool = False            # biases on every linear layer and norm (GPT-2)
     qkv_bias: bool = False        # biases on q/k/v only (Qwen2)
     qk_norm: bool = True          # RMSNorm on queries and keys per head
     tie_embeddings: bool = False
+    dropout: float = 0.0          # training only: embeddings, attention probabilities, block outputs
 
     def __post_init__(self):
         self._check_types()
@@ -54,6 +61,8 @@ class ModelConfig:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'", None, f"choose one of {', '.join(allowed)}")
         if self.n_head <= 0 or self.n_layer <= 0 or self.n_embd <= 0:
             raise UserError("n_layer, n_embd and n_head must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.n_head % self.n_kv_head:
@@ -121,7 +130,7 @@ class ModelConfig:
             raise UserError(f"--depth must be >= 1, got {depth}")
         n_embd = 64 * depth
         n_head = max(1, n_embd // 128)
-        return cls(**{"n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
+        return cls(**{**ARCHS[DEFAULT_ARCH], "n_layer": depth, "n_embd": n_embd, "n_head": n_head, **overrides})
 
 
 # Sizes a config may have (inclusive). 0 in n_kv_head, head_dim and intermediate_size means "derived".
@@ -132,31 +141,31 @@ LIMITS: dict[str, tuple] = {
 }
 MAX_BLOCK_SIZE = LIMITS["block_size"][1]
 
-# Modern small-model block (nanochat / modded-nanogpt style) for our own presets; `gpt2` is GPT-2.
-_MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False)
-PRESETS: dict[str, dict] = {
-    "nano": dict(_MODERN, n_layer=2, n_embd=64, n_head=2, block_size=128),
-    "tiny": dict(_MODERN, n_layer=4, n_embd=128, n_head=4, block_size=256),
-    "huge": dict(_MODERN, n_layer=12, n_embd=256, n_head=4, block_size=256),
-    "mega": dict(_MODERN, n_layer=24, n_embd=512, n_head=8, block_size=1024),
-    "behemoth": dict(_MODERN, n_layer=32, n_embd=1024, n_head=16, block_size=1024),
-    "titan": dict(_MODERN, n_layer=48, n_embd=1536, n_head=24, block_size=1024),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, pos_emb="learned", norm="layernorm",
-                 mlp="gelu", qk_norm=False, tie_embeddings=True, bias=True),
-}
-
-
-# Block families a preset's or --depth's shape can be built with (`tinygpt train --arch`). `modern`
-# is the presets' own; the others are the blocks transformers and llama.cpp know, so a model
-# pretrained here exports to them (see docs/interop.md).
+# Block families (`tinygpt train --arch`). `qwen3` is the presets' own: Qwen3's block with an untied
+# head, which transformers and llama.cpp load. `modern` is nanochat's ReLU^2 block (no transformers
+# or llama.cpp class computes it, so it cannot be exported); the others are the published families.
 ARCHS: dict[str, dict] = {
-    "modern": _MODERN,
+    "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False,
+                  qkv_bias=False),
+    "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, bias=False,
+                   qkv_bias=False),
     "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, tie_embeddings=True, bias=False,
                   qkv_bias=False),
     "qwen2": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, tie_embeddings=True, bias=False,
                   qkv_bias=True),
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True, bias=True,
                  qkv_bias=False),
+}
+DEFAULT_ARCH = "qwen3"
+_BLOCK = ARCHS[DEFAULT_ARCH]
+PRESETS: dict[str, dict] = {
+    "nano": dict(_BLOCK, n_layer=2, n_embd=64, n_head=2, block_size=128),
+    "tiny": dict(_BLOCK, n_layer=4, n_embd=128, n_head=4, block_size=256),
+    "huge": dict(_BLOCK, n_layer=12, n_embd=256, n_head=4, block_size=256),
+    "mega": dict(_BLOCK, n_layer=24, n_embd=512, n_head=8, block_size=1024),
+    "behemoth": dict(_BLOCK, n_layer=32, n_embd=1024, n_head=16, block_size=1024),
+    "titan": dict(_BLOCK, n_layer=48, n_embd=1536, n_head=24, block_size=1024),
+    "gpt2": dict(ARCHS["gpt2"], n_layer=12, n_embd=768, n_head=12, block_size=1024),
 }
 
 

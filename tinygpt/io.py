@@ -241,6 +241,12 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     atomic_write_bytes(path, st_save(flat, metadata=meta))
 
 
+def update_metadata(path, **changes) -> None:
+    """Rewrite a safetensors file (atomically) with some metadata keys changed, tensors as they are."""
+    tensors, meta = load_tensors(path)
+    save_tensors(path, tensors, {**meta, **changes})
+
+
 def _open_error(path, e: Exception) -> UserError:
     return UserError(f"not a valid safetensors file ({str(e).splitlines()[0][:100]})", str(path),
                      "restore it from a copy or write it again")

@@ -2,8 +2,8 @@
 
 Design choices:
 - One class covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied head), Llama/SmolLM2
-  (RoPE, RMSNorm, SwiGLU, GQA), Qwen2 (plus q/k/v biases) and the modern small-model block
-  (RoPE, RMSNorm, ReLU^2, QK-norm, untied head). Which one is decided by `ModelConfig` alone.
+  (RoPE, RMSNorm, SwiGLU, GQA), Qwen2 (plus q/k/v biases), Qwen3 (plus per-head QK-norm: the
+  presets' block) and nanochat's block (ReLU^2 MLP). Which one is decided by `ModelConfig` alone.
 - Parameter names follow Hugging Face Llama (`model.layers.N.self_attn.q_proj.weight`, ...), so
   export and import are name maps, not rewrites.
 - `forward` returns logits; `hidden` returns the final normalised hidden states for heads that
@@ -17,6 +17,12 @@ Design choices:
   first rows and positions of a cache without a copy. Masks always let a query see itself,
   so padded rows never produce NaN.
 - Residual projections (o_proj, down_proj) start at zero: every block begins as the identity.
+- Dropout (`cfg.dropout`, nanoGPT's placement): on the embeddings, on the attention probabilities
+  (SDPA's `dropout_p`) and on the attention and MLP outputs before they join the residual stream.
+  Only in training mode, and not called at all when the rate is 0 (bit-identical to no dropout,
+  no random numbers drawn); generation runs in eval mode, so sampling and CUDA graphs never see it.
+  FlexAttention (packed rows on CUDA) has no dropout: there only the attention probabilities go
+  undropped. `set_dropout` changes the rate in place (preference and RL stages turn it off).
 """
 from __future__ import annotations
 
@@ -67,14 +73,20 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attend(q, k, v, mask):
-    """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, hd)."""
+def attend(q, k, v, mask, dropout_p: float = 0.0):
+    """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, hd); dropout_p on the attention
+    probabilities (not under FlexAttention, which has none)."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if BlockMask is not None and isinstance(mask, BlockMask):
         return _flex(q, k, v, mask, gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _drop(x, p: float, training: bool):
+    """Dropout that is not even called at rate 0 (so p=0 is bit-identical and draws no random numbers)."""
+    return F.dropout(x, p, True) if training and p > 0 else x
 
 
 def packed_mask(doc_ids: torch.Tensor):
@@ -126,6 +138,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
         qkv_bias = cfg.bias or cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
@@ -160,7 +173,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, slots)                        # (B, Hkv, L, hd)
             q = q.to(k.dtype)
-        y = attend(q, k, v, mask)                                           # (B, H, T, hd)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
@@ -191,10 +204,12 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache, slots):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, slots, self.layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, slots, self.layer)
+        x = x + _drop(attn, self.dropout, self.training)
+        return x + _drop(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -215,6 +230,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
+        self.dropout = cfg.dropout
         self.reset_parameters()
 
     @torch.no_grad()
@@ -255,6 +271,7 @@ class GPT(nn.Module):
         else:
             p = pos if pos.dim() == 2 else pos.unsqueeze(0)                 # (B or 1, T)
             rope = (self.rope_cos[p].unsqueeze(1).to(x.dtype), self.rope_sin[p].unsqueeze(1).to(x.dtype))
+        x = _drop(x, self.dropout, self.training)
         for block in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
@@ -265,6 +282,12 @@ class GPT(nn.Module):
     def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None):
         """Logits (B, T, vocab_size)."""
         return self.lm_head(self.hidden(idx, pos, mask, cache, slots))
+
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout rate of every layer (the recorded config is left as it is)."""
+        for m in self.modules():
+            if isinstance(m, (GPT, Block, Attention)):
+                m.dropout = float(p)
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -45,7 +45,8 @@ def option(default=None, help: str = "", *, flag: str | None = None, aliases: tu
     command's positional argument. required: must be given (by flag, config or API).
     choices / check: allowed values / a function value -> error text or None (see `at_least`).
     repeat: the flag may be given several times (a list); many: one flag, several values.
-    negate: a switch that sets a True-by-default bool to False (`--no-packing`). auto: help text
+    negate: a switch that sets a True-by-default bool to False (`--no-packing`); on a bool whose
+    default is None (automatic), the flag sets True and `negate` sets False. auto: help text
     for the automatic (None) default. cli=False: Python API only. finite: floats must be finite."""
     meta = dict(help=help, flag=flag, aliases=tuple(aliases), positional=positional, required=required,
                 choices=tuple(choices) if choices is not None else None, check=check, repeat=repeat, many=many,
@@ -286,8 +287,10 @@ def _add_argument(g, spec: Spec) -> None:
         g.add_argument(spec.name, nargs="?", help=_help(spec), metavar=m["metavar"] or spec.name.upper())
     elif kind is bool:
         if m["negate"]:
-            g.add_argument(m["negate"], dest=spec.name, action="store_const", const=False, help=_help(spec))
-        else:
+            both = spec.default is None       # an automatic (None) switch: --x sets True, --no-x False
+            g.add_argument(m["negate"], dest=spec.name, action="store_const", const=False,
+                           help=f"set {spec.flag} false" if both else _help(spec))
+        if not m["negate"] or spec.default is None:
             g.add_argument(spec.flag, *m["aliases"], dest=spec.name, action="store_const", const=True,
                            help=_help(spec))
     else:
@@ -378,7 +381,7 @@ def to_argv(opts) -> list[str]:
         if m["positional"]:
             pos.append(str(v))
         elif isinstance(v, bool):
-            out.append(m["negate"] if m["negate"] else spec.flag)
+            out.append(m["negate"] if m["negate"] and v is False else spec.flag)
         elif isinstance(v, (list, tuple)):
             out += [spec.flag, *map(str, v)] if m["many"] else [t for x in v for t in (spec.flag, str(x))]
         else:

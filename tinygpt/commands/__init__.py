@@ -109,8 +109,13 @@ def reference_markdown() -> str:
         for title, members in grouped(command(name).options):
             out.append(f"| **{title}** | |")
             for s in members:
-                flag = s.name.upper() if s.meta["positional"] else (s.meta["negate"] or s.flag)
-                flags = ", ".join(f"`{f}`" for f in [flag, *([] if s.meta["positional"] else s.meta["aliases"])])
+                if s.meta["positional"]:
+                    names = [s.name.upper()]
+                elif s.meta["negate"]:      # an automatic switch has both spellings
+                    names = [s.flag, s.meta["negate"]] if s.default is None else [s.meta["negate"]]
+                else:
+                    names = [s.flag, *s.meta["aliases"]]
+                flags = ", ".join(f"`{f}`" for f in names)
                 choices = f" ({', '.join(map(str, s.meta['choices']))})" if s.meta["choices"] else ""
                 req = " Required." if s.meta["required"] else ""
                 out.append(f"| {flags} | {_help(s).replace('%%', '%').replace('|', '/')}{choices}{req} |")

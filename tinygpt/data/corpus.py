@@ -7,7 +7,14 @@ Design choices:
 - Tokenized once (the `tokenizers` library spreads `encode_batch` over every core) into flat
   `uint16` (or `uint32` for vocabularies past 65535) shards, with EOS after every document, cached
   next to the output under a hash of the corpus bytes, the tokenizer and the split settings.
-- `--val-split` holds out whole documents (chosen by the seed), never a slice of one.
+- `--val-split F` holds out whole documents (chosen by the seed) when that gives at least
+  `MIN_VAL_DOCUMENTS` of them; a corpus with fewer documents (one book, a few files) is split on
+  tokens instead: the last fraction F of every document is held out (nanoGPT's split of a
+  one-document corpus: its last 10%), so the train and validation tokens are disjoint and the
+  held-out text is never seen in training. Which split was made is recorded and logged.
+- Validation windows tile the held-out shard without overlap (`eval_windows`), evenly thinned to
+  `--val-tokens` predictions when the shard is larger, so a validation costs a bounded, fixed amount
+  and scores the same tokens every time.
 - Batches are windows at random offsets (nanoGPT style) drawn from `numpy` RNG seeded by
   (seed, batch index, rank): batch i is the same whatever happened before it, so the data
   position saved for `--resume` is just the index of the next batch.
@@ -18,6 +25,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,8 @@ from ..io import atomic_path, atomic_write_text, clean_temp_files
 from ..tokenizer import EOS
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+MIN_VAL_DOCUMENTS = 10          # fewer held-out documents than this: split on tokens instead
+SPLIT_VERSION = "2"             # part of the cache key: caches of another split rule are not reused
 
 
 def expand_paths(specs) -> list[Path]:
@@ -114,7 +124,7 @@ def _cache_key(paths: list[Path], tokenizer, val_split: float, seed: int) -> str
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
     h.update(tokenizer.to_json().encode())
-    h.update(f"{val_split:.6f}/{seed}".encode())
+    h.update(f"{val_split:.6f}/{seed}/{SPLIT_VERSION}".encode())
     return h.hexdigest()[:20]
 
 
@@ -131,6 +141,32 @@ def _write_shard(path: Path, docs: list[list[int]], eos: int, dtype) -> int:
     return n
 
 
+def split_documents(ids: list[list[int]], val_split: float, seed: int) -> tuple[list, list, str]:
+    """(train pieces, validation pieces, how): whole documents chosen by the seed when that holds
+    out at least MIN_VAL_DOCUMENTS, else the last `val_split` of every document's tokens."""
+    if val_split <= 0:
+        return ids, [], "none"
+    n_val = int(round(len(ids) * val_split))
+    if n_val >= MIN_VAL_DOCUMENTS and n_val < len(ids):
+        held = set(np.random.default_rng(seed).permutation(len(ids))[:n_val].tolist())
+        return ([d for i, d in enumerate(ids) if i not in held], [d for i, d in enumerate(ids) if i in held],
+                "documents")
+    cuts = [int(len(d) * (1 - val_split)) for d in ids]          # nanoGPT: data[:int(n * 0.9)]
+    return [d[:c] for d, c in zip(ids, cuts) if c], [d[c:] for d, c in zip(ids, cuts) if c < len(d)], "tokens"
+
+
+def describe_split(meta: dict) -> str:
+    """One line saying what was held out."""
+    how = meta.get("val_by", "documents")
+    if how == "none":
+        return "no validation split"
+    if how == "documents":
+        return f"validation: {meta['val_documents']} whole documents held out ({meta['val_tokens']:,} tokens)"
+    return (f"validation: the last {meta['val_split']:.0%} of the tokens of each of the {meta['documents']} "
+            f"documents held out ({meta['val_tokens']:,} tokens; too few documents to hold out "
+            f"{MIN_VAL_DOCUMENTS} whole ones)")
+
+
 def tokenize_corpus(specs, tokenizer, cache_root, val_split: float = 0.0, seed: int = 0,
                     log=print) -> dict:
     """Tokenize the corpus into cached shards; returns {'train': memmap, 'val': memmap|None, ...}."""
@@ -145,19 +181,18 @@ def tokenize_corpus(specs, tokenizer, cache_root, val_split: float = 0.0, seed: 
         if not docs:
             raise UserError("empty corpus: no documents found", ", ".join(map(str, paths)),
                             "pass text with at least one non-empty document")
-        order = np.random.default_rng(seed).permutation(len(docs))
-        n_val = int(round(len(docs) * val_split)) if val_split > 0 else 0
-        if val_split > 0 and (n_val == 0 or n_val == len(docs)):
-            n_val = 1 if len(docs) > 1 else 0
-        val_idx = set(order[:n_val].tolist())
         ids = []
         for i in range(0, len(docs), 4096):   # batches keep memory flat for large corpora
             ids += tokenizer.encode_batch(docs[i:i + 4096])
+        train_ids, val_ids, how = split_documents(ids, val_split, seed)
+        if val_split > 0 and sum(map(len, val_ids)) < 1:
+            raise UserError(f"--val-split {val_split} holds out no tokens of this corpus", ", ".join(map(str, paths)),
+                            "raise --val-split or use a larger corpus")
         eos = tokenizer.eos_id
-        n_train = _write_shard(cache / "train.bin", [d for i, d in enumerate(ids) if i not in val_idx], eos, dtype)
-        val_docs = [d for i, d in enumerate(ids) if i in val_idx]
-        n_val_tok = _write_shard(cache / "val.bin", val_docs, eos, dtype) if n_val else 0
-        meta = {"files": [str(p) for p in paths], "documents": len(docs), "val_documents": n_val,
+        n_train = _write_shard(cache / "train.bin", train_ids, eos, dtype)
+        n_val_tok = _write_shard(cache / "val.bin", val_ids, eos, dtype) if val_ids else 0
+        meta = {"files": [str(p) for p in paths], "documents": len(docs), "val_by": how, "val_split": val_split,
+                "val_documents": len(val_ids) if how == "documents" else 0,
                 "train_tokens": n_train, "val_tokens": n_val_tok, "dtype": np.dtype(dtype).name}
         atomic_write_text(meta_path, json.dumps(meta, indent=1))
         log(f"tokenized {len(docs)} documents: {n_train:,} train / {n_val_tok:,} val tokens -> {cache}")
@@ -166,6 +201,32 @@ def tokenize_corpus(specs, tokenizer, cache_root, val_split: float = 0.0, seed: 
     train = np.memmap(cache / "train.bin", dtype=dt, mode="r")
     val = np.memmap(cache / "val.bin", dtype=dt, mode="r") if meta["val_tokens"] else None
     return {"train": train, "val": val, "meta": meta, "dir": cache}
+
+
+def eval_windows(n_tokens: int, ctx: int, max_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    """(start offsets, window length w) of held-out windows over a shard of n_tokens: consecutive
+    windows of w + 1 tokens (w = ctx, or less for a shorter shard) whose w predictions never
+    overlap; with max_tokens, an evenly spaced subset of ceil(max_tokens / w) of them."""
+    w = min(ctx, n_tokens - 1)
+    if w < 1:
+        raise UserError(f"the validation split has {n_tokens} token(s), too few to score", None,
+                        "raise --val-split or use a larger corpus")
+    starts = np.arange((n_tokens - 1) // w, dtype=np.int64) * w
+    if max_tokens is not None:
+        k = max(1, math.ceil(max_tokens / w))
+        if k < len(starts):
+            starts = starts[np.linspace(0, len(starts) - 1, k).round().astype(np.int64)]
+    return starts, w
+
+
+def window_batches(tokens: np.ndarray, ctx: int, batch: int, device="cpu", max_tokens: int | None = None):
+    """The held-out windows of `eval_windows` as (x, y) int64 batches (at most `batch` rows each)."""
+    starts, w = eval_windows(len(tokens), ctx, max_tokens)
+    span = np.arange(w + 1)
+    device = torch.device(device)
+    for i in range(0, len(starts), batch):
+        chunk = torch.from_numpy(tokens[starts[i:i + batch, None] + span].astype(np.int64)).to(device)
+        yield chunk[:, :-1], chunk[:, 1:]
 
 
 class TokenBatches:
@@ -188,13 +249,3 @@ class TokenBatches:
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         return chunk[:, :-1], chunk[:, 1:]
-
-    def fixed(self, n_batches: int):
-        """Deterministic evaluation batches spread evenly over the shard (for val loss)."""
-        span = len(self.tokens) - self.ctx - 1
-        total = n_batches * self.batch
-        starts = np.linspace(0, max(span, 0), num=total).astype(np.int64)
-        for b in range(n_batches):
-            s = starts[b * self.batch:(b + 1) * self.batch]
-            chunk = torch.from_numpy(self.tokens[s[:, None] + self.window].astype(np.int64)).to(self.device)
-            yield chunk[:, :-1], chunk[:, 1:]

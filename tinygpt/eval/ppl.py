@@ -13,14 +13,20 @@ Design choices:
   batching and padding are the same code multiple choice uses.
 - bits-per-byte = total NLL / ln 2 / UTF-8 bytes of the documents: unlike perplexity it does not
   depend on the tokenizer, so models with different vocabularies can be compared.
+- `window_loss` is the held-out score of token windows (pretraining's validation, and the score
+  `benchmarks/time_to_loss.py` gives tinygpt and nanoGPT alike): any callable from (B, T) ids to
+  (B, T, V) logits, the same windows, one formula.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
+
 from ..data.corpus import TEXT_SUFFIXES, read_documents
 from ..errors import DataError, UserError
+from ..losses import token_cross_entropy
 from .choice import loglikelihood
 
 
@@ -54,6 +60,17 @@ def perplexity(model, tok, docs: list[str], stride: int | None = None, batch: in
     n_tok = sum(s[2] for s in scores)
     return {"ppl": math.exp(nll / n_tok), "bpb": nll / math.log(2) / max(1, n_bytes),
             "nll": nll / n_tok, "tokens": n_tok, "bytes": n_bytes, "n": len(docs)}
+
+
+@torch.no_grad()
+def window_loss(logits_fn, batches) -> float:
+    """Mean next-token cross-entropy (nats per predicted token) of `logits_fn` over (x, y) batches
+    of (B, T) ids, e.g. `data.corpus.window_batches`; the softmax is taken in float32."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += float(token_cross_entropy(logits_fn(x), y, reduction="sum"))
+        count += y.numel()
+    return total / max(count, 1)
 
 
 def load_documents(path, limit: int | None = None) -> list[str]:

@@ -128,8 +128,9 @@ def config_from_hf(raw: dict, where: str) -> tuple[str, ModelConfig]:
 def family_of(cfg: ModelConfig) -> str:
     """The Hugging Face family that computes exactly what `cfg` computes, or a UserError saying why none does."""
     if cfg.mlp == "relu2":
-        raise UserError("the ReLU^2 MLP has no Hugging Face transformers class (Llama/Qwen use SwiGLU, GPT-2 GELU)",
-                        None, "export a model built with mlp=swiglu (RoPE) or the gpt2 preset")
+        raise UserError("the ReLU^2 MLP (tinygpt train --arch modern) has no Hugging Face transformers or llama.cpp "
+                        "class (Llama/Qwen use SwiGLU, GPT-2 GELU)", None,
+                        "pretrain with the default block (--arch qwen3) or --arch llama/qwen2/gpt2 to export")
     if cfg.pos_emb == "learned":
         if cfg.norm != "layernorm" or cfg.mlp != "gelu" or cfg.qk_norm:
             raise UserError("learned positions map only to GPT-2, which needs LayerNorm, GELU and no QK-norm", None,

@@ -360,11 +360,12 @@ def compile_blocks(gpt) -> None:
 def resolve_plan(opts, steps: int, lr: float | None = None, warmup_cap: int = 0, validates: bool = False, **more):
     """The options with every automatic value resolved: steps (epochs are turned into steps by the
     caller), lr, min_lr (lr/10), warmup (at most `warmup_cap` steps and 10% of the run unless
-    given) and val_every (at least once, at the end, when there is held-out data; 0 when there is
-    none)."""
+    given) and val_every (when there is held-out data: at the end, or 20 times over the run when
+    the best checkpoint is kept or an early stop is watched; 0 when there is none)."""
     lr = lr if lr is not None else opts.lr
     warmup = opts.warmup if opts.warmup is not None else default_warmup(steps, warmup_cap)
-    val_every = (opts.val_every or steps) if validates else 0
+    watch = getattr(opts, "keep_best", False) or getattr(opts, "early_stop", 0)
+    val_every = (opts.val_every or (max(1, steps // 20) if watch else steps)) if validates else 0
     if hasattr(opts, "epochs"):
         more["epochs"] = None          # now given as steps
     return replace(opts, steps=steps, lr=lr, min_lr=lr / 10 if opts.min_lr is None else opts.min_lr,

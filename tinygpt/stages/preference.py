@@ -37,7 +37,7 @@ from ..lora import disable_lora, save_adapter
 from ..losses import DPO_LOSS_TYPES, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from ..options import above, at_least, between, option
 from ..train.engine import run_dir_for
-from ..train.stage import Stage, TrainOptions
+from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
     LoRAOptions,
     ModelOptions,
@@ -69,7 +69,7 @@ class PreferenceOptions(ModelOptions, PairDataOptions, LoRAOptions, TrainOptions
     group = "preference"
     steps: int | None = option(None, "optimizer steps", auto="--epochs", check=at_least(1))
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
-    val_every: int | None = option(None, "validation every N steps", auto="with --val-split: at the end",
+    val_every: int | None = option(None, "validation every N steps", auto=AUTO_VAL_EVERY,
                                    check=at_least(0))
 
 
@@ -164,6 +164,7 @@ class PreferenceTrainer(Stage):
             check_inputs(o, ("--data", o.data))
             self.gpt, self.tok = load_opts_model(o)
         self.gpt.grad_checkpointing = o.grad_checkpointing
+        self.gpt.set_dropout(0.0)        # policy and reference log-probs must not be noisy (TRL does the same)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         template_tokens(self.gpt, self.tok, self.template, may_add=o.full, where=f"--template {self.template.name}")
         max_length = min(o.max_length, self.gpt.config.block_size)

@@ -5,10 +5,16 @@ loss step and its validation; the engine does the rest. A tokenizer is trained o
 unless one is given (`--tokenizer`, `--byte-tokenizer`); `--init` continues pretraining a
 `.tinygpt`, Hugging Face folder or `.gguf` instead of building a fresh model.
 
-Context: `--ctx` is the length of the training windows. A fresh model's context (block_size,
-what its position tables cover) is `--block-size` when given, else `--ctx` when that fits the
-preset, else the preset's; a `--ctx` beyond the model's context is an error naming
-`--block-size` (enlarging a model is asked for explicitly, never done by a window length).
+The model built here: `--preset` (or `--depth`), then `--arch` (the block family), then any of
+the shape options (`--n-layer`, `--n-embd`, `--mlp`, ...), each overriding what came before.
+Its context (`block_size`) is `--block-size`, else `--ctx`, else the preset's: `--ctx 512` on a
+preset builds a model for 512 positions, as a user asking for that context expects; with both
+given, `--ctx` may not exceed `--block-size`. Shapes that no transformers / llama.cpp class loads
+(`--arch modern`, `--mlp relu2`, ...) are named at the start, not when `tinygpt export` refuses.
+
+Validation (`--val-split`) holds out documents, or the tail of every document when there are too
+few (`data.corpus.split_documents`), and is scored on fixed non-overlapping windows bounded by
+`--val-tokens` (`eval.ppl.window_loss`).
 """
 from __future__ import annotations
 
@@ -20,70 +26,115 @@ import torch
 from ..checkpoint import save_model
 from ..config import (
     ARCHS,
+    DEFAULT_ARCH,
     LIMITS,
     MAX_BLOCK_SIZE,
+    MLPS,
+    NORMS,
+    POS_EMB,
     PRESETS,
     ModelConfig,
     arch_overrides,
     pad_vocab,
 )
-from ..data.corpus import TokenBatches, expand_paths, read_documents, tokenize_corpus
+from ..data.corpus import TokenBatches, describe_split, expand_paths, read_documents, tokenize_corpus, window_batches
 from ..errors import UserError
+from ..eval.ppl import window_loss
+from ..interop.hf import family_of
 from ..load import load_model_and_tokenizer
 from ..losses import token_cross_entropy
 from ..model import GPT
-from ..options import at_least, between, option
+from ..options import Options, at_least, between, option
 from ..tokenizer import Tokenizer
-from ..train.stage import Stage, TrainOptions
+from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import check_out, resolve_plan
+
+DEFAULT_VAL_TOKENS = 1 << 20
+
+
+def _size(field: str):
+    """The range of a shape option: what a config may hold (LIMITS), from 1."""
+    return between(max(1, LIMITS[field][0]), LIMITS[field][1])
 
 
 @dataclass
-class PretrainOptions(TrainOptions):
-    """What to pretrain on and which model to build."""
+class ModelShapeOptions(Options):
+    """The model a new run builds: a preset or --depth, a block family, then any single field."""
+
+    group = "model shape"
+    preset: str = option("tiny", "model size", choices=tuple(PRESETS))
+    depth: int | None = option(None, "one scaling dial: width 64*depth, heads of 128 (overrides --preset)",
+                               check=_size("n_layer"))
+    arch: str | None = option(None, f"block family over that shape (default {DEFAULT_ARCH}: RoPE, RMSNorm, SwiGLU, "
+                              "QK-norm, untied head); modern is nanochat's ReLU^2 block, which transformers and "
+                              "llama.cpp cannot load", choices=tuple(ARCHS))
+    n_layer: int | None = option(None, "transformer blocks", auto="the preset's", check=_size("n_layer"))
+    n_head: int | None = option(None, "attention heads", auto="the preset's", check=_size("n_head"))
+    n_kv_head: int | None = option(None, "key/value heads (fewer than --n-head: grouped-query attention)",
+                                   auto="--n-head", check=_size("n_kv_head"))
+    n_embd: int | None = option(None, "width of the residual stream", auto="the preset's", check=_size("n_embd"))
+    head_dim: int | None = option(None, "dimensions per attention head", auto="n_embd / n_head", check=_size("head_dim"))
+    intermediate_size: int | None = option(None, "hidden width of the MLP",
+                                           auto="4 * n_embd, or 8/3 * n_embd rounded up to 64 for swiglu",
+                                           check=_size("intermediate_size"))
+    block_size: int | None = option(None, "longest context the model supports", auto="--ctx, else the preset's",
+                                    check=_size("block_size"))
+    pos_emb: str | None = option(None, "position encoding", auto="the block family's", choices=POS_EMB)
+    norm: str | None = option(None, "normalisation layers", auto="the block family's", choices=NORMS)
+    mlp: str | None = option(None, "MLP activation", auto="the block family's", choices=MLPS)
+    tie_embeddings: bool | None = option(None, "the output head shares the token embedding",
+                                         auto="the block family's", negate="--no-tie-embeddings")
+    qk_norm: bool | None = option(None, "RMSNorm on queries and keys per head", auto="the block family's",
+                                  negate="--no-qk-norm")
+    dropout: float | None = option(None, "dropout in training (embeddings, attention, block outputs); 0.1-0.2 "
+                                   "for a small corpus trained for many epochs", auto="0, or the --init model's",
+                                   check=between(0, 1, hi_open=True))
+
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size", "block_size",
+                "pos_emb", "norm", "mlp", "tie_embeddings", "qk_norm")
+
+
+@dataclass
+class PretrainOptions(ModelShapeOptions, TrainOptions):
+    """What to pretrain on."""
 
     command = "train"
     group = "pretraining"
     corpus: list[str] = option([], "text files, folders or globs (.txt .jsonl .json .parquet)", many=True,
                                required=True)
-    preset: str = option("tiny", "model size", choices=tuple(PRESETS))
-    depth: int | None = option(None, "one scaling dial: width 64*depth, heads of 128 (overrides --preset)",
-                               check=between(1, LIMITS["n_layer"][1]))
-    arch: str | None = option(None, "block family over that shape (default: the preset's); llama, qwen2 and "
-                              "gpt2 export to transformers and GGUF", choices=tuple(ARCHS))
     tokenizer: str | None = option(None, "tokenizer.json or Hugging Face folder", auto="train one on the corpus")
     vocab_size: int = option(4096, "vocabulary of the tokenizer trained here",
                              check=between(261, LIMITS["vocab_size"][1]))
     byte_tokenizer: bool = option(False, "use 256 bytes + specials, no BPE")
-    ctx: int | None = option(None, "positions per training window", auto="the model's context",
+    ctx: int | None = option(None, "context length of the training windows", auto="the model's context",
                              check=between(1, MAX_BLOCK_SIZE))
-    block_size: int | None = option(None, "context of a fresh model (positions it can attend over)",
-                                    auto="--ctx when it fits the preset, else the preset's",
-                                    check=between(2, MAX_BLOCK_SIZE))
-    val_split: float = option(0.0, "fraction of documents held out for validation", check=between(0, 1, hi_open=True))
+    val_split: float = option(0.0, "fraction held out for validation: whole documents, or the end of every "
+                              "document when there are too few", check=between(0, 1, hi_open=True))
+    val_tokens: int | None = option(None, "predictions scored per validation", auto=f"the whole split, at most "
+                                    f"{DEFAULT_VAL_TOKENS:,}", check=at_least(1))
     init: str | None = option(None, "continue pretraining from this .tinygpt, Hugging Face folder or .gguf")
     steps: int | None = option(1000, "optimizer steps", check=at_least(1))
     batch: int = option(16, "micro-batch size (rows)", check=at_least(1))
     lr: float | None = option(1e-3, "peak learning rate", check=between(0, 1, lo_open=True))
     warmup: int | None = option(None, "warmup steps", auto="50, at most 10% of the steps", check=at_least(0))
-    val_every: int | None = option(None, "validation every N steps", auto="with --val-split: at the end",
+    val_every: int | None = option(None, "validation every N steps", auto=AUTO_VAL_EVERY,
                                    check=at_least(0))
 
     def check(self) -> None:
         if self.tokenizer and self.byte_tokenizer:
             raise UserError("--tokenizer and --byte-tokenizer both given", None, "give one of them")
-        if self.init and (self.tokenizer or self.byte_tokenizer or self.depth or self.arch or self.block_size):
-            raise UserError("--init continues an existing model: its tokenizer and shape are fixed", None,
-                            "drop --tokenizer/--byte-tokenizer/--depth/--arch/--block-size")
-        if self.ctx and self.block_size and self.ctx > self.block_size:
+        if self.init:
+            fixed = [f"--{n.replace('_', '-')}" for n in ("tokenizer", "byte_tokenizer", "depth", "arch", *SHAPE_FIELDS)
+                     if getattr(self, n) not in (None, False)]
+            if fixed:
+                raise UserError("--init continues an existing model: its tokenizer and shape are fixed", None,
+                                f"drop {', '.join(fixed)}")
+        elif self.ctx and self.block_size and self.ctx > self.block_size:
             raise UserError(f"--ctx {self.ctx} exceeds --block-size {self.block_size}", None,
                             "raise --block-size or lower --ctx")
-        if self.ctx and not self.block_size and not self.init:
-            block = PRESETS[self.preset]["block_size"] if self.depth is None else ModelConfig.block_size
-            if self.ctx > block:
-                raise UserError(f"--ctx {self.ctx} exceeds the model's context ({block}, "
-                                f"{'--preset ' + self.preset if self.depth is None else '--depth'})", None,
-                                f"give --block-size {self.ctx} to build a model with that context, or lower --ctx")
+        else:
+            build_model_config(self, 256)                # a shape that cannot be built is refused now
         super().check()
 
 
@@ -108,13 +159,33 @@ def build_tokenizer(opts: PretrainOptions, log=print) -> Tokenizer:
     return Tokenizer.train(docs, opts.vocab_size)
 
 
-def build_model_config(opts: PretrainOptions, tok: Tokenizer) -> ModelConfig:
-    over = {"vocab_size": pad_vocab(tok.vocab_size), **arch_overrides(opts.arch)}
-    if opts.block_size or opts.ctx:
-        over["block_size"] = opts.block_size or opts.ctx      # check() keeps --ctx within the preset's
-    if opts.depth:
-        return ModelConfig.from_depth(opts.depth, **over)
-    return ModelConfig.from_name(opts.preset, **over)
+def build_model_config(opts: ModelShapeOptions, vocab_size: int) -> ModelConfig:
+    """The config of the model built here: preset or --depth, then --arch, then each shape option
+    given, then --dropout; the context is --block-size, else --ctx, else the preset's."""
+    over = {"vocab_size": pad_vocab(vocab_size), **arch_overrides(opts.arch)}
+    over.update({n: getattr(opts, n) for n in SHAPE_FIELDS if getattr(opts, n) is not None})
+    if opts.block_size is None and getattr(opts, "ctx", None):
+        over["block_size"] = opts.ctx
+    over["dropout"] = opts.dropout or 0.0
+    try:
+        if opts.depth:
+            return ModelConfig.from_depth(opts.depth, **over)
+        return ModelConfig.from_name(opts.preset, **over)
+    except UserError as e:
+        given = ", ".join(f"--{n.replace('_', '-')} {getattr(opts, n)}" for n in SHAPE_FIELDS
+                          if getattr(opts, n) is not None)
+        base = f"--depth {opts.depth}" if opts.depth else f"--preset {opts.preset}"
+        raise UserError(f"model shape: {e.what}", base + (f" with {given}" if given else ""),
+                        e.fix or "change the shape options") from None
+
+
+def export_note(cfg: ModelConfig) -> str | None:
+    """What `tinygpt export` would say about this shape, or None when it exports."""
+    try:
+        family_of(cfg)
+    except UserError as e:
+        return f"note: {e.what}; `tinygpt export` will refuse the model trained here ({e.fix})"
+    return None
 
 
 class PretrainStage(Stage):
@@ -137,29 +208,38 @@ class PretrainStage(Stage):
         if self.model is None and o.init:
             self.model, self.tok = load_model_and_tokenizer(o.init)
         elif self.model is None:
+            note = export_note(build_model_config(o, 256))
+            if note:
+                log(note)
             self.tok = build_tokenizer(o, log)
-            cfg = build_model_config(o, self.tok)
             torch.manual_seed(o.seed)
-            self.model = GPT(cfg)
+            self.model = GPT(build_model_config(o, self.tok.vocab_size))
         if self.tok.doc_prefix is None and self.tok.eos is not None:
             self.tok.doc_prefix = self.tok.eos     # the shards put EOS before every document but the first
         cfg = self.model.config
+        if o.dropout is not None and o.dropout != cfg.dropout:    # --init with a new rate: recorded too
+            cfg.dropout = o.dropout
+            self.model.set_dropout(o.dropout)
         self.ctx = o.ctx or cfg.block_size
         if self.ctx > cfg.block_size:
-            raise UserError(f"--ctx {self.ctx} exceeds the model's context {cfg.block_size}", o.init,
-                            "lower --ctx (the context of a model read with --init is fixed)")
+            raise UserError(f"--ctx {self.ctx} exceeds the context of the --init model ({cfg.block_size})", o.init,
+                            "lower --ctx")
         self.model.to(run.device)
-        out = Path(o.out)
-        data = tokenize_corpus(o.corpus, self.tok, out.parent / ".tinygpt-cache", o.val_split, o.seed, log)
+        self._data(run)
+        log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}, "
+            f"{cfg.mlp} MLP, context {self.ctx}, vocab {self.tok.vocab_size} (padded {cfg.vocab_size}), "
+            f"dropout {cfg.dropout:g}, device {run.device}")
+
+    def _data(self, run) -> None:
+        o, cfg = self.opts, self.model.config
+        data = tokenize_corpus(o.corpus, self.tok, Path(o.out).parent / ".tinygpt-cache", o.val_split, o.seed, run.log)
         files = ", ".join(Path(f).name for f in data["meta"]["files"])
         self.train_batches = TokenBatches(data["train"], self.ctx, o.batch, o.seed, run.device, run.rank,
                                           f"the training split of {files}")
-        self.val = None
-        if data["val"] is not None and len(data["val"]) > self.ctx + 1:
-            self.val = TokenBatches(data["val"], self.ctx, o.batch, o.seed, run.device, name="the validation split")
+        self.val, self.device = data["val"], run.device
+        if o.val_split:
+            run.log(describe_split(data["meta"]))
         self.plan = resolve_plan(o, o.steps, warmup_cap=50, validates=self.val is not None)
-        log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}, "
-            f"context {self.ctx}, vocab {self.tok.vocab_size} (padded {cfg.vocab_size}), device {run.device}")
         self._key = {"model": cfg.to_json(), "ctx": self.ctx, "batch": o.batch, "accum": o.accum,
                      "corpus": str(data["dir"].name), "seed": o.seed, "world": run.world}
 
@@ -169,12 +249,10 @@ class PretrainStage(Stage):
     def batch(self, i: int):
         return self.train_batches(i)
 
-    def validate(self, model, n_batches: int = 8) -> dict:
-        tot = cnt = 0.0
-        for x, y in self.val.fixed(n_batches):
-            tot += token_cross_entropy(model(x), y, reduction="sum").item()
-            cnt += y.numel()
-        return {"val_loss": tot / cnt}
+    def validate(self, model) -> dict:
+        """Mean loss per token over the fixed held-out windows (at most --val-tokens predictions)."""
+        limit = self.opts.val_tokens or DEFAULT_VAL_TOKENS
+        return {"val_loss": window_loss(model, window_batches(self.val, self.ctx, self.opts.batch, self.device, limit))}
 
     def save(self, final: bool) -> None:
         save_model(self.opts.out, self.model, self.tok, self.artifact_metadata())

@@ -18,7 +18,7 @@ from ..lora import merge_and_unload
 from ..losses import bradley_terry_loss
 from ..options import at_least, between, option
 from ..reward_model import RewardModel
-from ..train.stage import Stage, TrainOptions
+from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
     ModelOptions,
     PairDataOptions,
@@ -46,7 +46,7 @@ class RewardOptions(ModelOptions, PairDataOptions, TrainOptions):
     steps: int | None = option(None, "optimizer steps", auto="--epochs", check=at_least(1))
     lr: float | None = option(1e-5, "peak learning rate", check=between(0, 1, lo_open=True))
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
-    val_every: int | None = option(None, "validation every N steps", auto="with --val-split: at the end",
+    val_every: int | None = option(None, "validation every N steps", auto=AUTO_VAL_EVERY,
                                    check=at_least(0))
 
 
@@ -89,6 +89,7 @@ class RewardModelTrainer(Stage):
             check_inputs(o, ("--data", o.data))
             self.gpt, self.tok = load_opts_model(o)
         merge_and_unload(self.gpt)
+        self.gpt.set_dropout(0.0)        # chosen and rejected are compared: no noise between them (as TRL)
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         template_tokens(self.gpt, self.tok, self.template, may_add=True, where=f"--template {self.template.name}")
         max_length = min(o.max_length, self.gpt.config.block_size)

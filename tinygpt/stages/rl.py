@@ -215,6 +215,7 @@ class RLTrainer(Stage):
             check_inputs(o, ("--prompts", o.prompts), ("--reward", o.reward), ("--value-model", self._value_path()))
             # LoRA: the frozen base may live in bf16, the adapter trains in float32; --full keeps fp32 weights
             self.policy, self.tok = load_opts_model(o, device=run.device, dtype=torch.float32 if o.full else run.dtype)
+        self.policy.set_dropout(0.0)         # rollout and update log-probs must be the same function
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         if self.prompts is None:             # prompts given as token ids need no template tokens
             template_tokens(self.policy, self.tok, self.template, may_add=False, where=str(o.model))
@@ -424,6 +425,7 @@ class PPOTrainer(RLTrainer):
             if vtok.to_json() != self.tok.to_json():
                 raise UserError("the value model's tokenizer differs from the policy's", self.opts.value_model,
                                 "use a value model with the same tokenizer")
+            vmodel.set_dropout(0.0)
             self.value = ValueNetwork(vmodel.config.n_embd, vmodel.requires_grad_(True).train())
         if self.value is None:
             self.value = ValueNetwork(self.policy.config.n_embd)

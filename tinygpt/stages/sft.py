@@ -54,7 +54,7 @@ from ..lora import (
 from ..losses import token_cross_entropy
 from ..model import packed_mask
 from ..options import at_least, between, option
-from ..train.stage import Stage, TrainOptions
+from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
     LoRAOptions,
     ModelOptions,
@@ -104,7 +104,7 @@ class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, TrainOptions):
                               check=between(0, 1, lo_open=True))
     warmup: int | None = option(None, "warmup steps", auto="100, at most 10% of the steps", check=at_least(0))
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
-    val_every: int | None = option(None, "validation every N steps", auto="with --val-split: at the end",
+    val_every: int | None = option(None, "validation every N steps", auto=AUTO_VAL_EVERY,
                                    check=at_least(0))
 
 

@@ -18,6 +18,11 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
   progress (a bar on a terminal, a line every ~10 s otherwise), every round to `metrics.jsonl`
   (strict JSON: a non-finite value is written as null), validation every `val_every` rounds,
   checkpoints every `save_every` rounds and a final save on Ctrl-C;
+- keep-best and early stop, for every stage that validates: `keep_best` has the stage save its
+  artifact right after each validation that lowers `val_loss` (and at no other time), so `--out`
+  is the best checkpoint while the resume state holds the last; `early_stop` K ends the run
+  after K validations in a row without a lower `val_loss`. The best value, its step and that
+  count are part of the resume state (rank 0's validation decides, broadcast to every rank);
 - resume: the run folder holds ONE state file (trainable weights, optimizer moments, counters,
   RNG states, the stage's extra state and a key of the settings that must match), written
   atomically, so a kill at any instant leaves the previous state or the new one, whole. Batches
@@ -54,6 +59,7 @@ from ..io import (
     clean_temp_files,
     load_tensors,
     save_tensors,
+    update_metadata,
 )
 from .optim import lr_at, make_optimizer
 
@@ -107,9 +113,13 @@ class Engine:
         self.rank, self.world = rank, world
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
         self.run_dir = run_dir_for(self.cfg.out)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2),
-                                  self.device.type)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.opt = make_optimizer(named, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2),
+                                  self.device.type, self.cfg.optimizer, self.cfg.muon_lr)
+        if (self.cfg.keep_best or self.cfg.early_stop) and not self.cfg.val_every:
+            raise UserError(f"{'--keep-best' if self.cfg.keep_best else '--early-stop'} needs validation, and "
+                            f"this {stage.name} run has none", None, "give held-out data (--val-split)")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
         self.wrapped = self.model
         if world > 1:
@@ -125,6 +135,7 @@ class Engine:
         self._samples = None                             # samples.jsonl, opened on first use
         self.last_row: dict = {}                         # on resume, the last metrics row kept
         self.round = self.step = self.tokens_seen = self.bad_steps = self.good_steps = 0
+        self.best = {"val_loss": None, "step": 0, "stale": 0}   # lowest val_loss, its round, validations since
 
     @property
     def is_main(self) -> bool:
@@ -152,7 +163,7 @@ class Engine:
         scalars = {"round": self.round, "step": self.step, "tokens_seen": self.tokens_seen,
                    "good_steps": self.good_steps,
                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
-                   "resume_key": self.stage.resume_key(), "stage": self.stage.state_dict(),
+                   "resume_key": self.stage.resume_key(), "stage": self.stage.state_dict(), "best": self.best,
                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_tensors(self.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state",
                                                           "state": json.dumps(scalars)})
@@ -200,6 +211,7 @@ class Engine:
             self.scaler.load_state_dict(scalars["scaler"])
         self.round, self.step, self.tokens_seen = scalars["round"], scalars["step"], scalars["tokens_seen"]
         self.good_steps = scalars.get("good_steps", self.step)
+        self.best = scalars.get("best") or self.best
         self.stage.load_state_dict(scalars.get("stage") or {})
 
     # ---- one optimizer step ------------------------------------------------------------------
@@ -267,7 +279,7 @@ class Engine:
         norm = self._normalize_and_clip(scale)
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)        # Muon's groups peak at --muon-lr
         if self.device_skip:        # the kernel skips the update (and its step count) when found_inf
             self.opt.found_inf = (~(torch.isfinite(loss_t) & torch.isfinite(norm))).float()
             self.opt.step()
@@ -326,7 +338,7 @@ class Engine:
         last = self.last_row                             # a finished run resumed: its last logged round
         self._t_round = flushed = time.perf_counter()
         try:
-            while self.round < self.rounds:
+            while self.round < self.rounds and not self.stopped_early:
                 last = self._round()
                 if metrics_file:
                     metrics_file.write(last)
@@ -396,7 +408,8 @@ class Engine:
         last = {"step": self.round, **m, "tokens_seen": self.tokens_seen, "tokens_per_s": tps}
         if self.cfg.val_every and (self.round % self.cfg.val_every == 0 or self.round == self.rounds):
             last.update(self._validate())
-            self._t_round = time.perf_counter()     # validation is not training time
+            last.update(self._track_best(last))
+            self._t_round = time.perf_counter()     # validation (and a best checkpoint) is not training time
         return last
 
     def _validate(self) -> dict:
@@ -406,16 +419,57 @@ class Engine:
         self.model.train()
         return out
 
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.cfg.early_stop) and self.best["stale"] >= self.cfg.early_stop
+
+    def _track_best(self, last: dict) -> dict:
+        """After a validation: note a lower val_loss (and with keep_best write the artifact now);
+        count validations without one for early_stop. Returns {"best_val_loss": ...}."""
+        if "val_loss" not in last:
+            if self.cfg.keep_best or self.cfg.early_stop:
+                raise RuntimeError(f"{self.stage.name}.validate returned no val_loss for --keep-best/--early-stop")
+            return {}
+        value = float(last["val_loss"])
+        if self.world > 1:                           # one decision for every rank: rank 0's
+            t = torch.tensor([value], device=self.device)
+            dist.broadcast(t, 0)
+            value = t.item()
+        b = self.best
+        if b["val_loss"] is None or value < b["val_loss"]:
+            b.update(val_loss=value, step=self.round, stale=0)
+            if self.cfg.keep_best:
+                self._status = "checkpoint"
+                self._check_saveable(False)
+                if self.is_main:
+                    self.stage.save(False)
+        else:
+            b["stale"] += 1
+            if self.stopped_early:
+                self.log(f"early stop at step {self.round}: val_loss has not gone below {b['val_loss']:.4f} "
+                         f"(step {b['step']}) in {b['stale']} validations")
+        return {"best_val_loss": b["val_loss"]}
+
     def checkpoint(self, final: bool, status: str | None = None) -> None:
         """Write the resume state and the stage's artifact (rank 0 only), after checking that
         what would be saved is good (on every rank). status: what `artifact_metadata` records
-        (default: complete for the final save, checkpoint for a periodic one)."""
+        (default: complete for the final save, checkpoint for a periodic one). With keep_best
+        the artifact is written by `_track_best` instead, so it stays the best one; the final
+        save only marks it complete."""
         self._status = status or ("complete" if final else "checkpoint")
         self._check_saveable(final)
         if not self.is_main:
             return
         self.save_state()
-        self.stage.save(final)
+        if not self.cfg.keep_best:
+            self.stage.save(final)
+        elif final:
+            b = self.best
+            kept = (f"the best checkpoint (step {b['step']}, val_loss {b['val_loss']:.4f})" if b["val_loss"] is not None
+                    else "nothing yet (no validation ran)")
+            if b["val_loss"] is not None and self._status == "complete" and Path(self.cfg.out).is_file():
+                update_metadata(self.cfg.out, training_status="complete", best_val_loss=b["val_loss"])
+            self.log(f"--keep-best: {self.cfg.out} holds {kept}; the last state is in {self.run_dir} for --resume")
 
     def _check_saveable(self, final: bool) -> None:
         """Non-finite weights or learning rate are never saved; neither is a run with no good step."""
@@ -445,12 +499,15 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = self.t_line = time.perf_counter()
         self.start = engine.round
+        self.val: dict = {}
         self.bar = None
         if self.tty:
             self.bar = tqdm(total=engine.rounds, initial=engine.round, dynamic_ncols=True, leave=True)
 
     def update(self, last: dict) -> None:
-        fields = {**self.stage.progress(last), "tok/s": f"{last['tokens_per_s']:,.0f}"}
+        if "val_loss" in last:               # the latest validation stays on the line until the next
+            self.val = {k: v for k, v in last.items() if k.startswith("val_") or k == "best_val_loss"}
+        fields = {**self.stage.progress({**self.val, **last}), "tok/s": f"{last['tokens_per_s']:,.0f}"}
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(fields, refresh=False)

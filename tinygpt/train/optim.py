@@ -1,8 +1,18 @@
-"""Optimizer and learning-rate schedules.
+"""Optimizers and learning-rate schedules.
 
 Design choices:
 - AdamW with weight decay on matrices only (dim >= 2); biases, norms and other vectors are not
   decayed. The fused CUDA kernel is used on GPU (one launch for the whole update).
+- `--optimizer muon`: the maintained `torch.optim.Muon` (momentum 0.95, Nesterov, five
+  Newton-Schulz steps, its update scaled by sqrt(max(1, rows / cols)) as Keller Jordan's Muon,
+  modded-nanogpt and nanochat do) for the 2-D weights inside the transformer blocks, at its own
+  peak rate `--muon-lr` (0.02, nanochat's matrix rate) with decoupled weight decay; AdamW at `--lr`
+  for everything else: the token embeddings, the output head, norms, biases and any other head
+  (the modded-nanogpt / nanochat grouping). Both step as ONE optimizer object (`MuonAdamW`): one
+  list of param groups, one state dict, so accumulation, clipping, the NaN guard, the GradScaler,
+  DDP (every rank orthogonalises the same all-reduced gradient) and --resume need no special case.
+  The default stays AdamW until the time-to-loss benchmark shows Muon wins (`DEFAULT_OPTIMIZER`).
+- Each group carries `lr_scale`, its peak rate over `--lr`; the schedule multiplies it.
 - Schedules are pure functions of the step, so resuming needs no scheduler state:
   linear warmup, then cosine / linear decay to `min_lr`, constant, or WSD (warmup-stable-decay:
   flat at the peak, then a linear cooldown over the last `decay_frac` of training).
@@ -16,17 +26,83 @@ import torch
 from ..errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+DEFAULT_OPTIMIZER = "adamw"
+MUON_LR = 0.02
+MUON_MOMENTUM = 0.95
 
 
-def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type: str = "cpu"):
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters")
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """Muon's parameters: 2-D weights inside the transformer blocks (`.layers.`, LoRA factors
+    included), not embeddings, the output head, norms, biases or a scalar head."""
+    return p.dim() == 2 and min(p.shape) > 1 and ".layers." in f".{name}"
+
+
+def _adamw(params, lr, weight_decay, betas, device_type):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+    groups = [dict(g, lr_scale=1.0) for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda")) if groups else None
+
+
+def make_optimizer(named_params, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type: str = "cpu",
+                   kind: str = DEFAULT_OPTIMIZER, muon_lr: float = MUON_LR):
+    """The optimizer of the trainable (name, parameter) pairs: AdamW, or Muon + AdamW (see above)."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if not named:
+        raise ValueError("no trainable parameters")
+    if kind not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer '{kind}'", None, f"choose one of {', '.join(OPTIMIZERS)}")
+    if kind == "adamw":
+        return _adamw([p for _, p in named], lr, weight_decay, betas, device_type)
+    hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+    rest = [p for n, p in named if not is_hidden_matrix(n, p)]
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / lr}], lr=muon_lr, weight_decay=weight_decay,
+                            momentum=MUON_MOMENTUM, nesterov=True) if hidden else None
+    return MuonAdamW(muon, _adamw(rest, lr, weight_decay, betas, device_type))
+
+
+class MuonAdamW:
+    """Muon and AdamW stepped as one optimizer: `param_groups` (Muon's first), `state`,
+    `state_dict` / `load_state_dict` in torch's format with one index space, `step`, `zero_grad`."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = [o for o in (muon, adamw) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: st for o in self.optimizers for p, st in o.state.items()}
+
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({i + offset: st for i, st in sd["state"].items()})
+            groups += [dict(g, params=[i + offset for i in g["params"]]) for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        offset = first = 0
+        for o in self.optimizers:
+            groups = sd["param_groups"][first:first + len(o.param_groups)]
+            n = sum(len(g["params"]) for g in groups)
+            o.load_state_dict({"state": {i - offset: st for i, st in sd["state"].items() if offset <= i < offset + n},
+                               "param_groups": [dict(g, params=[i - offset for i in g["params"]]) for g in groups]})
+            first, offset = first + len(groups), offset + n
 
 
 def default_warmup(steps: int, cap: int) -> int:

@@ -14,8 +14,12 @@ reads, plus the stage's own) and these methods, called by `Engine.fit` in this o
                                `model` is `self.model`, possibly wrapped by DDP.
     validate(model) -> dict    held-out metrics (`val_loss`, ...), called every `val_every` steps
                                (the plan sets val_every 0 when there is nothing to validate).
-    save(final)                write the stage's artifact (a .tinygpt, a .lora, ...), with
-                               `self.artifact_metadata()` in its metadata (how far training got).
+    save(final)                write the stage's artifact (a .tinygpt, a .lora, ...) from the
+                               model's current weights, with `self.artifact_metadata()` in its
+                               metadata (how far training got). With --keep-best the engine calls
+                               it right after each validation that lowers `val_loss` (and not at
+                               checkpoints or the end), so the artifact is the best one while the
+                               resume state keeps the last.
     summary(last) -> str       the one line the command prints at the end.
 
 RL stages also define `iteration(engine, it) -> metrics`: one round of the outer loop (generate
@@ -37,7 +41,10 @@ from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
 from ..options import SEED, at_least, between, option
 from .engine import fit
-from .optim import SCHEDULES
+from .optim import DEFAULT_OPTIMIZER, MUON_LR, OPTIMIZERS, SCHEDULES
+
+
+AUTO_VAL_EVERY = "with --val-split: at the end; with --keep-best or --early-stop too: 20 times over the run"
 
 
 @dataclass
@@ -57,10 +64,18 @@ class TrainOptions(DeviceOptions):
     beta1: float = option(0.9, "AdamW beta1", check=between(0, 1, hi_open=True))
     beta2: float = option(0.95, "AdamW beta2", check=between(0, 1, hi_open=True))
     grad_clip: float = option(1.0, "max gradient norm (0 = off)", check=at_least(0))
+    optimizer: str = option(DEFAULT_OPTIMIZER, "adamw, or muon: Muon for the 2-D weights of the blocks at "
+                            "--muon-lr, AdamW at --lr for embeddings, head, norms and biases", choices=OPTIMIZERS)
+    muon_lr: float = option(MUON_LR, "Muon's peak learning rate (with --optimizer muon)",
+                            check=between(0, 1, lo_open=True))
     dtype: str = option("auto", "compute precision (auto: bfloat16 on GPUs that have it)", choices=DTYPE_NAMES)
     compile: bool = option(False, "torch.compile the training step")
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
     val_every: int | None = option(0, "validation every N steps (0 = off)", check=at_least(0))
+    keep_best: bool = option(False, "write the checkpoint of lowest validation loss to --out (the run folder "
+                             "keeps the last state for --resume)")
+    early_stop: int = option(0, "stop after this many validations without a lower validation loss (0 = off)",
+                             check=at_least(0))
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", check=at_least(1))
     seed: int = option(0, "random seed (data order, initialisation, sampling)", check=SEED)
     resume: bool = option(False, "continue from the run folder's saved state")
@@ -69,6 +84,9 @@ class TrainOptions(DeviceOptions):
     def check(self) -> None:
         if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}", None, "lower --min-lr")
+        if (self.keep_best or self.early_stop) and getattr(self, "val_split", None) == 0:
+            raise UserError(f"{'--keep-best' if self.keep_best else '--early-stop'} needs validation data", None,
+                            "give --val-split (e.g. 0.1)")
         super().check()
 
 
@@ -118,10 +136,13 @@ class Stage:
         pass
 
     def progress(self, last: dict) -> dict:
-        """The fields of the progress line (besides tokens/s and ETA)."""
+        """The fields of the progress line (besides tokens/s and ETA); `last` carries the latest
+        validation's metrics too."""
         out = {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
         if "val_loss" in last:
             out["val"] = f"{last['val_loss']:.4f}"
+        if "best_val_loss" in last:
+            out["best"] = f"{last['best_val_loss']:.4f}"
         return out
 
     def summary(self, last: dict) -> str:
