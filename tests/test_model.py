@@ -1,6 +1,9 @@
+import copy
+
 import torch
 
 from tinygpt.config import ModelConfig
+from tinygpt.losses import token_cross_entropy
 from tinygpt.model import GPT, KVCache, packed_mask
 
 VARIANTS = {
@@ -89,3 +92,26 @@ def test_resize_embeddings_uses_mean_rows():
     assert new.shape[0] == 100 and m.lm_head.weight.shape[0] == 100
     torch.testing.assert_close(new[:97], old)
     torch.testing.assert_close(new[97], old.mean(0))
+
+
+def test_forward_with_targets_is_the_summed_cross_entropy_and_compiled_regions_match_eager():
+    """model(x, targets=y) equals token_cross_entropy of its logits (ignored targets skipped), and
+    after compile_regions (each block and the head with its loss compiled) the loss and every
+    gradient equal the eager ones."""
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.from_name("nano", vocab_size=64, block_size=32))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))                 # o_proj/down_proj start at zero
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    y[0, :5] = -100
+    assert torch.allclose(m(x, targets=y), token_cross_entropy(m(x), y, reduction="sum"))
+    eager = copy.deepcopy(m)
+    m.compile_regions()
+    assert all(b._compiled_call_impl is not None for b in m.model.layers)
+    for model in (eager, m):
+        model(x, targets=y).backward()
+    assert torch.allclose(m(x, targets=y), eager(x, targets=y), atol=1e-5)
+    for (name, p), q in zip(m.named_parameters(), eager.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name

@@ -42,7 +42,6 @@ from ..errors import UserError
 from ..eval.ppl import window_loss
 from ..interop.hf import family_of
 from ..load import load_model_and_tokenizer
-from ..losses import token_cross_entropy
 from ..model import GPT
 from ..options import Options, at_least, between, option
 from ..tokenizer import Tokenizer
@@ -141,8 +140,7 @@ class PretrainOptions(ModelShapeOptions, TrainOptions):
 def lm_loss_step(model, batch):
     """Summed next-token cross-entropy over the batch; count = tokens. batch = (x, y), each (B, T)."""
     x, y = batch
-    logits = model(x)                                                   # (B, T, V)
-    loss = token_cross_entropy(logits, y, reduction="sum")
+    loss = model(x, targets=y)                          # the head and the loss in one (compiled) call
     n = y.numel()
     return loss, n, {"tokens": n}
 

@@ -51,7 +51,6 @@ from ..lora import (
     save_adapter,
     train_token_rows,
 )
-from ..losses import token_cross_entropy
 from ..model import packed_mask
 from ..options import at_least, between, option
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
@@ -113,8 +112,7 @@ def sft_loss_step(model, batch):
     each (B, T); pos None for padded batches (plain causal attention)."""
     x, y, pos, doc = batch
     mask = None if pos is None else packed_mask(doc)       # block-diagonal causal for packed rows
-    logits = model(x, pos=pos, mask=mask)                  # (B, T, V)
-    loss = token_cross_entropy(logits, y, reduction="sum")
+    loss = model(x, pos=pos, mask=mask, targets=y)         # summed over trained tokens (y != -100)
     return loss, (y != -100).sum(), {"tokens": (doc >= 0).sum()}
 
 

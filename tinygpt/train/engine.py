@@ -7,7 +7,8 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
   so `batch 8 x accum 1` and `batch 2 x accum 4` give the same gradient;
 - normalisation and clipping in one pass over the gradients, the learning-rate schedule (a pure
   function of the optimizer step), mixed precision (bf16 autocast, or fp16 with a GradScaler),
-  torch.compile of the loss step, DDP under torchrun;
+  torch.compile (each block and the head with its loss when the model has `compile_regions`,
+  else the loss step), DDP under torchrun;
 - a NaN guard: a step with a non-finite loss or gradient norm is skipped (optimizer untouched),
   and training stops after `max_bad_steps` in a row, RL updates included. With the fused CUDA
   AdamW the skip is decided on the device (the `found_inf` flag GradScaler also uses), so the
@@ -124,8 +125,12 @@ class Engine:
         self.wrapped = self.model
         if world > 1:
             self.wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        compiled = self.cfg.compile and stage.compile_step
-        self.step_fn = torch.compile(stage.loss_step) if compiled else stage.loss_step
+        self.step_fn = stage.loss_step
+        if self.cfg.compile and stage.compile_step:
+            if hasattr(self.model, "compile_regions"):   # blocks and head compiled once each: fast cold start
+                self.model.compile_regions()
+            else:
+                self.step_fn = torch.compile(stage.loss_step)
         # skip non-finite steps on the device: fused AdamW honours `found_inf` (GradScaler's protocol)
         self.device_skip = self.device.type == "cuda" and not self.scaler.is_enabled() and \
             all(g.get("fused") for g in self.opt.param_groups)
