@@ -6,15 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinygpt.checkpoint import load_model
+from tinygpt.checkpoint import load_model, save_model
 from tinygpt.cli import main
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.errors import UserError
 from tinygpt.generate import generate
+from tinygpt.io import load_tensors
 from tinygpt.losses import load_balance_loss, router_z_loss
 from tinygpt.model import GPT, MLP
 from tinygpt.moe import MoE, expert_counts, load_metrics, pop_router_terms, update_router_bias
 from tinygpt.report import metric_groups
+from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
 from tinygpt.train.stage import FunctionStage, TrainOptions
 
@@ -290,3 +292,60 @@ def test_cached_generation_equals_recomputation(router):
             for _ in range(8):
                 ids.append(int(m(torch.tensor([ids]))[0, -1, :V].argmax()))
         assert toks == ids[len(p):]
+
+
+# ---- fine-tuning stages -------------------------------------------------------------------------------
+def _moe_base(tmp_path, **kw):
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), **{**MOE, **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+    save_model(tmp_path / "base.tinygpt", model, tok)
+    rows = [{"messages": [{"role": "user", "content": f"Add {a} and {b}."},
+                          {"role": "assistant", "content": f"{a + b}"}]} for a in range(6) for b in range(4)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return tmp_path / "base.tinygpt", tmp_path / "chat.jsonl"
+
+
+def test_sft_lora_wraps_attention_and_shared_experts_and_full_trains_the_router(tmp_path):
+    base, data = _moe_base(tmp_path, router="sigmoid_bias", router_bias_rate=0.01)
+    common = ["sft", str(base), "--data", str(data), "--steps", "3", "--batch", "4", "--ctx", "64", "--lr", "1e-2",
+              "--device", "cpu", "--dtype", "float32", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "s.lora")]) == 0
+    names = set(load_tensors(tmp_path / "s.lora")[0])
+    assert any(".shared_experts.down_proj." in n for n in names) and any(".self_attn.q_proj." in n for n in names)
+    assert not any(".experts.gate_up" in n or ".gate." in n for n in names)
+    rows = [json.loads(x) for x in (tmp_path / "s.run" / "metrics.jsonl").read_text().splitlines()]
+    assert "moe_load/max_over_mean" in rows[-1]
+    assert main(common + ["--full", "--out", str(tmp_path / "f.tinygpt")]) == 0
+    before, after = load_model(base)[0].state_dict(), load_model(tmp_path / "f.tinygpt")[0].state_dict()
+    for k in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.gate.e_score_correction_bias",
+              "model.layers.1.mlp.experts.gate_up_proj"):
+        assert not torch.equal(before[k], after[k]), k
+
+
+STAGES = {
+    "dpo": ["--data", "prefs.jsonl", "--steps", "2", "--batch", "4", "--full"],
+    "reward": ["--data", "prefs.jsonl", "--steps", "2", "--batch", "4"],
+    "grpo": ["--prompts", "qa.jsonl", "--reward-fn", "format", "--iterations", "1", "--batch", "2", "--group-size",
+             "2", "--max-new-tokens", "4", "--full"],
+    "ppo": ["--prompts", "qa.jsonl", "--reward-fn", "format", "--iterations", "1", "--batch", "2",
+            "--max-new-tokens", "4", "--minibatch", "2", "--full"],
+    "distill": ["--teacher", "base.tinygpt", "--data", "chat.jsonl", "--steps", "2", "--batch", "2", "--full"],
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_trains_the_router_with_its_balancing_loss(tmp_path, stage, monkeypatch):
+    _moe_base(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": f"right {i}",
+                                                               "rejected": f"wrong {i}"}) + "\n" for i in range(8)))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)})
+                                               + "\n" for i in range(4)))
+    assert main([stage, "base.tinygpt", *STAGES[stage], "--device", "cpu", "--quiet", "--out", "o.tinygpt"]) == 0
+    row = json.loads((tmp_path / "o.run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["router_loss"] > 0 and row["moe_load/max_over_mean"] >= 1.0
