@@ -1,6 +1,8 @@
 """Mixture of experts: routing, the expert paths against a per-token reference, the router
 losses, the balancing bias, the engine's handling of both (every stage), sampling, metrics."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +351,15 @@ def test_every_stage_trains_the_router_with_its_balancing_loss(tmp_path, stage, 
     assert main([stage, "base.tinygpt", *STAGES[stage], "--device", "cpu", "--quiet", "--out", "o.tinygpt"]) == 0
     row = json.loads((tmp_path / "o.run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["router_loss"] > 0 and row["moe_load/max_over_mean"] >= 1.0
+
+
+def test_the_moe_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import moe as bench
+    res = bench.main(["--device", "cpu", "--no-compile", "--steps", "4", "--eval-every", "2", "--n-layer", "1",
+                      "--n-embd", "32", "--n-head", "2", "--ctx", "32", "--batch", "2", "--corpus-mb", "0.2",
+                      "--sample-mb", "0.05", "--vocab", "300", "--work", str(tmp_path / "w"), "--out", str(tmp_path)])
+    d, m = res["dense"], res["moe"]
+    assert m["flops_per_token"] - d["flops_per_token"] == 6 * 1 * 8 * 32 and m["params"] > d["params"]   # + the router
+    assert [p["step"] for p in m["points"]] == [2, 4] and (tmp_path / "moe.md").exists()
+    assert len(res["compare"]["equal_tokens"]) == 2

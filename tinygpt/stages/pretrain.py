@@ -46,6 +46,7 @@ from ..interop.hf import family_of
 from ..load import load_model_and_tokenizer
 from ..losses import token_cross_entropy
 from ..model import GPT
+from ..moe import active_params
 from ..options import Options, at_least, between, option
 from ..tokenizer import Tokenizer
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
@@ -250,8 +251,10 @@ class PretrainStage(Stage):
                             "lower --ctx")
         self.model.to(run.device)
         self._data(run)
+        experts = (f" ({cfg.n_experts} experts, {cfg.n_experts_active} active + {cfg.n_shared_experts} shared, "
+                   f"{cfg.router} router; {active_params(self.model) / 1e6:.2f}M active)") if cfg.is_moe else ""
         log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}, "
-            f"{cfg.mlp} MLP, context {self.ctx}, vocab {self.tok.vocab_size} (padded {cfg.vocab_size}), "
+            f"{cfg.mlp} MLP{experts}, context {self.ctx}, vocab {self.tok.vocab_size} (padded {cfg.vocab_size}), "
             f"dropout {cfg.dropout:g}, device {run.device}")
 
     def _data(self, run) -> None:
