@@ -22,8 +22,8 @@ SHAPES = {"qwen3_moe": (dict(router="softmax", n_shared_experts=0, moe_every=2, 
           "dots1": (dict(router="sigmoid_bias", n_shared_experts=1, norm_topk_prob=False), "Dots1ForCausalLM")}
 
 
-def _ours(family, tok):
-    over, _ = SHAPES[family]
+def _ours(family, tok, **extra):
+    over = {**SHAPES[family][0], **extra}
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("nano", vocab_size=tok.vocab_size, rope_theta=500.0, n_experts=4,
                                 n_experts_active=2, **over)
@@ -85,3 +85,43 @@ def test_export_refuses_routers_without_a_class(tmp_path, capsys, over, words):
     err = capsys.readouterr().err
     assert err.startswith("tinygpt: error:") and err.count("\n") == 1 and all(w in err for w in words), err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("family", list(SHAPES))
+def test_gguf_tensors_and_metadata_round_trip(tmp_path, family):
+    """The GGUF file's tensors and expert metadata, read back with the gguf reader, and the model
+    imported from it computes the same logits (llama.cpp itself: see the opt-in llama.cpp test)."""
+    gguf = pytest.importorskip("gguf")
+    from tinygpt.interop.gguf import GGUF_ARCH, gguf_tensors
+    tok = Tokenizer.train(["def f(x):\n    return x + 1\n" * 20] * 5, 300)
+    model = _ours(family, tok, moe_every=1)           # llama.cpp's qwen3moe: an MoE in every layer
+    save_model(tmp_path / "m.tinygpt", model, tok)
+    assert main(["export", str(tmp_path / "m.tinygpt"), "--format", "gguf", "--dtype", "f32",
+                 "--out", str(tmp_path / "m.gguf")]) == 0
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    arch = GGUF_ARCH.get(family, family)
+    assert r.fields["general.architecture"].contents() == arch
+    assert r.fields[f"{arch}.expert_count"].contents() == 4 and r.fields[f"{arch}.expert_used_count"].contents() == 2
+    want = gguf_tensors(family, model)
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(want) and "blk.0.ffn_gate_exps.weight" in got
+    for name, t in got.items():
+        assert np.array_equal(t.data.reshape(want[name].shape), want[name].numpy()), name
+    if family == "dots1":
+        assert "blk.0.exp_probs_b.bias" in got and "blk.0.ffn_down_shexp.weight" in got
+        assert r.fields["dots1.expert_gating_func"].contents() == 2
+    assert main(["import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back.tinygpt")]) == 0
+    back = load_model(tmp_path / "back.tinygpt")[0]
+    assert (back.config.router, back.config.n_shared_experts) == (model.config.router, model.config.n_shared_experts)
+    x = torch.randint(0, tok.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_gguf_refuses_qwen3_moe_shapes_llama_cpp_lacks(tmp_path, capsys):
+    tok = Tokenizer.byte_level()
+    save_model(tmp_path / "m.tinygpt", _ours("qwen3_moe", tok), tok)      # moe_every 2
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m.tinygpt"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinygpt: error:") and "qwen3moe" in err and not (tmp_path / "m.gguf").exists()
