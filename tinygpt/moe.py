@@ -161,10 +161,10 @@ class MoE(nn.Module):
         counts = expert_counts(idx, self.experts.n_experts)
         if self.training and torch.is_grad_enabled():
             self._record(logits, scores, idx, counts)
-        y = self.experts(flat, idx, weights, counts)
-        if hasattr(self, "shared_experts"):
-            y = y + self.shared_experts(flat)
-        return y.view(B, T, C)
+        y = self.experts(flat, idx, weights, counts).view(B, T, C)
+        if hasattr(self, "shared_experts"):        # on (B, T, C): per-row adapter hooks (the server) see rows
+            y = y + self.shared_experts(x)
+        return y
 
     def _record(self, logits, scores, idx, counts) -> None:
         if self.gate.kind == "softmax" and (self.aux_coef or self.z_coef):
