@@ -74,6 +74,8 @@ def _ours(kind, tok, **kw):
     shapes = {"llama": dict(mlp="swiglu", qk_norm=False, n_kv_head=1),
               "qwen2": dict(mlp="swiglu", qk_norm=False, qkv_bias=True),
               "qwen3": dict(mlp="swiglu", qk_norm=True, tie_embeddings=True),
+              "qwen3_moe": dict(qk_norm=True, n_experts=4, n_experts_active=2),
+              "dots1": dict(qk_norm=True, n_experts=4, n_experts_active=2, n_shared_experts=1, router="sigmoid_bias"),
               "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True)}
     cfg = ModelConfig.from_name("nano", vocab_size=tok.vocab_size, rope_theta=500.0, **{**shapes[kind], **kw})
     return _randomize(GPT(cfg)).eval()
@@ -431,7 +433,7 @@ def test_gguf_tokenizer_rebuilt_from_tokens_and_merges(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("TINYGPT_LLAMA_CPP") != "1", reason="opt-in: TINYGPT_LLAMA_CPP=1")
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2", "qwen3_moe", "dots1"])
 def test_llama_cpp_greedy_matches(tmp_path, monkeypatch, kind):
     """llama.cpp (through llama-cpp-python, built from PyPI if missing) continues a prompt as we do."""
     import importlib.util

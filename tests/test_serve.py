@@ -121,7 +121,10 @@ def test_sample_rows_equals_sample_next(t, k, p):
 
 
 # ---- the engine and the scheduler ------------------------------------------------------------------
-@pytest.mark.parametrize("over,bucketed", [({}, False), (GPT2_LIKE, True)])
+MOE = dict(n_experts=4, n_experts_active=2, n_shared_experts=1)    # adapters on up/down_proj: the shared experts
+
+
+@pytest.mark.parametrize("over,bucketed", [({}, False), (GPT2_LIKE, True), (MOE, True)])
 def test_mixed_batch_equals_each_alone_and_the_reference(tmp_path, over, bucketed):
     """Requests with different stacks (none, one, a weighted pair with a negative weight, the
     token-row adapter), lengths and budgets, arriving at different steps, in 4 slots (so rows

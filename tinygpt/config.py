@@ -8,6 +8,11 @@ Design choices:
 - The presets' block is Qwen3's (RoPE, RMSNorm, SwiGLU, QK-norm, no biases; the head untied), so
   every model pretrained with the defaults exports to transformers and llama.cpp. The other block
   families (`ARCHS`) are one `--arch` away; `modern` (nanochat's ReLU^2 MLP) has no such class.
+- Mixture of experts (`n_experts` > 0; `moe.py` has the routing): the MoE layers' MLPs become
+  `n_experts` SwiGLU experts of `expert_intermediate_size`, `n_experts_active` per token, plus
+  `n_shared_experts` every token takes; by default the experts are as wide as the dense MLP
+  divided by (active + shared), so the active parameters match the dense model's. A config
+  without these fields (every file written before them) is dense.
 - `dropout` (nanoGPT's placement: embeddings, attention probabilities, the attention and MLP
   outputs) is part of the config, so a model file records how it was trained; it only acts in
   training mode. 0 suits large corpora; small ones (a few MB, many epochs) want 0.1-0.2.
@@ -31,6 +36,9 @@ from .errors import UserError
 POS_EMB = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("relu2", "gelu", "swiglu")  # gelu is the tanh approximation GPT-2 uses
+ROUTERS = ("softmax", "sigmoid_bias")
+MOE_FIELDS = ("n_experts", "n_experts_active", "n_shared_experts", "expert_intermediate_size", "moe_every", "router",
+              "norm_topk_prob", "router_aux_coef", "router_z_coef", "router_bias_rate")
 
 
 @dataclass
@@ -53,10 +61,21 @@ class ModelConfig:
     qk_norm: bool = True          # RMSNorm on queries and keys per head
     tie_embeddings: bool = False
     dropout: float = 0.0          # training only: embeddings, attention probabilities, block outputs
+    # mixture of experts (n_experts 0: every MLP is dense); see moe.py
+    n_experts: int = 0            # routed experts per MoE layer
+    n_experts_active: int = 0     # experts each token goes through (top-k); 0 -> min(2, n_experts)
+    n_shared_experts: int = 0     # experts every token goes through (one MLP of n * expert width)
+    expert_intermediate_size: int = 0   # 0 -> intermediate_size / (active + shared), rounded up to 16
+    moe_every: int = 1            # layer i is MoE when (i + 1) % moe_every == 0; the others are dense
+    router: str = "softmax"       # softmax top-k (+ balancing and z losses) or sigmoid_bias (aux-loss-free)
+    norm_topk_prob: bool = True   # renormalise the k chosen routing weights to sum to 1
+    router_aux_coef: float = 0.01     # softmax: Switch load-balancing loss coefficient
+    router_z_coef: float = 0.001      # softmax: router z-loss coefficient
+    router_bias_rate: float = 0.001   # sigmoid_bias: bias step per optimizer step (DeepSeek-V3's gamma)
 
     def __post_init__(self):
         self._check_types()
-        for name, allowed in (("pos_emb", POS_EMB), ("norm", NORMS), ("mlp", MLPS)):
+        for name, allowed in (("pos_emb", POS_EMB), ("norm", NORMS), ("mlp", MLPS), ("router", ROUTERS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'", None, f"choose one of {', '.join(allowed)}")
         if self.n_head <= 0 or self.n_layer <= 0 or self.n_embd <= 0:
@@ -78,6 +97,33 @@ class ModelConfig:
                 self.intermediate_size = (int(8 * self.n_embd / 3) + 63) // 64 * 64
             else:
                 self.intermediate_size = 4 * self.n_embd
+        self._resolve_moe()
+
+    def _resolve_moe(self) -> None:
+        """Check the expert fields and derive the defaults (nothing to do for a dense model)."""
+        if self.n_experts == 0:
+            if self.n_experts_active or self.n_shared_experts or self.expert_intermediate_size:
+                raise UserError("expert options given for a dense model (n_experts 0)", None,
+                                "set n_experts, or drop the other expert options")
+            return
+        if self.mlp != "swiglu":
+            raise UserError(f"experts are SwiGLU MLPs; mlp is {self.mlp}", None, "use mlp swiglu with n_experts")
+        if self.n_experts_active == 0:
+            self.n_experts_active = min(2, self.n_experts)
+        if self.n_experts_active > self.n_experts:
+            raise UserError(f"n_experts_active {self.n_experts_active} exceeds n_experts {self.n_experts}", None,
+                            "choose at most n_experts active experts")
+        if self.expert_intermediate_size == 0:  # the active MLP width of the dense model it replaces
+            width = self.intermediate_size / (self.n_experts_active + self.n_shared_experts)
+            self.expert_intermediate_size = (math.ceil(width) + 15) // 16 * 16
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (from 0) has a mixture of experts (Qwen3-MoE's decoder_sparse_step)."""
+        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
 
     def _check_types(self) -> None:
         """Each field has its declared type and lies within LIMITS (UserError otherwise)."""
@@ -138,6 +184,9 @@ LIMITS: dict[str, tuple] = {
     "vocab_size": (1, 1 << 22), "n_layer": (1, 1024), "n_embd": (1, 1 << 16), "n_head": (1, 1024),
     "n_kv_head": (0, 1024), "head_dim": (0, 4096), "intermediate_size": (0, 1 << 20), "block_size": (1, 1 << 18),
     "rope_theta": (1e-3, 1e12), "norm_eps": (0.0, 1.0),
+    "n_experts": (0, 1024), "n_experts_active": (0, 1024), "n_shared_experts": (0, 64),
+    "expert_intermediate_size": (0, 1 << 20), "moe_every": (1, 1024), "router_aux_coef": (0.0, 100.0),
+    "router_z_coef": (0.0, 100.0), "router_bias_rate": (0.0, 1.0),
 }
 MAX_BLOCK_SIZE = LIMITS["block_size"][1]
 

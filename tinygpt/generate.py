@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .model import KVCache
+from .moe import graph_capturable
 
 
 @dataclass
@@ -256,7 +257,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, tempera
         raise UserError(f"prompt ({P} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
                         f"context of {cfg.block_size}", None, "shorten the prompt or lower --max-new-tokens")
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and on_token is None
+        cuda_graph = device.type == "cuda" and on_token is None and graph_capturable(model)
     if cuda_graph:  # round the prompt width up (more left padding) so graphs are reused across calls
         P = max(P, min(-(-P // 32) * 32, cfg.block_size - max_new_tokens))
         total = P + max_new_tokens

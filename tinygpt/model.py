@@ -21,6 +21,8 @@ Design choices:
   (B, T) per row, for rows of different lengths decoding together (the server); `view` gives the
   first rows and positions of a cache without a copy. Masks always let a query see itself,
   so padded rows never produce NaN.
+- A mixture of experts (`cfg.n_experts`) replaces the MLP of the layers `cfg.moe_layer` names by
+  `moe.MoE` (router, routed experts, shared experts); everything else is the same block.
 - Residual projections (o_proj, down_proj) start at zero: every block begins as the identity.
 - Dropout (`cfg.dropout`, nanoGPT's placement): on the embeddings, on the attention probabilities
   (SDPA's `dropout_p`) and on the attention and MLP outputs before they join the residual stream.
@@ -38,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .losses import token_cross_entropy
+from .moe import MoE, Experts, Router, active_params
 
 try:
     from torch.nn.attention.flex_attention import (
@@ -184,13 +187,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
         self.kind = cfg.mlp
+        width = width or cfg.intermediate_size
         if cfg.mlp == "swiglu":
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.gate_proj = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.down_proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         if self.kind == "swiglu":
@@ -209,7 +213,11 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg, cfg.n_embd)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
-        self.mlp = MLP(cfg)
+        if cfg.moe_layer(layer):
+            shared = MLP(cfg, cfg.n_shared_experts * cfg.expert_intermediate_size) if cfg.n_shared_experts else None
+            self.mlp = MoE(cfg, shared)
+        else:
+            self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache, slots):
@@ -249,6 +257,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, (Router, Experts)):
+                m.reset_parameters()
             elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 if m.weight is not None:
                     nn.init.ones_(m.weight)
@@ -323,9 +333,10 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T,
+        N the active parameters (a mixture of experts counts the k experts a token takes)."""
         c = self.config
-        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+        return 6 * active_params(self) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def state_dict_for_save(self) -> dict:
         """Weights without duplicates (a tied head is stored once, as embed_tokens)."""

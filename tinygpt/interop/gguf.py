@@ -1,13 +1,17 @@
 """GGUF (llama.cpp / Ollama): export through the maintained `gguf` package, and re-import.
 
 Design choices:
-- The family (llama / qwen2 / qwen3 / gpt2) is the one `hf.family_of` picks, and tensor names are
+- The family (llama / qwen2 / qwen3 / gpt2, and the mixtures of experts qwen3moe and dots1) is the one `hf.family_of` picks, and tensor names are
   llama.cpp's (`gguf.constants.TENSOR_NAMES`); every name written is checked against the
   architecture's `MODEL_TENSORS` list, so a typo cannot produce a file llama.cpp rejects later.
 - llama.cpp's `llama` architecture rotates interleaved pairs (x0, x1), (x2, x3)... while HF/our
   RoPE rotates halves (x_i, x_{i + d/2}). As llama.cpp's own converter does, the rows of q_proj
   and k_proj are permuted per head so both compute the same function; qwen2/qwen3 use the
   half-split ("NEOX") rotation in llama.cpp, so their weights are written unchanged.
+- Experts are stacked 3-D tensors (`ffn_{gate,up,down}_exps`, the router `ffn_gate_inp`, dots1's
+  balancing bias `exp_probs_b` and shared experts `ffn_*_shexp`), as llama.cpp's converter writes
+  them; llama.cpp's qwen3moe has an MoE in every layer and always renormalises the top-k weights,
+  so other Qwen3-MoE shapes are refused (they export to transformers).
 - GPT-2 keeps q/k/v fused (`attn_qkv`), has biases everywhere (zeros where our model has none) and,
   as llama.cpp's converter writes it, an explicit `output` tensor even when the head is tied.
 - dtype: f32 (exact), f16 (2-D weights in half, norms/biases f32 as llama.cpp expects), or the
@@ -44,6 +48,12 @@ _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+# mixture-of-experts tensors (per layer): the experts are stacked 3-D tensors, as llama.cpp's converter writes them
+_MOE = {"mlp.gate.weight": "ffn_gate_inp.weight", "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+        "mlp.experts.down_proj": "ffn_down_exps.weight", "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+        "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+        "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight"}
+GGUF_ARCH = {"qwen3_moe": "qwen3moe"}            # our family name -> llama.cpp's, where they differ
 # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q8_0, MOSTLY_Q5_0, MOSTLY_Q5_1
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
 GGUF_DTYPES = tuple(_FILE_TYPE)
@@ -52,11 +62,28 @@ _BLOCK = 32                                      # values per quantisation block
 
 def gguf_name(ours: str) -> str:
     """Our parameter name -> llama.cpp's, e.g. model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight."""
+    if ours.startswith("model.layers."):
+        i, rest = ours[len("model.layers."):].split(".", 1)
+        if rest in _MOE:
+            return f"blk.{i}.{_MOE[rest]}"
+        module, suffix = rest.rsplit(".", 1)
+        return f"blk.{i}.{_LAYER[module]}.{suffix}"
     module, suffix = ours.rsplit(".", 1)
-    if module.startswith("model.layers."):
-        i, rest = module[len("model.layers."):].split(".", 1)
-        return f"blk.{i}.{_LAYER[rest]}.{suffix}"
     return f"{_TOP[module]}.{suffix}"
+
+
+def _expert_names(ours: str) -> tuple[str, str]:
+    """llama.cpp's (gate, up) expert tensors for our fused `...mlp.experts.gate_up_proj`."""
+    i = ours.split(".")[2]
+    return f"blk.{i}.ffn_gate_exps.weight", f"blk.{i}.ffn_up_exps.weight"
+
+
+def gguf_check(family: str, cfg: ModelConfig) -> None:
+    """What llama.cpp's MoE architectures cannot compute: its qwen3moe has an MoE in every layer and
+    always renormalises the chosen weights."""
+    if family == "qwen3_moe" and (cfg.moe_every != 1 or not cfg.norm_topk_prob):
+        raise UserError("llama.cpp's qwen3moe has an MoE in every layer and renormalised top-k weights", None,
+                        "export with --format hf, or train with --moe-every 1 and norm_topk_prob on")
 
 
 def rope_permute(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
@@ -70,7 +97,7 @@ def rope_permute(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.T
 
 def _allowed_names(family: str, n_layer: int) -> set:
     from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
-    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == family)
+    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == GGUF_ARCH.get(family, family))
     return {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[arch] for i in range(n_layer)}
 
 
@@ -91,6 +118,10 @@ def gguf_tensors(family: str, model) -> dict:
     for k, v in sd.items():
         if family == "llama" and (".q_proj." in k or ".k_proj." in k):
             v = rope_permute(v, cfg.n_head if ".q_proj." in k else cfg.n_kv_head)
+        if k.endswith(".experts.gate_up_proj"):                 # (E, 2I, C) -> gate (E, I, C), up (E, I, C)
+            for name, part in zip(_expert_names(k), v.chunk(2, dim=1)):
+                out[name] = part.contiguous()
+            continue
         out[gguf_name(k)] = v
     unknown = set(out) - {n + s for n in _allowed_names(family, cfg.n_layer) for s in (".weight", ".bias")}
     assert not unknown, f"names llama.cpp does not know for {family}: {sorted(unknown)[:3]}"
@@ -188,16 +219,28 @@ def add_hparams(w, family: str, cfg: ModelConfig, tok) -> None:
     if cfg.head_dim * cfg.n_head != cfg.n_embd:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
+    if cfg.is_moe:
+        from gguf import ExpertGatingFuncType
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.n_experts_active)
+        w.add_expert_feed_forward_length(cfg.expert_intermediate_size)
+    if family == "dots1":           # as llama.cpp's converter writes dots1 (DeepSeek-V3's routing)
+        w.add_leading_dense_block_count(0)
+        w.add_expert_shared_count(cfg.n_shared_experts)
+        w.add_expert_weights_scale(1.0)
+        w.add_expert_weights_norm(cfg.norm_topk_prob)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
 
 
 def export_gguf(model, tok, out, dtype: str = "f16") -> dict:
     """Write `out` (.gguf) and an Ollama `Modelfile` beside it; returns a summary."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter
     family = family_of(model.config)
+    gguf_check(family, model.config)
     out = Path(out)
     tensors = gguf_tensors(family, model)
     with atomic_path(out) as tmp:
-        w = GGUFWriter(str(tmp), family)
+        w = GGUFWriter(str(tmp), GGUF_ARCH.get(family, family))
         add_hparams(w, family, model.config, tok)
         w.add_file_type(_FILE_TYPE[dtype])
         w.add_quantization_version(GGML_QUANT_VERSION)
@@ -242,7 +285,7 @@ def _field(reader, key, default=None):
 
 
 def _config_from_gguf(reader, family: str, vocab: int, where: str) -> ModelConfig:
-    p = family + "."
+    p = GGUF_ARCH.get(family, family) + "."
     if _field(reader, p + "rope.scaling.type", "none") not in ("none",):
         raise UserError("rope scaling is not implemented", where, "use a model without rope scaling")
     n_embd, n_head = _field(reader, p + "embedding_length"), _field(reader, p + "attention.head_count")
@@ -254,7 +297,17 @@ def _config_from_gguf(reader, family: str, vocab: int, where: str) -> ModelConfi
                        head_dim=_field(reader, p + "attention.key_length", n_embd // n_head),
                        intermediate_size=_field(reader, p + "feed_forward_length"),
                        block_size=_field(reader, p + "context_length"), norm_eps=float(eps),
-                       rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)), **kw)
+                       rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)), **kw,
+                       **(_moe_config(reader, family, p) if family in ("qwen3_moe", "dots1") else {}))
+
+
+def _moe_config(reader, family: str, p: str) -> dict:
+    d = dict(n_experts=_field(reader, p + "expert_count"), n_experts_active=_field(reader, p + "expert_used_count"),
+             expert_intermediate_size=_field(reader, p + "expert_feed_forward_length"), router_z_coef=0.0)
+    if family == "qwen3_moe":
+        return dict(d, router="softmax", norm_topk_prob=True)
+    return dict(d, router="sigmoid_bias", n_shared_experts=_field(reader, p + "expert_shared_count"),
+                norm_topk_prob=bool(_field(reader, p + "expert_weights_norm", False)), router_aux_coef=0.0)
 
 
 def _tokenizer_from_gguf(reader, where: str):
@@ -297,6 +350,7 @@ def load_gguf(path):
     except Exception as e:   # the reader raises bare ValueErrors/struct errors on bad files
         raise UserError(f"not a valid GGUF file ({str(e).splitlines()[0][:100]})", str(path)) from None
     family = _field(reader, "general.architecture")
+    family = {v: k for k, v in GGUF_ARCH.items()}.get(family, family)
     if family not in FAMILIES:
         raise UserError(f"unsupported GGUF architecture {family!r}", str(path), f"supported: {', '.join(FAMILIES)}")
     raw = {}
@@ -323,6 +377,11 @@ def _ours_from_gguf(family: str, cfg: ModelConfig, raw: dict) -> dict:
         names = GPT(cfg).state_dict_for_save().keys()
     sd = {}
     for k in names:
+        if k.endswith(".experts.gate_up_proj"):
+            parts = [raw.pop(n, None) for n in _expert_names(k)]
+            if None not in parts:
+                sd[k] = torch.cat(parts, dim=1)
+            continue
         t = raw.pop(gguf_name(k), None)
         if t is None:
             continue   # build_model reports what is missing

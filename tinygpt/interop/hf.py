@@ -1,9 +1,14 @@
 """Hugging Face transformers checkpoints: import a local folder, export a folder, export PEFT adapters.
 
 Design choices:
-- Four families, decided by `config.json`'s architecture on import and by the model's shape on
+- Six families, decided by `config.json`'s architecture on import and by the model's shape on
   export: GPT-2 (learned positions, LayerNorm, tanh-GELU, biases, tied head), Llama (RoPE, RMSNorm,
-  SwiGLU, GQA, no biases), Qwen2 (Llama + q/k/v biases) and Qwen3 (Llama + per-head QK RMSNorm).
+  SwiGLU, GQA, no biases), Qwen2 (Llama + q/k/v biases), Qwen3 (Llama + per-head QK RMSNorm), and
+  two mixtures of experts on Qwen3's attention: Qwen3-MoE (softmax top-k router, no shared expert)
+  and dots1 (DeepSeek-V3's sigmoid router with its balancing bias, shared experts). A softmax
+  router with shared experts matches neither (Qwen2-MoE gates its shared expert) and is refused.
+  Experts are written one Linear per expert (`mlp.experts.E.gate_proj.weight`, ...), the layout
+  of published checkpoints; import reads that or transformers 5's fused tensors.
   Our names are Llama's, so three families copy tensors name for name; GPT-2 stores Conv1D
   weights as (in, out) and fuses q/k/v into `c_attn`, so it is transposed and split (or fused).
 - Hugging Face RoPE is the "rotate_half" layout, which is what our model computes: no permutation.
@@ -42,8 +47,8 @@ def chat_template_of(tok) -> str:
     return tok.chat_template or CHATML_JINJA
 
 
-ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama",
-                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "Dots1ForCausalLM": "dots1"}
 HF_CLASS = {v: k for k, v in ARCHITECTURES.items()}
 # The shape of each family in ModelConfig terms (GPT-2's biases are checked separately).
 FAMILIES = {
@@ -52,6 +57,8 @@ FAMILIES = {
     "qwen2": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, bias=False, qkv_bias=True),
     "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, qkv_bias=False),
 }
+FAMILIES["qwen3_moe"] = FAMILIES["dots1"] = FAMILIES["qwen3"]      # Qwen3's attention, an MoE MLP
+MOE_FAMILIES = ("qwen3_moe", "dots1")
 GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")   # all the tanh approximation
 # GPT-2 per-layer names: ours -> Hugging Face (under `transformer.h.N.`); Conv1D ones are transposed.
 _GPT2_LAYER = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj",
@@ -91,8 +98,7 @@ def _refuse_if(cond: bool, what: str, where: str):
 def config_from_hf(raw: dict, where: str) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) from a config.json dict."""
     arch = (raw.get("architectures") or [None])[0]
-    family = ARCHITECTURES.get(arch) or {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2",
-                                         "qwen3": "qwen3"}.get(raw.get("model_type"))
+    family = ARCHITECTURES.get(arch) or (raw.get("model_type") if raw.get("model_type") in FAMILIES else None)
     if family is None:
         raise UserError(f"unsupported architecture {arch or raw.get('model_type')!r}", where,
                         f"supported: {', '.join(ARCHITECTURES)}")
@@ -110,7 +116,7 @@ def config_from_hf(raw: dict, where: str) -> tuple[str, ModelConfig]:
             return family, cfg
         _refuse_if(raw.get("hidden_act", "silu") != "silu", f"activation '{raw.get('hidden_act')}' is not SiLU", where)
         _refuse_if(raw.get("use_sliding_window", False), "sliding-window attention is not implemented", where)
-        _refuse_if(family in ("llama", "qwen3") and (raw.get("attention_bias") or raw.get("mlp_bias")),
+        _refuse_if(family not in ("gpt2", "qwen2") and (raw.get("attention_bias") or raw.get("mlp_bias")),
                    "attention/MLP biases on every projection are not implemented", where)
         n_embd, n_head = raw["hidden_size"], raw["num_attention_heads"]
         cfg = ModelConfig(vocab_size=raw["vocab_size"], n_layer=raw["num_hidden_layers"], n_embd=n_embd,
@@ -119,7 +125,7 @@ def config_from_hf(raw: dict, where: str) -> tuple[str, ModelConfig]:
                           intermediate_size=raw["intermediate_size"],
                           block_size=raw.get("max_position_embeddings", 2048), rope_theta=_rope_theta(raw, where),
                           norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False),
-                          **FAMILIES[family])
+                          **FAMILIES[family], **(moe_from_hf(family, raw, where) if family in MOE_FAMILIES else {}))
         return family, cfg
     except KeyError as e:
         raise UserError(f"config.json lacks {e}", where) from None
@@ -146,7 +152,94 @@ def family_of(cfg: ModelConfig) -> str:
     if cfg.qk_norm and cfg.qkv_bias:
         raise UserError("QK-norm together with q/k/v biases has no Hugging Face class", None,
                         "Qwen3 has QK-norm without biases, Qwen2 biases without QK-norm")
+    if cfg.is_moe:
+        return _moe_family(cfg)
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+# ---- mixtures of experts: Qwen3-MoE (softmax router, no shared experts), dots1 (sigmoid_bias) --------
+def _moe_family(cfg: ModelConfig) -> str:
+    """Qwen3-MoE computes a softmax top-k router without shared experts; dots1 (Qwen3's attention
+    with DeepSeek-V3's MoE) the sigmoid_bias router with shared experts, in every layer."""
+    if not cfg.qk_norm or cfg.qkv_bias:
+        raise UserError("the MoE classes (Qwen3-MoE, dots1) have Qwen3's attention: QK-norm, no q/k/v biases", None,
+                        "train the MoE model on the default block (--arch qwen3)")
+    if cfg.router == "softmax":
+        if cfg.n_shared_experts:
+            raise UserError("a softmax router with shared experts has no transformers class (Qwen2-MoE gates its "
+                            "shared expert, Qwen3-MoE has none)", None,
+                            "use --n-shared-experts 0 (Qwen3-MoE) or --router sigmoid_bias (dots1)")
+        return "qwen3_moe"
+    if not cfg.n_shared_experts or cfg.moe_every != 1:
+        raise UserError("the sigmoid_bias router maps to dots1, which has shared experts and an MoE in every layer",
+                        None, "use --n-shared-experts 1 or more and --moe-every 1, or the softmax router (Qwen3-MoE)")
+    return "dots1"
+
+
+def moe_from_hf(family: str, raw: dict, where: str) -> dict:
+    """The expert fields of a Qwen3-MoE or dots1 config.json (what we do not compute is refused)."""
+    k = raw["num_experts_per_tok"]
+    n_experts = raw.get("num_local_experts") or raw["num_experts" if family == "qwen3_moe" else "n_routed_experts"]
+    common = dict(n_experts_active=k, expert_intermediate_size=raw["moe_intermediate_size"],
+                  norm_topk_prob=bool(raw.get("norm_topk_prob", False)), router_z_coef=0.0)
+    if family == "qwen3_moe":
+        _refuse_if(bool(raw.get("mlp_only_layers")), "Qwen3-MoE mlp_only_layers are not implemented", where)
+        # transformers' balancing loss sums f_e over the k choices: k times ours
+        return dict(common, n_experts=n_experts, moe_every=raw.get("decoder_sparse_step", 1),
+                    router="softmax", router_aux_coef=float(raw.get("router_aux_loss_coef", 0.001)) * k)
+    _refuse_if(raw.get("first_k_dense_replace", 0) != 0, "dots1 leading dense layers are not implemented", where)
+    _refuse_if(raw.get("routed_scaling_factor", 1.0) != 1.0 or raw.get("n_group", 1) != 1 or
+               raw.get("topk_group", 1) != 1, "dots1 routed scaling and expert groups are not implemented", where)
+    sliding = raw.get("layer_types") or []
+    _refuse_if("sliding_attention" in sliding or raw.get("sliding_window") is not None and
+               raw.get("max_window_layers", 0) < raw["num_hidden_layers"], "sliding-window attention", where)
+    _refuse_if(not raw.get("n_shared_experts"), "dots1 without shared experts is not implemented", where)
+    return dict(common, n_experts=n_experts, n_shared_experts=raw["n_shared_experts"],
+                router="sigmoid_bias", router_aux_coef=0.0)
+
+
+def moe_hf_config(family: str, cfg: ModelConfig) -> dict:
+    d = dict(num_experts_per_tok=cfg.n_experts_active, moe_intermediate_size=cfg.expert_intermediate_size,
+             norm_topk_prob=cfg.norm_topk_prob, output_router_logits=False)
+    if family == "qwen3_moe":
+        return dict(d, num_experts=cfg.n_experts, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+                    router_aux_loss_coef=cfg.router_aux_coef / cfg.n_experts_active)
+    return dict(d, n_routed_experts=cfg.n_experts, n_shared_experts=cfg.n_shared_experts, first_k_dense_replace=0,
+                n_group=1, topk_group=1, routed_scaling_factor=1.0)
+
+
+def experts_to_hf(sd: dict) -> dict:
+    """Fused expert tensors -> one (gate, up, down) Linear weight per expert: the layout published
+    checkpoints use, which transformers 4 and 5 and llama.cpp's converter read."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".experts.gate_up_proj"):
+            pre = k.removesuffix("gate_up_proj")
+            for e, (g, u) in enumerate(t.chunk(2) for t in v):
+                out[f"{pre}{e}.gate_proj.weight"], out[f"{pre}{e}.up_proj.weight"] = g.contiguous(), u.contiguous()
+        elif k.endswith(".experts.down_proj"):
+            for e, d in enumerate(v):
+                out[f"{k.removesuffix('down_proj')}{e}.down_proj.weight"] = d.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def experts_from_hf(sd: dict, cfg: ModelConfig) -> dict:
+    """Per-expert Linear weights -> our fused (E, 2I, C) and (E, C, I) tensors (a fused checkpoint,
+    as transformers 5 may write, is kept as it is)."""
+    for i in range(cfg.n_layer):
+        pre = f"model.layers.{i}.mlp.experts."
+        if f"{pre}0.gate_proj.weight" not in sd:
+            continue
+        take = [{p: sd.pop(f"{pre}{e}.{p}_proj.weight", None) for p in ("gate", "up", "down")}
+                for e in range(cfg.n_experts)]
+        if any(t is None for d in take for t in d.values()):
+            raise UserError(f"layer {i} lacks some of its {cfg.n_experts} experts' weights", None,
+                            "download the full model folder")
+        sd[pre + "gate_up_proj"] = torch.stack([torch.cat([d["gate"], d["up"]]) for d in take])
+        sd[pre + "down_proj"] = torch.stack([d["down"] for d in take])
+    return sd
 
 
 # ---- weights ------------------------------------------------------------------------------------
@@ -188,6 +281,8 @@ def _load_bin(path: Path) -> dict:
 def hf_to_ours(family: str, cfg: ModelConfig, sd: dict) -> dict:
     """Hugging Face state dict -> ours (float32), dropping non-weight buffers."""
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if family in MOE_FAMILIES:
+        sd = experts_from_hf(sd, cfg)
     if family != "gpt2":
         return {k: v.float() for k, v in sd.items()}
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}   # old checkpoints have no prefix
@@ -255,6 +350,8 @@ def load_hf(folder, dtype=torch.float32):
 def ours_to_hf(family: str, model) -> dict:
     """Our state dict -> Hugging Face names (GPT-2: fused, transposed, zero biases where we have none)."""
     sd = {k: v.detach() for k, v in model.state_dict_for_save().items()}
+    if family in MOE_FAMILIES:
+        return experts_to_hf(sd)
     if family != "gpt2":
         return sd
     cfg = model.config
@@ -296,10 +393,12 @@ def hf_config(family: str, cfg: ModelConfig, tok) -> dict:
          "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
          "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
          "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_dropout": 0.0}
-    if family in ("llama", "qwen3"):
+    if family != "qwen2":
         d.update(attention_bias=False, mlp_bias=False)
-    if family in ("qwen2", "qwen3"):
+    if family != "llama":
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    if family in MOE_FAMILIES:
+        d.update(moe_hf_config(family, cfg))
     return d
 
 

@@ -24,6 +24,8 @@ Conventions
   detached scalar metrics.
 * Advantages and returns (`gae`, `group_advantages`, `masked_whiten`) are targets, not
   things to differentiate through; `gae` and `group_advantages` return detached tensors.
+* Router losses of a mixture of experts (`load_balance_loss`, `router_z_loss`) take the
+  router's float32 probabilities or logits (N tokens, E experts) and return a scalar mean.
 * Distillation divergences take normalised log-probs (N, C) and return (N,) (`losses.distill`).
 * Bad option strings raise ValueError naming the allowed choices.
 """
@@ -64,7 +66,7 @@ from .rl import (
 
 __all__ = [
     "token_cross_entropy", "token_logprobs", "entropy_from_logits", "bradley_terry_loss", "dpo_loss",
-    "DPO_LOSS_TYPES", "simpo_loss", "orpo_loss", "kto_loss",
+    "DPO_LOSS_TYPES", "simpo_loss", "orpo_loss", "kto_loss", "load_balance_loss", "router_z_loss",
     # losses.rl
     "kl_penalty", "KL_KINDS", "REWARD_SCALES", "gae", "masked_mean", "masked_var", "masked_whiten",
     "explained_variance", "ppo_policy_loss", "clipped_surrogate", "ppo_value_loss", "group_advantages",
@@ -295,3 +297,23 @@ def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl_pi
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))  # (B,)
     loss = torch.where(desirable, good, bad)
     return loss, (beta * r).detach(), z0
+
+
+def load_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss, for top-k routing: E * sum_e f_e * P_e, where f_e
+    is the fraction of the N*k token-to-expert assignments that went to expert e (not
+    differentiable: it only weighs) and P_e the mean router probability of e. 1 when both are
+    uniform, E when every token goes to one expert with probability 1 (k = 1).
+    probs (N, E) softmax probabilities; topk_idx (N, k) chosen experts."""
+    probs = _f32(probs)
+    n_experts = probs.shape[-1]
+    counts = torch.zeros(n_experts, device=probs.device).scatter_add_(
+        0, topk_idx.reshape(-1), torch.ones(topk_idx.numel(), device=probs.device))      # (E,)
+    f = counts / topk_idx.numel()
+    return n_experts * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2, which keeps the router's
+    logits small (large ones make the softmax, and the routing, unstable). logits (N, E)."""
+    return torch.logsumexp(_f32(logits), dim=-1).square().mean()

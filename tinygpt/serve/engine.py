@@ -29,6 +29,7 @@ import torch
 
 from ..generate import _last_logits, _model_dtype, capture_graph, sample_rows
 from ..model import KVCache
+from ..moe import graph_capturable
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -93,7 +94,7 @@ class SlotEngine:
         self.generators: list = [None] * S                                 # per-slot seeded generator
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed)
-        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.use_graph = device.type == "cuda" and graph_capturable(model) if cuda_graph is None else cuda_graph
         self.bucketed = self.use_graph if bucketed is None else bucketed or self.use_graph   # graphs need buckets
         self.length_bucket = length_bucket
         self.graphs: dict = {}

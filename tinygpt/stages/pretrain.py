@@ -30,9 +30,11 @@ from ..config import (
     LIMITS,
     MAX_BLOCK_SIZE,
     MLPS,
+    MOE_FIELDS,
     NORMS,
     POS_EMB,
     PRESETS,
+    ROUTERS,
     ModelConfig,
     arch_overrides,
     pad_vocab,
@@ -43,6 +45,7 @@ from ..eval.ppl import window_loss
 from ..interop.hf import family_of
 from ..load import load_model_and_tokenizer
 from ..model import GPT
+from ..moe import active_params
 from ..options import Options, at_least, between, option
 from ..tokenizer import Tokenizer
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
@@ -85,13 +88,35 @@ class ModelShapeOptions(Options):
                                          auto="the block family's", negate="--no-tie-embeddings")
     qk_norm: bool | None = option(None, "RMSNorm on queries and keys per head", auto="the block family's",
                                   negate="--no-qk-norm")
+    n_experts: int | None = option(None, "routed experts per MoE layer (mixture of experts; 0 = dense MLPs)",
+                                   auto="0", check=between(0, LIMITS["n_experts"][1]))
+    n_experts_active: int | None = option(None, "routed experts each token goes through (top-k)",
+                                          auto="min(2, --n-experts)", check=_size("n_experts_active"))
+    n_shared_experts: int | None = option(None, "experts every token goes through besides its routed ones",
+                                          auto="0", check=between(0, LIMITS["n_shared_experts"][1]))
+    expert_intermediate_size: int | None = option(None, "hidden width of each expert",
+                                                  auto="--intermediate-size / (active + shared), rounded up to 16",
+                                                  check=_size("expert_intermediate_size"))
+    moe_every: int | None = option(None, "every Nth layer is MoE (layer i when (i+1) % N == 0), the others dense",
+                                   auto="1", check=_size("moe_every"))
+    router: str | None = option(None, "softmax: top-k of a softmax, balanced by the load-balancing and z losses; "
+                                "sigmoid_bias: DeepSeek-V3's auxiliary-loss-free balancing bias", auto="softmax",
+                                choices=ROUTERS)
+    norm_topk_prob: bool | None = option(None, "renormalise the chosen experts' weights to sum to 1", auto="on",
+                                         negate="--no-norm-topk-prob")
+    router_aux_coef: float | None = option(None, "coefficient of the load-balancing loss (softmax router)",
+                                           auto="0.01", check=between(*LIMITS["router_aux_coef"]))
+    router_z_coef: float | None = option(None, "coefficient of the router z-loss (softmax router)", auto="0.001",
+                                         check=between(*LIMITS["router_z_coef"]))
+    router_bias_rate: float | None = option(None, "balancing-bias step per optimizer step (sigmoid_bias router)",
+                                            auto="0.001", check=between(*LIMITS["router_bias_rate"]))
     dropout: float | None = option(None, "dropout in training (embeddings, attention, block outputs); 0.1-0.2 "
                                    "for a small corpus trained for many epochs", auto="0, or the --init model's",
                                    check=between(0, 1, hi_open=True))
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size", "block_size",
-                "pos_emb", "norm", "mlp", "tie_embeddings", "qk_norm")
+                "pos_emb", "norm", "mlp", "tie_embeddings", "qk_norm", *MOE_FIELDS)
 
 
 @dataclass
@@ -224,8 +249,10 @@ class PretrainStage(Stage):
                             "lower --ctx")
         self.model.to(run.device)
         self._data(run)
+        experts = (f" ({cfg.n_experts} experts, {cfg.n_experts_active} active + {cfg.n_shared_experts} shared, "
+                   f"{cfg.router} router; {active_params(self.model) / 1e6:.2f}M active)") if cfg.is_moe else ""
         log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}, "
-            f"{cfg.mlp} MLP, context {self.ctx}, vocab {self.tok.vocab_size} (padded {cfg.vocab_size}), "
+            f"{cfg.mlp} MLP{experts}, context {self.ctx}, vocab {self.tok.vocab_size} (padded {cfg.vocab_size}), "
             f"dropout {cfg.dropout:g}, device {run.device}")
 
     def _data(self, run) -> None:

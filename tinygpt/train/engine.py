@@ -62,6 +62,7 @@ from ..io import (
     save_tensors,
     update_metadata,
 )
+from ..moe import load_metrics, moe_layers, pop_router_terms, update_router_bias
 from .optim import lr_at, make_optimizer
 
 STATE_FILE = "state.safetensors"
@@ -141,6 +142,8 @@ class Engine:
         self.last_row: dict = {}                         # on resume, the last metrics row kept
         self.round = self.step = self.tokens_seen = self.bad_steps = self.good_steps = 0
         self.best = {"val_loss": None, "step": 0, "stale": 0}   # lowest val_loss, its round, validations since
+        self.moe = moe_layers(self.model)                # mixture-of-experts layers (router losses, load)
+        self.moe_load = None                             # their expert load (L, E) over this step
 
     @property
     def is_main(self) -> bool:
@@ -153,11 +156,17 @@ class Engine:
     def _trainable_state(self) -> dict:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def _buffer_state(self) -> dict:
+        """Persistent buffers the model updates outside autograd (a router's balancing bias)."""
+        saved = self.model.state_dict(keep_vars=True)
+        return {n: b for n, b in self.model.named_buffers() if n in saved}
+
     def save_state(self) -> None:
         """The whole resume state as one atomically written file."""
         if not self.is_main:
             return
         tensors = {f"param.{n}": p.detach() for n, p in self._trainable_state().items()}
+        tensors.update({f"buffer.{n}": b.detach() for n, b in self._buffer_state().items()})
         opt_sd = self.opt.state_dict()
         for idx, st in opt_sd["state"].items():
             for k, v in st.items():
@@ -198,9 +207,15 @@ class Engine:
         if set(f"param.{n}" for n in params) != {k for k in tensors if k.startswith("param.")} or \
                 any(tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
             raise UserError("--resume: the saved weights do not match this model", str(path), "start a new run")
+        buffers = self._buffer_state()
+        if any(f"buffer.{n}" in tensors and tensors[f"buffer.{n}"].shape != b.shape for n, b in buffers.items()):
+            raise UserError("--resume: the saved buffers do not match this model", str(path), "start a new run")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"])
+            for n, b in buffers.items():
+                if f"buffer.{n}" in tensors:
+                    b.copy_(tensors[f"buffer.{n}"])
         state: dict = {}
         for name, v in tensors.items():
             if name.startswith("optim."):
@@ -233,6 +248,8 @@ class Engine:
         micro-batches and ranks). Returns (mean loss tensor, metrics sums, that divisor's inverse).
         normalize=False leaves the division to the caller (`train_step` folds it into clipping)."""
         cfg = self.cfg
+        if self.moe:                                     # forwards outside training steps stashed nothing we want
+            pop_router_terms(self.moe)
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         total_count = torch.zeros((), device=self.device, dtype=torch.float32)
         sums: dict = {}
@@ -244,9 +261,10 @@ class Engine:
             with (nullcontext() if sync else self.wrapped.no_sync()):
                 with self.autocast():
                     loss_sum, count, metrics = self.step_fn(self.wrapped, batch)
+                objective = self._add_router_loss(loss_sum, count, metrics)
                 if micro_batches is None and i + 1 < self.rounds * cfg.accum:
                     self._ahead = (i + 1, self.stage.batch(i + 1))   # host work overlaps the GPU's
-                self.scaler.scale(loss_sum).backward()
+                self.scaler.scale(objective).backward()
             total_loss += loss_sum.detach().float()
             total_count += count if torch.is_tensor(count) else float(count)
             for k, v in metrics.items():
@@ -261,6 +279,33 @@ class Engine:
         if normalize:
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
         return total_loss / total_count.clamp(min=1.0), sums, scale
+
+    def _add_router_loss(self, loss_sum, count, metrics):
+        """The loss to backpropagate: the stage's summed loss plus, for a mixture of experts, the
+        router's balancing loss of this micro-batch's forwards (a mean) times its count of units,
+        so after the division by the total count it weighs as a per-unit mean in every stage. The
+        logged `loss` stays the stage's own; the term is logged as `router_loss`."""
+        if not self.moe:
+            return loss_sum
+        aux, load = pop_router_terms(self.moe)
+        self.moe_load = load if self.moe_load is None else self.moe_load + load
+        if aux is None:
+            return loss_sum
+        metrics["router_loss"] = aux.detach()
+        return loss_sum + aux * count
+
+    def _moe_step(self, finite: bool) -> dict:
+        """After an optimizer step of a mixture of experts: the load metrics over the step, and
+        the sigmoid_bias routers' bias update (from the load summed over ranks, so every rank moves
+        its bias the same way)."""
+        load, self.moe_load = self.moe_load, None
+        if load is None:
+            return {}
+        if self.world > 1:
+            dist.all_reduce(load)
+        if finite:
+            update_router_bias(self.moe, load)
+        return load_metrics(load)
 
     def _normalize_and_clip(self, scale):
         """p.grad *= scale, then clip to `grad_clip` by total norm, in ONE pass over the gradients.
@@ -298,6 +343,7 @@ class Engine:
         self.opt.zero_grad(set_to_none=True)
         n_micro = len(micro_batches) if micro_batches is not None else cfg.accum
         metrics = {k: (v.item() if torch.is_tensor(v) else v) / n_micro for k, v in sums.items()}
+        metrics.update(self._moe_step(finite))
         self.tokens_seen += int(round(metrics.get("tokens", 0) * n_micro)) * self.world
         self.step += 1
         self.bad_steps = 0 if finite else self.bad_steps + 1
