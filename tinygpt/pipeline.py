@@ -56,8 +56,8 @@ from .errors import UserError
 from .io import atomic_write_text, check_writable
 from .options import Options, knows, option, to_argv
 from .report import STATE_FILE, build_report, compare_line, read_state
-from .train.engine import STATE_FILE as STATE_FILE_TRAIN
 from .train.engine import run_dir_for
+from .train.resume import STATE_FILE as STATE_FILE_TRAIN
 
 EXTENSIONS = {"data synth": "", "tokenizer train": ".json", "train": ".tinygpt", "sft": ".lora",
               "reward": ".tinygpt", "dpo": ".lora", "orpo": ".lora", "simpo": ".lora", "kto": ".lora",

@@ -66,7 +66,8 @@ from ..stages.common import (
     stop_ids,
     weights_key,
 )
-from ..train.engine import PROGRESS_SECONDS, run_dir_for
+from ..train.engine import run_dir_for
+from ..train.progress import PROGRESS_SECONDS
 from ..verifiers import reward_source
 
 SETTINGS, DONE = "generate.json", "done.txt"      # in the run folder beside --out

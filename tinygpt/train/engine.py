@@ -50,7 +50,6 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from ..device import autocast, resolve_dtype, setup_device
 from ..errors import UserError
@@ -58,15 +57,13 @@ from ..io import (
     JsonlLog,
     atomic_write_text,
     clean_temp_files,
-    load_tensors,
-    save_tensors,
     update_metadata,
 )
 from ..moe import load_metrics, moe_layers, pop_router_terms, update_router_bias
 from .optim import lr_at, make_optimizer
+from .progress import Progress
+from .resume import load_state, save_state
 
-STATE_FILE = "state.safetensors"
-PROGRESS_SECONDS = 10.0        # off a terminal, a progress line this often
 FLUSH_SECONDS = 2.0            # metrics.jsonl reaches the disk at least this often (and at every checkpoint)
 
 
@@ -153,86 +150,13 @@ class Engine:
         return autocast(self.device, self.dtype)
 
     # ---- state for --resume ------------------------------------------------------------------
-    def _trainable_state(self) -> dict:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _buffer_state(self) -> dict:
-        """Persistent buffers the model updates outside autograd (a router's balancing bias)."""
-        saved = self.model.state_dict(keep_vars=True)
-        return {n: b for n, b in self.model.named_buffers() if n in saved}
-
     def save_state(self) -> None:
-        """The whole resume state as one atomically written file."""
-        if not self.is_main:
-            return
-        tensors = {f"param.{n}": p.detach() for n, p in self._trainable_state().items()}
-        tensors.update({f"buffer.{n}": b.detach() for n, b in self._buffer_state().items()})
-        opt_sd = self.opt.state_dict()
-        for idx, st in opt_sd["state"].items():
-            for k, v in st.items():
-                tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        scalars = {"round": self.round, "step": self.step, "tokens_seen": self.tokens_seen,
-                   "good_steps": self.good_steps,
-                   "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
-                   "resume_key": self.stage.resume_key(), "stage": self.stage.state_dict(), "best": self.best,
-                   "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        save_tensors(self.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state",
-                                                          "state": json.dumps(scalars)})
+        """The whole resume state as one atomically written file (rank 0)."""
+        if self.is_main:
+            save_state(self)
 
     def load_state(self) -> None:
-        path = self.run_dir / STATE_FILE
-        if not path.exists():
-            raise UserError(f"--resume: no training state in {self.run_dir}", None,
-                            "train without --resume first, or check --out")
-        try:
-            tensors, meta = load_tensors(path)
-            scalars = json.loads(meta["state"])
-            if not all(isinstance(scalars.get(k), int) for k in ("round", "step", "tokens_seen")):
-                raise KeyError("counters")
-        except UserError as e:        # damaged (checksum mismatch) or not a safetensors file
-            raise UserError(f"--resume: {e.what}", str(path), "delete the run folder to start again") from None
-        except (KeyError, TypeError, json.JSONDecodeError):
-            raise UserError("--resume: the training state is not one this tinygpt wrote", str(path),
-                            "delete the run folder to start again") from None
-        key = self.stage.resume_key()
-        mismatched = {k: (scalars["resume_key"].get(k), v) for k, v in key.items() if scalars["resume_key"].get(k) != v}
-        if mismatched:
-            k, (was, now) = next(iter(mismatched.items()))
-            raise UserError(f"--resume with a different configuration: {k} was {was!r}, now {now!r}",
-                            str(self.run_dir), "use the original settings or start a new run")
-        params = self._trainable_state()
-        if set(f"param.{n}" for n in params) != {k for k in tensors if k.startswith("param.")} or \
-                any(tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
-            raise UserError("--resume: the saved weights do not match this model", str(path), "start a new run")
-        buffers = self._buffer_state()
-        if any(f"buffer.{n}" in tensors and tensors[f"buffer.{n}"].shape != b.shape for n, b in buffers.items()):
-            raise UserError("--resume: the saved buffers do not match this model", str(path), "start a new run")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[f"param.{n}"])
-            for n, b in buffers.items():
-                if f"buffer.{n}" in tensors:
-                    b.copy_(tensors[f"buffer.{n}"])
-        state: dict = {}
-        for name, v in tensors.items():
-            if name.startswith("optim."):
-                _, idx, k = name.split(".", 2)
-                state.setdefault(int(idx), {})[k] = v
-        own = self.opt.state_dict()["param_groups"]
-        groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], own)]
-        self.opt.load_state_dict({"state": state, "param_groups": groups})
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        if scalars.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(scalars["scaler"])
-        self.round, self.step, self.tokens_seen = scalars["round"], scalars["step"], scalars["tokens_seen"]
-        self.good_steps = scalars.get("good_steps", self.step)
-        self.best = scalars.get("best") or self.best
-        self.stage.load_state_dict(scalars.get("stage") or {})
+        load_state(self)
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _fetch(self, i: int):
@@ -540,42 +464,3 @@ class Engine:
         """What a stage writes into its artifact's metadata: how far training got."""
         return {"training_status": getattr(self, "_status", "checkpoint"), "training_step": self.round,
                 "training_steps": self.rounds}
-
-
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (logs, CI) one line every PROGRESS_SECONDS and at the end."""
-
-    def __init__(self, engine: Engine, stage):
-        self.engine, self.stage = engine, stage
-        self.tty = sys.stderr.isatty()
-        self.t0 = self.t_line = time.perf_counter()
-        self.start = engine.round
-        self.val: dict = {}
-        self.bar = None
-        if self.tty:
-            self.bar = tqdm(total=engine.rounds, initial=engine.round, dynamic_ncols=True, leave=True)
-
-    def update(self, last: dict) -> None:
-        if "val_loss" in last:               # the latest validation stays on the line until the next
-            self.val = {k: v for k, v in last.items() if k.startswith("val_") or k == "best_val_loss"}
-        fields = {**self.stage.progress({**self.val, **last}), "tok/s": f"{last['tokens_per_s']:,.0f}"}
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(fields, refresh=False)
-            return
-        now, e = time.perf_counter(), self.engine
-        if now - self.t_line >= PROGRESS_SECONDS or e.round == e.rounds:
-            self.t_line = now
-            done = e.round - self.start
-            eta = (now - self.t0) / max(done, 1) * (e.rounds - e.round)
-            body = ", ".join(f"{k} {v}" for k, v in fields.items())
-            e.log(f"step {e.round}/{e.rounds}: {body}, ETA {_clock(eta)}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,101 @@
+"""The resume state of a training run: one atomically written safetensors file in the run folder.
+
+It holds the trainable weights, the persistent buffers the model updates outside autograd (a
+router's balancing bias), the optimizer state in torch's format, the RNG states, the counters, the
+GradScaler, the stage's own state (`Stage.state_dict`), the keep-best record and the stage's
+`resume_key` (the settings a resumed run must share; a change is an error naming the setting).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import UserError
+from ..io import load_tensors, save_tensors
+
+STATE_FILE = "state.safetensors"
+
+
+def trainable_state(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def buffer_state(model) -> dict:
+    """Persistent buffers the model updates outside autograd (a router's balancing bias)."""
+    saved = model.state_dict(keep_vars=True)
+    return {n: b for n, b in model.named_buffers() if n in saved}
+
+
+def save_state(engine) -> None:
+    """The engine's whole resume state as one atomically written file."""
+    tensors = {f"param.{n}": p.detach() for n, p in trainable_state(engine.model).items()}
+    tensors.update({f"buffer.{n}": b.detach() for n, b in buffer_state(engine.model).items()})
+    opt_sd = engine.opt.state_dict()
+    for idx, st in opt_sd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if engine.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
+    scalars = {"round": engine.round, "step": engine.step, "tokens_seen": engine.tokens_seen,
+               "good_steps": engine.good_steps,
+               "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
+               "resume_key": engine.stage.resume_key(), "stage": engine.stage.state_dict(), "best": engine.best,
+               "scaler": engine.scaler.state_dict() if engine.scaler.is_enabled() else None}
+    save_tensors(engine.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state",
+                                                      "state": json.dumps(scalars)})
+
+
+def load_state(engine) -> None:
+    """Restore the engine from its run folder's state file (UserError when it cannot be)."""
+    path = engine.run_dir / STATE_FILE
+    if not path.exists():
+        raise UserError(f"--resume: no training state in {engine.run_dir}", None,
+                        "train without --resume first, or check --out")
+    try:
+        tensors, meta = load_tensors(path)
+        scalars = json.loads(meta["state"])
+        if not all(isinstance(scalars.get(k), int) for k in ("round", "step", "tokens_seen")):
+            raise KeyError("counters")
+    except UserError as e:        # damaged (checksum mismatch) or not a safetensors file
+        raise UserError(f"--resume: {e.what}", str(path), "delete the run folder to start again") from None
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise UserError("--resume: the training state is not one this tinygpt wrote", str(path),
+                        "delete the run folder to start again") from None
+    key = engine.stage.resume_key()
+    mismatched = {k: (scalars["resume_key"].get(k), v) for k, v in key.items() if scalars["resume_key"].get(k) != v}
+    if mismatched:
+        k, (was, now) = next(iter(mismatched.items()))
+        raise UserError(f"--resume with a different configuration: {k} was {was!r}, now {now!r}",
+                        str(engine.run_dir), "use the original settings or start a new run")
+    params = trainable_state(engine.model)
+    if set(f"param.{n}" for n in params) != {k for k in tensors if k.startswith("param.")} or \
+            any(tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
+        raise UserError("--resume: the saved weights do not match this model", str(path), "start a new run")
+    buffers = buffer_state(engine.model)
+    if any(f"buffer.{n}" in tensors and tensors[f"buffer.{n}"].shape != b.shape for n, b in buffers.items()):
+        raise UserError("--resume: the saved buffers do not match this model", str(path), "start a new run")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+        for n, b in buffers.items():
+            if f"buffer.{n}" in tensors:
+                b.copy_(tensors[f"buffer.{n}"])
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("optim."):
+            _, idx, k = name.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v
+    own = engine.opt.state_dict()["param_groups"]
+    groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], own)]
+    engine.opt.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and engine.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], engine.device)
+    if scalars.get("scaler") and engine.scaler.is_enabled():
+        engine.scaler.load_state_dict(scalars["scaler"])
+    engine.round, engine.step, engine.tokens_seen = scalars["round"], scalars["step"], scalars["tokens_seen"]
+    engine.good_steps = scalars.get("good_steps", engine.step)
+    engine.best = scalars.get("best") or engine.best
+    engine.stage.load_state_dict(scalars.get("stage") or {})
