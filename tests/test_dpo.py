@@ -306,11 +306,13 @@ def _pairs_file(path, n):
     return path
 
 
-def test_cli_dpo_default_lr_is_5e6_with_lora_and_1e6_full(tmp_path):
+def test_cli_dpo_default_lr_is_5e6_with_lora_and_1e6_full_at_width_2048_scaled_to_the_model(tmp_path):
+    """The nano model is 64 wide: 2048/64 = 32, the largest scale, on the published rates."""
     model, tok = nano()
+    assert model.config.n_embd == 64
     save_model(tmp_path / "m.tinygpt", model, tok)
     prefs = _pairs_file(tmp_path / "p.jsonl", 8)
-    for flags, out, lr in (([], "l.lora", 5e-6), (["--full"], "f.tinygpt", 1e-6),
+    for flags, out, lr in (([], "l.lora", 32 * 5e-6), (["--full"], "f.tinygpt", 32 * 1e-6),
                            (["--full", "--lr", "3e-4"], "g.tinygpt", 3e-4)):
         assert main(["dpo", str(tmp_path / "m.tinygpt"), "--data", str(prefs), "--steps", "1", "--batch", "4",
                      "--device", "cpu", "--quiet", "--out", str(tmp_path / out)] + flags) == 0

@@ -1,6 +1,7 @@
 """The stage protocol, across stages: the one chat-template rule in every command that renders chat,
 and resume equal to an uninterrupted run for every training stage (RL included)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.errors import UserError
 from tinygpt.io import load_tensors
+from tinygpt.stages.common import default_lr
 from tinygpt.lora import apply_lora, save_adapter
 from tinygpt.model import GPT
 from tinygpt.stages.common import resolve_template, template_record
@@ -249,3 +251,13 @@ def _bytes_file(folder, data: bytes):
     path = folder / "saved.safetensors"
     path.write_bytes(data)
     return path
+
+
+def test_default_learning_rates_scale_with_the_model_width():
+    """The published rate at width >= 2048, times 2048/width below it, at most 32x; --lr wins."""
+    logged = []
+    for width, want in ((4096, 2e-4), (2048, 2e-4), (768, 2e-4 * 2048 / 768), (128, 3.2e-3), (32, 6.4e-3)):
+        model = SimpleNamespace(config=SimpleNamespace(n_embd=width))
+        assert default_lr(SimpleNamespace(lr=None), 2e-4, model, logged.append) == pytest.approx(want)
+    assert "--lr to choose" in logged[-1] and len(logged) == 5
+    assert default_lr(SimpleNamespace(lr=1e-3), 2e-4, model, logged.append) == 1e-3 and len(logged) == 5

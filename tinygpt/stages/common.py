@@ -357,6 +357,25 @@ def compile_blocks(gpt) -> None:
 
 
 
+# Post-training learning rates are quoted for 1B-class models (width 2048: Llama 3.2 1B, Qwen2.5
+# 1.5B); a narrower model gets them scaled by 2048 / width (the hidden-matrix rate goes as 1/width,
+# muP's rule), at most 32x: SFT LoRA 2e-4 becomes 5.3e-4 at GPT-2's 768 and 3.2e-3 for the `tiny`
+# base trained here (128), where 2e-4 barely moves the adapter in a few hundred steps.
+LR_REFERENCE_WIDTH = 2048
+LR_MAX_SCALE = 32.0
+
+
+def default_lr(opts, base: float, model, log=print) -> float:
+    """--lr if given, else `base` (the rate for width >= 2048) scaled for this model's width, logged."""
+    if opts.lr is not None:
+        return opts.lr
+    width = model.config.n_embd
+    lr = base * min(LR_MAX_SCALE, max(1.0, LR_REFERENCE_WIDTH / width))
+    log(f"lr {lr:.3g} (the default for a model {width} wide: {base:g} x {LR_REFERENCE_WIDTH}/{width}, "
+        f"at most {LR_MAX_SCALE:g}x; --lr to choose)")
+    return lr
+
+
 def resolve_plan(opts, steps: int, lr: float | None = None, warmup_cap: int = 0, validates: bool = False, **more):
     """The options with every automatic value resolved: steps (epochs are turned into steps by the
     caller), lr, min_lr (lr/10), warmup (at most `warmup_cap` steps and 10% of the run unless

@@ -16,8 +16,8 @@ Design choices:
   log-probs come from hidden states in chunks (`logprobs.py`), never as full (N, V) logits.
 - Metrics per step: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
   logps/chosen, logps/rejected (sums over response tokens), as metrics.jsonl columns.
-- Defaults follow the published recipes (beta 0.1, lr 5e-6 with LoRA, 1e-6 full, one epoch);
-  very small models learn faster with larger learning rates, which the caller passes.
+- Defaults follow the published recipes (beta 0.1, lr 5e-6 with LoRA, 1e-6 full, one epoch) at
+  width 2048; narrower models get the rate scaled by 2048 / width (`common.default_lr`).
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from .common import (
     check_inputs,
     check_out,
     compile_blocks,
+    default_lr,
     epochs_to_steps,
     load_opts_model,
     lora_specs,
@@ -81,7 +82,7 @@ class DPOOptions(PreferenceOptions):
                                 check=above(0))
     label_smoothing: float = option(0.0, "assumed label noise (sigmoid, robust, simpo)", check=between(0, 0.5))
     simpo_gamma: float = option(0.5, "SimPO target reward margin", check=at_least(0))
-    lr: float | None = option(None, "peak learning rate", auto="5e-6, or 1e-6 with --full",
+    lr: float | None = option(None, "peak learning rate", auto="5e-6 (1e-6 with --full) x 2048/width",
                               check=between(0, 1, lo_open=True))
     pack_rows: int = option(0, "fill this many rows of --max-length per micro-batch with as many pairs as fit "
                             "(static shapes; --batch then ignored)", check=at_least(0))
@@ -98,7 +99,8 @@ class ORPOOptions(PreferenceOptions):
     command = "orpo"
     orpo_lambda: float = option(0.1, "weight of the odds-ratio term (TRL calls it beta)", flag="--lambda",
                                 aliases=("--beta",), check=at_least(0))
-    lr: float | None = option(8e-6, "peak learning rate", check=between(0, 1, lo_open=True))
+    lr: float | None = option(None, "peak learning rate", auto="8e-6 x 2048/width",
+                              check=between(0, 1, lo_open=True))
     pack_rows: int = option(0, "fill this many rows of --max-length per micro-batch with as many pairs as fit "
                             "(static shapes; --batch then ignored)", check=at_least(0))
 
@@ -109,7 +111,8 @@ class KTOOptions(PreferenceOptions):
     beta: float | None = option(0.1, "strength of the KL-like regulariser", check=above(0))
     desirable_weight: float = option(1.0, "weight of desirable completions", check=above(0))
     undesirable_weight: float = option(1.0, "weight of undesirable completions", check=above(0))
-    lr: float | None = option(5e-6, "peak learning rate", check=between(0, 1, lo_open=True))
+    lr: float | None = option(None, "peak learning rate", auto="5e-6 x 2048/width",
+                              check=between(0, 1, lo_open=True))
     precompute_ref: bool = option(False, "compute reference log-probs once and cache them in the run folder")
 
 
@@ -188,7 +191,8 @@ class PreferenceTrainer(Stage):
         self.batches = ItemBatches(self.items, self.kind, o.batch, o.seed, run.device, self.tok.pad_id or 0, o.packing,
                                    max_length if pack_rows else None, run.rank, run.world, pack_rows)
         steps = o.steps or epochs_to_steps(o.epochs or 1.0, self.batches.per_epoch, o.accum * run.world)
-        self.plan = resolve_plan(o, steps, lr=o.lr or (1e-6 if o.full else 5e-6), validates=bool(self.val_items))
+        lr = default_lr(o, self.base_lr[1] if o.full else self.base_lr[0], self.gpt, run.log)
+        self.plan = resolve_plan(o, steps, lr=lr, validates=bool(self.val_items))
         self._key = {"method": o.command, "loss": getattr(o, "loss", None), "beta": self.beta, "batch": o.batch,
                      "accum": o.accum, "world": run.world, "full": o.full, "data": cache_key(self.items)}
         self.ref_table = self.val_ref_table = None
@@ -303,6 +307,7 @@ class DPOTrainer(PreferenceTrainer):
 
     Options = DPOOptions
     name = "dpo"
+    base_lr = (5e-6, 1e-6)             # LoRA, --full: at width 2048 (see common.default_lr)
 
     @property
     def needs_ref(self) -> bool:
@@ -323,6 +328,7 @@ class ORPOTrainer(PreferenceTrainer):
 
     Options = ORPOOptions
     name = "orpo"
+    base_lr = (8e-6, 8e-6)
     needs_ref = False
     beta = None
 
@@ -338,6 +344,7 @@ class KTOTrainer(PreferenceTrainer):
 
     Options = KTOOptions
     name = "kto"
+    base_lr = (5e-6, 5e-6)
     kind = "kto"
 
     def setup(self, run) -> None:

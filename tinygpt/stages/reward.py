@@ -25,6 +25,7 @@ from .common import (
     check_inputs,
     check_out,
     compile_blocks,
+    default_lr,
     epochs_to_steps,
     load_opts_model,
     lora_specs,
@@ -44,7 +45,7 @@ class RewardOptions(ModelOptions, PairDataOptions, TrainOptions):
     group = "reward model"
     val_split: float = option(0.05, "fraction of pairs held out for validation", check=between(0, 1, hi_open=True))
     steps: int | None = option(None, "optimizer steps", auto="--epochs", check=at_least(1))
-    lr: float | None = option(1e-5, "peak learning rate", check=between(0, 1, lo_open=True))
+    lr: float | None = option(None, "peak learning rate", auto="1e-5 x 2048/width", check=between(0, 1, lo_open=True))
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
     val_every: int | None = option(None, "validation every N steps", auto=AUTO_VAL_EVERY,
                                    check=at_least(0))
@@ -114,7 +115,7 @@ class RewardModelTrainer(Stage):
         if o.compile:
             compile_blocks(self.gpt)
         steps = o.steps or epochs_to_steps(o.epochs or 1.0, self.batches.per_epoch, o.accum * run.world)
-        self.plan = resolve_plan(o, steps, validates=bool(self.val_items))
+        self.plan = resolve_plan(o, steps, lr=default_lr(o, 1e-5, self.gpt, run.log), validates=bool(self.val_items))
         self._key = {"stage": "reward", "batch": o.batch, "accum": o.accum, "world": run.world, "pairs": len(train),
                      "model": self.gpt.config.to_json(), "seed": o.seed}
 

@@ -83,6 +83,7 @@ from .common import (
     TemplateOptions,
     check_inputs,
     check_out,
+    default_lr,
     load_opts_model,
     lora_specs,
     make_trainable,
@@ -118,7 +119,7 @@ class RLOptions(ModelOptions, TemplateOptions, RowCheckOptions, LoRAOptions, Sam
     kl_horizon: int = option(10000, "adaptive KL controller horizon, in sequences", check=at_least(1))
     max_kl: float = option(0.0, "stop an iteration's epochs above this approximate KL (0: off)", check=at_least(0))
     samples: int = option(4, "completions per iteration written to samples.jsonl", check=at_least(0))
-    lr: float | None = option(None, "peak learning rate", auto="1e-5, or 1e-6 with --full",
+    lr: float | None = option(None, "peak learning rate", auto="1e-5 (1e-6 with --full) x 2048/width",
                               check=between(0, 1, lo_open=True))
     lr_schedule: str = option("constant", "learning-rate schedule", choices=("cosine", "linear", "constant", "wsd"))
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
@@ -246,7 +247,7 @@ class RLTrainer(Stage):
         n_seq = o.batch * o.group_size
         self.minibatch = min(o.minibatch or n_seq, n_seq)
         self.updates_per_iteration = o.ppo_epochs * math.ceil(n_seq / self.minibatch)
-        self.plan = resolve_plan(o, o.steps, lr=o.lr or (1e-6 if o.full else 1e-5))
+        self.plan = resolve_plan(o, o.steps, lr=default_lr(o, 1e-6 if o.full else 1e-5, self.policy, run.log))
         self.order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(o.seed)).tolist()
         run.log(f"{self.kind}: {len(self.prompts)} prompts, template {self.template.name}, "
                 f"{'full fine-tuning' if o.full else f'LoRA rank {o.lora_rank}'}, device {run.device}")

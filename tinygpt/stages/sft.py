@@ -61,6 +61,7 @@ from .common import (
     TemplateOptions,
     check_inputs,
     check_out,
+    default_lr,
     epochs_to_steps,
     load_opts_model,
     lora_specs,
@@ -99,7 +100,7 @@ class ChatDataOptions(RowOptions, TemplateOptions):
 class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, TrainOptions):
     command = "sft"
     steps: int | None = option(None, "optimizer steps", auto="one epoch", check=at_least(1))
-    lr: float | None = option(None, "peak learning rate", auto="2e-4, or 2e-5 with --full",
+    lr: float | None = option(None, "peak learning rate", auto="2e-4 (2e-5 with --full) x 2048/width",
                               check=between(0, 1, lo_open=True))
     warmup: int | None = option(None, "warmup steps", auto="100, at most 10% of the steps", check=at_least(0))
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=at_least(0))
@@ -273,7 +274,8 @@ class SFTTrainer(Stage):
         o = self.opts
         per_step = o.batch * o.accum * self.world
         steps = o.steps or epochs_to_steps(o.epochs or 1.0, len(self.train_rows), per_step)
-        self.plan = resolve_plan(o, steps, lr=o.lr or (2e-5 if o.full else 2e-4), warmup_cap=100,
+        lr = default_lr(o, 2e-5 if o.full else 2e-4, self.model, self.log)
+        self.plan = resolve_plan(o, steps, lr=lr, warmup_cap=100,
                                  validates=self.val_rows is not None)
         self._order = RowOrder(len(self.train_rows), o.seed)
         self._key = {"model": self.model.config.to_json(), "data": self.data_name, "ctx": self.ctx,

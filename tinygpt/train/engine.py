@@ -60,6 +60,7 @@ from ..io import (
     update_metadata,
 )
 from ..moe import load_metrics, moe_layers, pop_router_terms, update_router_bias
+from .loggers import MetricsLog, open_sinks
 from .optim import lr_at, make_optimizer
 from .progress import Progress
 from .resume import load_state, save_state
@@ -307,7 +308,11 @@ class Engine:
         if cfg.resume:
             self.load_state()
             self.log(f"resumed from step {self.round} ({self.run_dir})")
-        metrics_file = self._open_log("metrics.jsonl", cfg.resume) if self.is_main else None
+        metrics_file = None
+        if self.is_main:
+            config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
+            metrics_file = MetricsLog(self._open_log("metrics.jsonl", cfg.resume),
+                                      open_sinks(cfg.log, self.run_dir, {"stage": self.stage.name, **config}, cfg.resume))
         progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
         last = self.last_row                             # a finished run resumed: its last logged round

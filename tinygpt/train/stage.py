@@ -41,6 +41,7 @@ from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
 from ..options import SEED, at_least, between, option
 from .engine import fit
+from .loggers import SINKS, check_available
 from .optim import DEFAULT_OPTIMIZER, MUON_LR, OPTIMIZERS, SCHEDULES
 
 
@@ -78,6 +79,8 @@ class TrainOptions(DeviceOptions):
                              check=at_least(0))
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", check=at_least(1))
     seed: int = option(0, "random seed (data order, initialisation, sampling)", check=SEED)
+    log: list[str] = option([], "also send the metrics to tensorboard (RUN/tensorboard) and/or wandb (RUN/wandb, "
+                            "offline unless WANDB_API_KEY is set)", many=True, choices=SINKS)
     resume: bool = option(False, "continue from the run folder's saved state")
     quiet: bool = option(False, "no progress bar or set-up messages")
 
@@ -87,6 +90,7 @@ class TrainOptions(DeviceOptions):
         if (self.keep_best or self.early_stop) and getattr(self, "val_split", None) == 0:
             raise UserError(f"{'--keep-best' if self.keep_best else '--early-stop'} needs validation data", None,
                             "give --val-split (e.g. 0.1)")
+        check_available(self.log)
         super().check()
 
 
