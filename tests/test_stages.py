@@ -261,3 +261,20 @@ def test_default_learning_rates_scale_with_the_model_width():
         assert default_lr(SimpleNamespace(lr=None), 2e-4, model, logged.append) == pytest.approx(want)
     assert "--lr to choose" in logged[-1] and len(logged) == 5
     assert default_lr(SimpleNamespace(lr=1e-3), 2e-4, model, logged.append) == 1e-3 and len(logged) == 5
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rl_completion_length_defaults_to_fit_the_context(stage, tmp_path):
+    """A 64-position base: the default --max-new-tokens is half of it (32), leaving room for the
+    prompts (64 new tokens would leave none: 'no prompts to train on')."""
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    save_model(tmp_path / "base.tinygpt", GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size),
+                                                                     block_size=64)), tok)
+    _files(tmp_path)
+    argv = STAGES[stage](tmp_path)
+    del argv[argv.index("--max-new-tokens"):argv.index("--max-new-tokens") + 2]
+    out = tmp_path / "rl.lora"
+    assert main(argv + ["--steps", "1", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    row = json.loads((tmp_path / "rl.run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < row["response_len"] <= 32 and row["response_tokens"] <= 32 * 4   # 4 sequences, at most 32 each

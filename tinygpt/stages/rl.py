@@ -30,7 +30,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -109,7 +109,8 @@ class RLOptions(ModelOptions, TemplateOptions, RowCheckOptions, LoRAOptions, Sam
     steps: int | None = option(100, "rollout + update rounds", aliases=("--iterations",), check=at_least(1))
     batch: int = option(8, "prompts per iteration (per rank)", check=at_least(1))
     group_size: int = option(1, "completions per prompt", check=at_least(1))
-    max_new_tokens: int = option(64, "longest completion", check=at_least(1))
+    max_new_tokens: int | None = option(None, "longest completion", auto="64, at most half the model's context",
+                                        check=at_least(1))
     temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)", check=above(0))
     minibatch: int = option(8, "sequences per optimizer step (0: the whole rollout)", check=at_least(0))
     ppo_epochs: int = option(4, "passes over each rollout", check=at_least(1))
@@ -217,6 +218,8 @@ class RLTrainer(Stage):
             # LoRA: the frozen base may live in bf16, the adapter trains in float32; --full keeps fp32 weights
             self.policy, self.tok = load_opts_model(o, device=run.device, dtype=torch.float32 if o.full else run.dtype)
         self.policy.set_dropout(0.0)         # rollout and update log-probs must be the same function
+        if o.max_new_tokens is None:         # leave room for prompts in a small model's context
+            self.opts = o = replace(o, max_new_tokens=min(64, self.policy.config.block_size // 2))
         self.template = resolve_template(o.template, self.tok, o.model, lora_specs(o))
         if self.prompts is None:             # prompts given as token ids need no template tokens
             template_tokens(self.policy, self.tok, self.template, may_add=False, where=str(o.model))
