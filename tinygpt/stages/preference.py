@@ -190,7 +190,7 @@ class PreferenceTrainer(Stage):
         steps = o.steps or epochs_to_steps(o.epochs or 1.0, self.batches.per_epoch, o.accum * run.world)
         self.plan = resolve_plan(o, steps, lr=o.lr or (1e-6 if o.full else 5e-6), validates=bool(self.val_items))
         self._key = {"method": o.command, "loss": getattr(o, "loss", None), "beta": self.beta, "batch": o.batch,
-                     "accum": o.accum, "world": run.world, "full": o.full, "data": cache_key(self.items)}
+                     "micro_batches_per_step": o.accum * run.world, "full": o.full, "data": cache_key(self.items)}
         self.ref_table = self.val_ref_table = None
         if ref_key is not None and self.needs_ref:
             self.ref_table = self._load_or_compute_ref(ref_key, self.items, self.batches)
