@@ -9,10 +9,9 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import run_ranks, torchrun
-from test_stages import _base, _files, ctrl_c_at
+from test_stages import _base, _files, _teacher, ctrl_c_at
 from tinygpt.cli import main
 from tinygpt.io import load_tensors
-from tinygpt.lora import apply_lora, save_adapter
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -53,13 +52,7 @@ def _inputs(tmp_path):
     model, _ = _base(tmp_path)
     _files(tmp_path)
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
-    torch.manual_seed(5)
-    apply_lora(model, 2, 4, name="t")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    save_adapter(model, tmp_path / "t.lora", "t")
+    _teacher(tmp_path, model)
 
 
 def _out(tmp_path, stage, tag):
@@ -163,3 +156,15 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
                      tmp_path) == [0]
     assert main(argv + ["--batch", "4", "--out", str(_out(tmp_path, "train", "one"))]) == 0
     _assert_same(_out(tmp_path, "train", "fsdp"), _out(tmp_path, "train", "one"), "fsdp")
+
+
+@pytest.mark.slow
+def test_torchrun_command_line(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 -m tinygpt.cli train ...`, the command users type."""
+    _inputs(tmp_path)
+    dp, one = _out(tmp_path, "train", "torchrun"), _out(tmp_path, "train", "one")
+    done = torchrun(2, _argv("train", tmp_path) + ["--batch", "2", "--out", str(dp)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("step 3: loss") == 1                  # one summary line, from rank 0
+    assert main(_argv("train", tmp_path) + ["--batch", "4", "--out", str(one)]) == 0
+    _assert_same(dp, one, "torchrun")

@@ -46,7 +46,6 @@ from ..errors import UserError
 from ..generate import generate
 from ..io import save_tensors
 from ..load import load_model_and_tokenizer
-from ..logprobs import make_batch, target_logprobs
 from ..lora import disable_lora, lora_modules, save_adapter
 from ..losses import (
     GRPO_LOSS_TYPES,
@@ -71,10 +70,8 @@ from ..rollout import (
     Episode,
     RolloutBuffer,
     ValueNetwork,
-    _head,
-    _per_token,
     encode_prompts,
-    policy_hidden,
+    score_sequences,
     save_value_network,
 )
 from ..train.engine import run_dir_for
@@ -319,23 +316,10 @@ class RLTrainer(Stage):
         batch (`self.episodes`: its episodes, in global row order)."""
         engine = engine or self.engine
         seqs = [(e.prompt.ids + e.tokens, [0] * len(e.prompt.ids) + [1] * len(e.tokens)) for e in episodes]
-        N, L = len(seqs), max(len(e.tokens) for e in episodes)
-        t = {"old": torch.zeros(N, L, device=self.device), "ent": torch.zeros(N, L, device=self.device),
-             "ref": torch.zeros(N, L, device=self.device) if self._needs_reference() else None,
-             "values": torch.zeros(N, L, device=self.device) if self.uses_value else None}
         self.net.eval()
         with engine.autocast():
-            for s in range(0, N, self.minibatch):
-                b = make_batch(seqs[s:s + self.minibatch], self.pad, self.device)
-                lp, v, e = self.net(b, values=self.uses_value, entropy=True)
-                rows = slice(s, s + b.n_seqs)
-                t["old"][rows], t["ent"][rows] = _per_token(b, lp, L), _per_token(b, e, L)
-                if t["values"] is not None:
-                    t["values"][rows] = _per_token(b, v, L)
-                if t["ref"] is not None:
-                    with self._reference_ctx() as rmodel:
-                        h = policy_hidden(rmodel, b) / self.opts.temperature
-                        t["ref"][rows] = _per_token(b, target_logprobs(_head(rmodel, self.vocab_limit), h, b.target), L)
+            t = score_sequences(self.net, seqs, max(len(e.tokens) for e in episodes), self.minibatch, self.pad,
+                                self.device, self.uses_value, self._reference_ctx if self._needs_reference() else None)
         self.net.train()
         t["scores"] = self.reward(episodes).to(self.device).float()                           # (N,)
         t = gather_padded(t, self.world, self.device)          # every rank: the global batch (N_all, L_all)
