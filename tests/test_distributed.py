@@ -3,7 +3,6 @@ two ranks with half the rows each compute the same gradient as one process with 
 scaled by tokens, and stay identical after optimizer steps (AdamW, and Muon: every rank
 orthogonalises the same all-reduced gradient)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -57,10 +56,12 @@ def _engine(rank, world, out, optimizer="adamw"):
     return eng
 
 
-def _worker(rank, world, port, tmp, optimizer):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank, world, tmp, optimizer):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # the group through a file (no TCP port to race for); setup_device then finds it initialised
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
+                            world_size=world)
     device, r, w = setup_device("cpu")
     assert (device.type, r, w) == ("cpu", rank, world) and dist.is_initialized()
     eng = _engine(rank, world, os.path.join(tmp, f"m{rank}.x"), optimizer)
@@ -73,16 +74,10 @@ def _worker(rank, world, port, tmp, optimizer):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_two_ranks_match_one_process_and_stay_in_sync(tmp_path, optimizer):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), optimizer), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), optimizer), nprocs=2, join=True)
     single = _engine(0, 1, tmp_path / "single.x", optimizer)
     single.accumulate()
     for rank in (0, 1):

@@ -82,6 +82,17 @@ def _files(tmp_path):
                                                  for i in range(4)))
 
 
+def _teacher(tmp_path, model) -> None:
+    """t.lora: the distillation teacher, the base with a random adapter on it."""
+    torch.manual_seed(5)
+    apply_lora(model, 2, 4, name="t")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "t.lora", "t")
+
+
 def test_every_command_that_renders_chat_resolves_the_same_template(tmp_path, monkeypatch):
     """One table over all commands: with an adapter that recorded `alpaca` and a tokenizer with its own
     chat template, every command renders with alpaca (explicit --template would win everywhere)."""
@@ -174,14 +185,8 @@ def ctrl_c_at(monkeypatch, step: int):
 def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
     model, _ = _base(tmp_path)
     _files(tmp_path)
-    if stage == "distill":                     # the teacher: the base with a random adapter on it
-        torch.manual_seed(5)
-        apply_lora(model, 2, 4, name="t")
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        save_adapter(model, tmp_path / "t.lora", "t")
+    if stage == "distill":
+        _teacher(tmp_path, model)
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
     ext = SUFFIX.get(stage, ".lora")
     argv = STAGES[stage](tmp_path) + ["--steps", "4", "--seed", "3", "--device", "cpu", "--dtype", "float32",

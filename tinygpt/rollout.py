@@ -151,6 +151,30 @@ class RolloutBuffer:
         return out
 
 
+@torch.no_grad()
+def score_sequences(net: ActorCritic, seqs: list, L: int, chunk: int, pad_id: int, device, values: bool,
+                    reference_ctx=None) -> dict:
+    """The behaviour log-probs `old`, entropies `ent`, `values` (or None) and reference log-probs
+    `ref` (when `reference_ctx()` gives the reference model; else None) of rollout sequences,
+    each (N, L) by response position, computed `chunk` sequences at a time."""
+    N = len(seqs)
+    t = {"old": torch.zeros(N, L, device=device), "ent": torch.zeros(N, L, device=device),
+         "ref": torch.zeros(N, L, device=device) if reference_ctx else None,
+         "values": torch.zeros(N, L, device=device) if values else None}
+    for s in range(0, N, chunk):
+        b = make_batch(seqs[s:s + chunk], pad_id, device)
+        lp, v, e = net(b, values=values, entropy=True)
+        rows = slice(s, s + b.n_seqs)
+        t["old"][rows], t["ent"][rows] = _per_token(b, lp, L), _per_token(b, e, L)
+        if values:
+            t["values"][rows] = _per_token(b, v, L)
+        if reference_ctx:
+            with reference_ctx() as rmodel:
+                h = policy_hidden(rmodel, b) / net.temperature
+                t["ref"][rows] = _per_token(b, target_logprobs(_head(rmodel, net.vocab_limit), h, b.target), L)
+    return t
+
+
 def _per_token(batch, flat: torch.Tensor, L: int) -> torch.Tensor:
     """(M,) values at scored positions -> (N, L) by sequence and response position."""
     return flat.new_zeros(batch.n_seqs, L, dtype=torch.float32).index_put((batch.seq, batch.rank), flat.float())

@@ -72,7 +72,8 @@ def _stage_runner(cls):
     def run(opts) -> dict:
         stage = cls(opts)
         last = stage.train()
-        print(stage.summary(last))
+        if stage.engine is None or stage.engine.is_main:     # one line under torchrun
+            print(stage.summary(last))
         return last
     return run
 

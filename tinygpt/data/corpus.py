@@ -15,9 +15,12 @@ Design choices:
 - Validation windows tile the held-out shard without overlap (`eval_windows`), evenly thinned to
   `--val-tokens` predictions when the shard is larger, so a validation costs a bounded, fixed amount
   and scores the same tokens every time.
-- Batches are windows at random offsets (nanoGPT style) drawn from `numpy` RNG seeded by
-  (seed, batch index, rank): batch i is the same whatever happened before it, so the data
-  position saved for `--resume` is just the index of the next batch.
+- Batches are windows at random offsets (nanoGPT style). The offset of global row j is drawn
+  from `numpy` RNG seeded by (seed, j // OFFSET_CHUNK), and rank r of w takes rows
+  [(i*w + r)*batch, +batch) for micro-batch i: so batch i is the same whatever happened before it
+  (the data position saved for `--resume` is the index of the next batch), and one optimizer step
+  covers the same rows for every split of its global batch into --batch x --accum x ranks (two
+  ranks of 4 rows train as one process of 8; a run resumes on another number of GPUs).
 - Copies to the GPU go through pinned memory with non_blocking=True; no Python work per token.
 """
 from __future__ import annotations
@@ -229,22 +232,33 @@ def window_batches(tokens: np.ndarray, ctx: int, batch: int, device="cpu", max_t
         yield chunk[:, :-1], chunk[:, 1:]
 
 
+OFFSET_CHUNK = 256          # window offsets drawn per RNG seed (rows j // OFFSET_CHUNK share one)
+
+
 class TokenBatches:
-    """Batch i = `batch` windows of ctx+1 tokens at offsets drawn from RNG(seed, i, rank).
-    Returns (x, y) int64 tensors (B, ctx) on `device`."""
+    """Micro-batch i of rank r (of `world`) = `batch` windows of ctx+1 tokens at the offsets of the
+    global rows [(i*world + r)*batch, +batch) (module docstring). Returns (x, y) int64 tensors
+    (B, ctx) on `device`."""
 
     def __init__(self, tokens: np.ndarray, ctx: int, batch: int, seed: int = 0, device="cpu",
-                 rank: int = 0, name: str = "corpus"):
+                 rank: int = 0, name: str = "corpus", world: int = 1):
         if len(tokens) < ctx + 1:
             raise UserError(f"{name} has {len(tokens)} tokens, shorter than one context of {ctx} + 1",
                             None, "use a larger corpus or a smaller --ctx")
-        self.tokens, self.ctx, self.batch, self.seed, self.rank = tokens, ctx, batch, seed, rank
+        self.tokens, self.ctx, self.batch, self.seed, self.rank, self.world = tokens, ctx, batch, seed, rank, world
         self.device = torch.device(device)
         self.window = np.arange(ctx + 1)
 
+    def starts(self, first: int, n: int) -> np.ndarray:
+        """The window offsets of global rows [first, first + n): (n,) int64."""
+        hi = len(self.tokens) - self.ctx
+        c0, c1 = first // OFFSET_CHUNK, (first + n - 1) // OFFSET_CHUNK
+        drawn = np.concatenate([np.random.default_rng([self.seed, c]).integers(0, hi, size=OFFSET_CHUNK)
+                                for c in range(c0, c1 + 1)])
+        return drawn[first - c0 * OFFSET_CHUNK:][:n]
+
     def __call__(self, i: int):
-        rng = np.random.default_rng([self.seed, i, self.rank])
-        starts = rng.integers(0, len(self.tokens) - self.ctx, size=self.batch)
+        starts = self.starts((i * self.world + self.rank) * self.batch, self.batch)
         chunk = torch.from_numpy(self.tokens[starts[:, None] + self.window].astype(np.int64))  # (B, ctx+1)
         if self.device.type == "cuda":
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)

@@ -59,6 +59,7 @@ from ..options import above, at_least, between, option
 from ..quantize import quantize_model
 from ..rollout import encode_prompts
 from ..train.engine import run_dir_for
+from ..train.parallel import row_seeds
 from .common import (
     adapter_specs,
     check_inputs,
@@ -306,10 +307,11 @@ class DistillTrainer(SFTTrainer):
     def policy_batch(self, i: int) -> DistillBatch:
         """--batch training prompts answered by the student at --temperature (GKD's on-policy data)."""
         o = self.opts
-        prompts = [self.prompts[j] for j in self.prompt_order.take((i * self.world + self.rank) * o.batch, o.batch)]
+        first = (i * self.world + self.rank) * o.batch          # global rows: the same for any split over ranks
+        prompts = [self.prompts[j] for j in self.prompt_order.take(first, o.batch)]
         pad = self.tok.pad_id if self.tok.pad_id is not None else 0
         g = generate(self.gpt, [p.ids for p in prompts], self.max_new, o.temperature, 0, 1.0, self.stops, self.vocab,
-                     seed=o.seed * 1_000_003 + i * self.world + self.rank, pad_id=pad)
+                     seed=row_seeds(o.seed, i, first, o.batch), pad_id=pad)
         seqs = [(p.ids + t, [0] * len(p.ids) + [1] * len(t)) for p, t in zip(prompts, g.tokens)]
         b = make_batch(seqs, pad, self.device, row_len=self.ctx)
         return DistillBatch(b.idx, b.pos, b.doc, b.sel, b.target, torch.zeros(len(b.target), device=self.device),

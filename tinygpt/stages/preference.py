@@ -194,7 +194,7 @@ class PreferenceTrainer(Stage):
         lr = default_lr(o, self.base_lr[1] if o.full else self.base_lr[0], self.gpt, run.log)
         self.plan = resolve_plan(o, steps, lr=lr, validates=bool(self.val_items))
         self._key = {"method": o.command, "loss": getattr(o, "loss", None), "beta": self.beta, "batch": o.batch,
-                     "accum": o.accum, "world": run.world, "full": o.full, "data": cache_key(self.items)}
+                     "micro_batches_per_step": o.accum * run.world, "full": o.full, "data": cache_key(self.items)}
         self.ref_table = self.val_ref_table = None
         if ref_key is not None and self.needs_ref:
             self.ref_table = self._load_or_compute_ref(ref_key, self.items, self.batches)

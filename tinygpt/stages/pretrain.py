@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import save_model
 from ..config import (
@@ -257,16 +258,20 @@ class PretrainStage(Stage):
 
     def _data(self, run) -> None:
         o, cfg = self.opts, self.model.config
+        if run.world > 1 and run.rank != 0:
+            dist.barrier()                  # rank 0 tokenizes and caches the corpus; the others then read it
         data = tokenize_corpus(o.corpus, self.tok, Path(o.out).parent / ".tinygpt-cache", o.val_split, o.seed, run.log)
+        if run.world > 1 and run.rank == 0:
+            dist.barrier()
         files = ", ".join(Path(f).name for f in data["meta"]["files"])
         self.train_batches = TokenBatches(data["train"], self.ctx, o.batch, o.seed, run.device, run.rank,
-                                          f"the training split of {files}")
+                                          f"the training split of {files}", run.world)
         self.val, self.device = data["val"], run.device
         if o.val_split:
             run.log(describe_split(data["meta"]))
         self.plan = resolve_plan(o, o.steps, warmup_cap=50, validates=self.val is not None)
-        self._key = {"model": cfg.to_json(), "ctx": self.ctx, "batch": o.batch, "accum": o.accum,
-                     "corpus": str(data["dir"].name), "seed": o.seed, "world": run.world}
+        self._key = {"model": cfg.to_json(), "ctx": self.ctx, "global_batch": o.batch * o.accum * run.world,
+                     "corpus": str(data["dir"].name), "seed": o.seed}
 
     def resume_key(self) -> dict:
         return self._key

@@ -109,6 +109,8 @@ class RewardModelTrainer(Stage):
         self.rm.template = self.template
         self.gpt.grad_checkpointing = o.grad_checkpointing
         self.model = self.rm.to(run.device).requires_grad_(True)
+        if not self.gpt.config.tie_embeddings:     # the score head replaces the LM head: no gradient reaches it
+            self.gpt.lm_head.requires_grad_(False)   # (and DDP would wait for one)
         self.pad = self.tok.pad_id or 0
         self.batches = ItemBatches(train, "pair", o.batch, o.seed, run.device, self.pad, o.packing, None,
                                    run.rank, run.world)
@@ -116,7 +118,8 @@ class RewardModelTrainer(Stage):
             compile_blocks(self.gpt)
         steps = o.steps or epochs_to_steps(o.epochs or 1.0, self.batches.per_epoch, o.accum * run.world)
         self.plan = resolve_plan(o, steps, lr=default_lr(o, 1e-5, self.gpt, run.log), validates=bool(self.val_items))
-        self._key = {"stage": "reward", "batch": o.batch, "accum": o.accum, "world": run.world, "pairs": len(train),
+        self._key = {"stage": "reward", "batch": o.batch, "micro_batches_per_step": o.accum * run.world,
+                     "pairs": len(train),
                      "model": self.gpt.config.to_json(), "seed": o.seed}
 
     def resume_key(self) -> dict:

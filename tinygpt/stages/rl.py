@@ -8,8 +8,14 @@ Design choices:
   iterations (`--steps`, alias `--iterations`) and gives RL what it gives every stage: --resume
   (the adaptive KL coefficient is saved with the weights), the NaN/divergence stop, progress,
   metrics.jsonl (and samples.jsonl), checkpoints and Ctrl-C.
-- Rollout i is a pure function of (seed, i, rank) and the weights, and the minibatch shuffle of
-  iteration i a pure function of (seed, i), so a resumed run repeats an uninterrupted one.
+- Rollout i is a pure function of the seed, i and the weights (each completion samples with its
+  own seed, from (seed, i, its global row)), and the minibatch shuffle of iteration i a pure
+  function of (seed, i), so a resumed run repeats an uninterrupted one.
+- Under torchrun each rank rolls out and scores `--batch` prompts of the iteration's global batch
+  (batch x ranks); the scored rows are gathered to every rank (`train.parallel.gather_rows`), so
+  advantages, the minibatch shuffle and the metrics see the global batch, and each rank trains on
+  its slice of every global minibatch: N ranks of `--batch B` update as one process of `--batch NB`
+  (and a run resumes on another number of ranks).
 - PPO rewards: the reward model's score at the last response token, minus `kl_coef` times a
   per-token KL estimate (k1 or k3) to the reference; GAE; advantages whitened over real tokens;
   clipped policy and value losses, entropy bonus. `kl_target` turns on the adaptive KL controller.
@@ -22,7 +28,6 @@ Design choices:
   means), dr_grpo (a constant denominator, no std scaling) or gspo (a sequence-level ratio);
   `--epsilon-low/--epsilon-high` clip the ratio asymmetrically (DAPO's clip-higher).
 - top-k/top-p sampling makes the rollouts slightly off-policy (the loss sees the full distribution).
-- Under torchrun each rank rolls out its own prompts; the engine averages gradients.
 """
 from __future__ import annotations
 
@@ -41,7 +46,6 @@ from ..errors import UserError
 from ..generate import generate
 from ..io import save_tensors
 from ..load import load_model_and_tokenizer
-from ..logprobs import make_batch, target_logprobs
 from ..lora import disable_lora, lora_modules, save_adapter
 from ..losses import (
     GRPO_LOSS_TYPES,
@@ -66,13 +70,12 @@ from ..rollout import (
     Episode,
     RolloutBuffer,
     ValueNetwork,
-    _head,
-    _per_token,
     encode_prompts,
-    policy_hidden,
+    score_sequences,
     save_value_network,
 )
 from ..train.engine import run_dir_for
+from ..train.parallel import gather_padded, gather_rows, row_seeds
 from ..train.stage import Stage, TrainOptions
 from ..verifiers import reward_source
 from .common import (
@@ -109,10 +112,9 @@ class RLOptions(ModelOptions, TemplateOptions, RowCheckOptions, LoRAOptions, Sam
     steps: int | None = option(100, "rollout + update rounds", aliases=("--iterations",), check=at_least(1))
     batch: int = option(8, "prompts per iteration (per rank)", check=at_least(1))
     group_size: int = option(1, "completions per prompt", check=at_least(1))
-    max_new_tokens: int | None = option(None, "longest completion", auto="64, at most half the model's context",
-                                        check=at_least(1))
+    max_new_tokens: int | None = option(None, "longest completion", auto="64, at most ctx/2", check=at_least(1))
     temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)", check=above(0))
-    minibatch: int = option(8, "sequences per optimizer step (0: the whole rollout)", check=at_least(0))
+    minibatch: int = option(8, "sequences per optimizer step, over all ranks (0: the whole rollout)", check=at_least(0))
     ppo_epochs: int = option(4, "passes over each rollout", check=at_least(1))
     clip: float = option(0.2, "policy ratio clip", check=above(0))
     kl_coef: float = option(0.05, "KL-to-reference coefficient (0: no reference)", check=at_least(0))
@@ -157,7 +159,7 @@ class GRPOOptions(RLOptions):
     command = "grpo"
     group = "GRPO"
     group_size: int = option(4, "completions per prompt (the group)", check=at_least(2))
-    minibatch: int = option(0, "sequences per optimizer step (0: the whole rollout)", check=at_least(0))
+    minibatch: int = option(0, "sequences per optimizer step, over all ranks (0: the whole rollout)", check=at_least(0))
     ppo_epochs: int = option(1, "passes over each rollout", check=at_least(1))
     rloo: bool = option(False, "leave-one-out baseline (RLOO) instead of the group mean")
     normalize_std: bool = option(True, "do not divide advantages by the group's std (= --scale-rewards none)",
@@ -247,8 +249,11 @@ class RLTrainer(Stage):
         self.pad = self.tok.pad_id if self.tok.pad_id is not None else 0
         self.model = self.net = ActorCritic(self.policy, self.value, self.vocab_limit, o.temperature)
         self.kl = AdaptiveKL(o.kl_coef, o.kl_target, o.kl_horizon)
-        n_seq = o.batch * o.group_size
+        n_seq = o.batch * o.group_size * run.world                     # sequences of an iteration, all ranks
         self.minibatch = min(o.minibatch or n_seq, n_seq)
+        if self.minibatch < run.world:
+            raise UserError(f"--minibatch {self.minibatch} is smaller than the {run.world} ranks", None,
+                            f"give --minibatch {run.world} or more (sequences per step over all ranks)")
         self.updates_per_iteration = o.ppo_epochs * math.ceil(n_seq / self.minibatch)
         self.plan = resolve_plan(o, o.steps, lr=default_lr(o, 1e-6 if o.full else 1e-5, self.policy, run.log))
         self.order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(o.seed)).tolist()
@@ -278,7 +283,7 @@ class RLTrainer(Stage):
     def resume_key(self) -> dict:
         o = self.opts
         return {"kind": self.kind, "model": self.policy.config.to_json(), "prompts": len(self.prompts),
-                "batch": o.batch, "group_size": o.group_size, "seed": o.seed, "world": self.world,
+                "prompts_per_iteration": o.batch * self.world, "group_size": o.group_size, "seed": o.seed,
                 "full": o.full, "minibatch": self.minibatch, "epochs": o.ppo_epochs}
 
     def state_dict(self) -> dict:
@@ -294,9 +299,9 @@ class RLTrainer(Stage):
         start = (it * self.world + self.rank) * o.batch
         chosen = [self.prompts[self.order[(start + j) % len(self.order)]] for j in range(o.batch)]
         flat = [p for p in chosen for _ in range(o.group_size)]
+        seeds = row_seeds(o.seed, it, start * o.group_size, len(flat))
         g = generate(self.policy, [p.ids for p in flat], o.max_new_tokens, o.temperature, o.top_k, o.top_p,
-                     self.stop_ids, self.vocab_limit, seed=o.seed * 1_000_003 + it * self.world + self.rank,
-                     pad_id=self.pad)
+                     self.stop_ids, self.vocab_limit, seed=seeds, pad_id=self.pad)
         return [Episode(p, t, self.tok.decode(t), f, lp) for p, t, f, lp in zip(flat, g.tokens, g.finished, g.logprobs)]
 
     def _reference_ctx(self):
@@ -309,38 +314,30 @@ class RLTrainer(Stage):
 
     @torch.no_grad()
     def score(self, episodes: list[Episode], engine=None):
-        """Rewards, behaviour/reference log-probs, values and advantages -> (RolloutBuffer, info, scores)."""
+        """Rewards, behaviour/reference log-probs and values of this rank's episodes, gathered over
+        ranks, and the advantages of all of them -> (RolloutBuffer, info, scores) of the global
+        batch (`self.episodes`: its episodes, in global row order)."""
         engine = engine or self.engine
         seqs = [(e.prompt.ids + e.tokens, [0] * len(e.prompt.ids) + [1] * len(e.tokens)) for e in episodes]
-        N, L = len(seqs), max(len(e.tokens) for e in episodes)
-        lengths = torch.tensor([len(e.tokens) for e in episodes], device=self.device)
-        mask = (torch.arange(L, device=self.device)[None, :] < lengths[:, None]).float()  # (N, L)
-        old = torch.zeros(N, L, device=self.device)
-        ent = torch.zeros(N, L, device=self.device)
-        ref = torch.zeros(N, L, device=self.device) if self._needs_reference() else None
-        values = torch.zeros(N, L, device=self.device) if self.uses_value else None
         self.net.eval()
         with engine.autocast():
-            for s in range(0, N, self.minibatch):
-                b = make_batch(seqs[s:s + self.minibatch], self.pad, self.device)
-                lp, v, e = self.net(b, values=self.uses_value, entropy=True)
-                rows = slice(s, s + b.n_seqs)
-                old[rows], ent[rows] = _per_token(b, lp, L), _per_token(b, e, L)
-                if values is not None:
-                    values[rows] = _per_token(b, v, L)
-                if ref is not None:
-                    with self._reference_ctx() as rmodel:
-                        h = policy_hidden(rmodel, b) / self.opts.temperature
-                        ref[rows] = _per_token(b, target_logprobs(_head(rmodel, self.vocab_limit), h, b.target), L)
+            t = score_sequences(self.net, seqs, max(len(e.tokens) for e in episodes), self.minibatch, self.pad,
+                                self.device, self.uses_value, self._reference_ctx if self._needs_reference() else None)
         self.net.train()
-        scores = self.reward(episodes).to(self.device).float()                              # (N,)
-        tensors, info = self.advantages(scores, old, ref, values, mask)
+        t["scores"] = self.reward(episodes).to(self.device).float()                           # (N,)
+        t = gather_padded(t, self.world, self.device)          # every rank: the global batch (N_all, L_all)
+        self.episodes = gather_rows(episodes, self.world)
+        seqs = gather_rows(seqs, self.world)
+        N, old, ref, scores = len(seqs), t["old"], t["ref"], t["scores"]
+        lengths = torch.tensor([len(e.tokens) for e in self.episodes], device=self.device)
+        mask = (torch.arange(old.shape[1], device=self.device)[None, :] < lengths[:, None]).float()  # (N, L)
+        tensors, info = self.advantages(scores, old, ref, t["values"], mask)
         kl = ((old - ref) * mask).sum(1).mean().item() if ref is not None else 0.0
         info.update(reward_mean=scores.mean().item(), reward_std=scores.std().item() if N > 1 else 0.0,
-                    kl=kl, kl_coef=self.kl.coef, entropy=masked_mean(ent, mask).item(),
+                    kl=kl, kl_coef=self.kl.coef, entropy=masked_mean(t["ent"], mask).item(),
                     response_len=lengths.float().mean().item(),
-                    finished=sum(e.finished for e in episodes) / N, response_tokens=int(lengths.sum()))
-        self.kl.update(kl, N * self.world)
+                    finished=sum(e.finished for e in self.episodes) / N, response_tokens=int(lengths.sum()))
+        self.kl.update(kl, N)
         buf = RolloutBuffer(seqs, mask, old_logp=old, ref_logp=ref, **tensors)
         return buf, info, scores
 
@@ -351,8 +348,9 @@ class RLTrainer(Stage):
         sums: dict = {}
         n = 0
         for _ in range(self.opts.ppo_epochs):
-            for idx in buf.minibatches(self.minibatch, gen):
-                m = engine.train_step([buf.gather(idx, self.pad, self.device)])
+            for idx in buf.minibatches(self.minibatch, gen):     # this rank trains on its slice of each
+                share = idx.tensor_split(self.world)[self.rank]
+                m = engine.train_step([buf.gather(share, self.pad, self.device)])
                 m["skipped"] = float(not m.pop("finite"))
                 n += 1
                 for k, v in m.items():
@@ -383,7 +381,7 @@ class RLTrainer(Stage):
         t3 = _clock(self.device)
         if self.rank == 0 and self.opts.samples:
             engine.write_samples([{"step": it + 1, "prompt": e.prompt.text, "completion": e.text, "reward": r}
-                                  for e, r in list(zip(episodes, scores.tolist()))[:self.opts.samples]])
+                                  for e, r in list(zip(self.episodes, scores.tolist()))[:self.opts.samples]])
         return {"iteration": it + 1, **info, **stats, "time_generate": t1 - t0, "time_score": t2 - t1,
                 "time_train": t3 - t2}
 

@@ -281,7 +281,7 @@ class SFTTrainer(Stage):
         self._key = {"model": self.model.config.to_json(), "data": self.data_name, "ctx": self.ctx,
                      "max_length": self.max_len, "truncate": o.truncate, "packing": o.packing,
                      "template": self.template.name,
-                     "batch": o.batch, "accum": o.accum, "seed": o.seed, "world": self.world,
+                     "batch": o.batch, "micro_batches_per_step": o.accum * self.world, "seed": o.seed,
                      "full": o.full, "lora": [o.lora_rank, o.lora_alpha, list(o.lora_targets)],
                      "val_split": o.val_split, "rows": len(self.train_rows)}
         p = self.plan

@@ -8,7 +8,7 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
 - normalisation and clipping in one pass over the gradients, the learning-rate schedule (a pure
   function of the optimizer step), mixed precision (bf16 autocast, or fp16 with a GradScaler),
   torch.compile (each block and the head with its loss when the model has `compile_regions`,
-  else the loss step), DDP under torchrun;
+  else the loss step), DDP under torchrun, or FSDP2 with --fsdp (`parallel.py`);
 - a NaN guard: a step with a non-finite loss or gradient norm is skipped (optimizer untouched),
   and training stops after `max_bad_steps` in a row, RL updates included. With the fused CUDA
   AdamW the skip is decided on the device (the `found_inf` flag GradScaler also uses), so the
@@ -49,7 +49,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..device import autocast, resolve_dtype, setup_device
 from ..errors import UserError
@@ -62,6 +61,7 @@ from ..io import (
 from ..moe import load_metrics, moe_layers, pop_router_terms, update_router_bias
 from .loggers import MetricsLog, open_sinks
 from .optim import lr_at, make_optimizer
+from .parallel import full, full_weights, wrap_model
 from .progress import Progress
 from .resume import load_state, save_state
 
@@ -113,6 +113,12 @@ class Engine:
         self.rank, self.world = rank, world
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
         self.run_dir = run_dir_for(self.cfg.out)
+        self.fsdp = bool(getattr(self.cfg, "fsdp", False)) and world > 1      # one process: nothing to shard
+        if self.fsdp and self.cfg.optimizer != "adamw":
+            raise UserError(f"--fsdp shards each weight, and --optimizer {self.cfg.optimizer} needs whole matrices",
+                            None, "use --optimizer adamw with --fsdp, or leave out --fsdp (DDP)")
+        # FSDP2 turns the parameters into shards (DTensors): wrap before the optimizer sees them
+        self.wrapped = wrap_model(self.model, self.device, world, self.fsdp)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.opt = make_optimizer(named, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2),
@@ -121,9 +127,6 @@ class Engine:
             raise UserError(f"{'--keep-best' if self.cfg.keep_best else '--early-stop'} needs validation, and "
                             f"this {stage.name} run has none", None, "give held-out data (--val-split)")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
-        self.wrapped = self.model
-        if world > 1:
-            self.wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = stage.loss_step
         if self.cfg.compile and stage.compile_step:
             if hasattr(self.model, "compile_regions"):   # blocks and head compiled once each: fast cold start
@@ -152,9 +155,16 @@ class Engine:
 
     # ---- state for --resume ------------------------------------------------------------------
     def save_state(self) -> None:
-        """The whole resume state as one atomically written file (rank 0)."""
-        if self.is_main:
+        """The whole resume state as one atomically written file (rank 0; gathered from every
+        rank's shards under FSDP)."""
+        if self.is_main or self.fsdp:
             save_state(self)
+
+    def _save_artifact(self, final: bool) -> None:
+        """The stage's artifact, from the full weights (rank 0 writes; collective under FSDP)."""
+        with (full_weights(self.model, self.is_main) if self.fsdp else nullcontext()):
+            if self.is_main:
+                self.stage.save(final)
 
     def load_state(self) -> None:
         load_state(self)
@@ -183,7 +193,9 @@ class Engine:
             i = self.step * cfg.accum + micro
             batch = self._fetch(i) if micro_batches is None else micro_batches[micro]
             sync = self.world == 1 or micro == n_micro - 1
-            with (nullcontext() if sync else self.wrapped.no_sync()):
+            if self.fsdp:
+                self.wrapped.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or self.fsdp else self.wrapped.no_sync()):
                 with self.autocast():
                     loss_sum, count, metrics = self.step_fn(self.wrapped, batch)
                 objective = self._add_router_loss(loss_sum, count, metrics)
@@ -194,10 +206,14 @@ class Engine:
             total_count += count if torch.is_tensor(count) else float(count)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-        if self.world > 1:
-            packed = torch.stack([total_loss, total_count])
+        if self.world > 1:         # one all-reduce: the loss, the count and the metrics of every rank
+            keys = sorted(sums)
+            packed = torch.stack([total_loss, total_count] +
+                                 [torch.as_tensor(sums[k], dtype=torch.float32, device=self.device).reshape(())
+                                  for k in keys])
             dist.all_reduce(packed)
             total_loss, total_count = packed[0], packed[1]
+            sums = {k: packed[2 + j] / self.world for j, k in enumerate(keys)}   # metrics: the mean over ranks
         self.scaler.unscale_(self.opt)
         # DDP averaged the per-rank sums; turn that into the sum over ranks / global count.
         scale = self.world / total_count.clamp(min=1.0)
@@ -238,7 +254,7 @@ class Engine:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * scale
+        norm = full(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) * scale  # FSDP: of all shards
         coef = scale
         if self.cfg.grad_clip > 0:
             coef = scale * (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
@@ -269,7 +285,7 @@ class Engine:
         n_micro = len(micro_batches) if micro_batches is not None else cfg.accum
         metrics = {k: (v.item() if torch.is_tensor(v) else v) / n_micro for k, v in sums.items()}
         metrics.update(self._moe_step(finite))
-        self.tokens_seen += int(round(metrics.get("tokens", 0) * n_micro)) * self.world
+        self.tokens_seen += int(round(metrics.get("tokens", 0) * n_micro * self.world))
         self.step += 1
         self.bad_steps = 0 if finite else self.bad_steps + 1
         self.good_steps += int(finite)
@@ -354,8 +370,7 @@ class Engine:
         where = f"step {self.round} of {self.rounds}"
         if self.good_steps == 0:
             self._check_saveable(final=False)
-            if self.is_main:
-                self.save_state()
+            self.save_state()
             self.log(f"interrupted at {where}, before any good step: the resume state is saved, no model file")
             return
         self.checkpoint(final=True, status="interrupted")
@@ -421,8 +436,7 @@ class Engine:
             if self.cfg.keep_best:
                 self._status = "checkpoint"
                 self._check_saveable(False)
-                if self.is_main:
-                    self.stage.save(False)
+                self._save_artifact(False)
         else:
             b["stale"] += 1
             if self.stopped_early:
@@ -438,12 +452,10 @@ class Engine:
         save only marks it complete."""
         self._status = status or ("complete" if final else "checkpoint")
         self._check_saveable(final)
-        if not self.is_main:
-            return
         self.save_state()
         if not self.cfg.keep_best:
-            self.stage.save(final)
-        elif final:
+            self._save_artifact(final)
+        elif final and self.is_main:
             b = self.best
             kept = (f"the best checkpoint (step {b['step']}, val_loss {b['val_loss']:.4f})" if b["val_loss"] is not None
                     else "nothing yet (no validation ran)")
@@ -457,7 +469,8 @@ class Engine:
         if final and self.good_steps == 0:
             raise UserError(f"no good step: all {self.step} steps had a non-finite loss or gradient and were "
                             "skipped, so nothing was saved", out, "lower --lr, use --dtype float32 or check the data")
-        peaks = torch._foreach_norm([p.detach() for p in self.params], float("inf")) if self.params else []
+        peaks = [full(t) for t in torch._foreach_norm([p.detach() for p in self.params], float("inf"))] \
+            if self.params else []
         lr_ok = all(math.isfinite(g["lr"]) for g in self.opt.param_groups)
         if not lr_ok or (peaks and not bool(torch.isfinite(torch.stack(peaks)).all())):
             what = "the weights" if lr_ok else "the learning rate"

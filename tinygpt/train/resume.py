@@ -4,6 +4,8 @@ It holds the trainable weights, the persistent buffers the model updates outside
 router's balancing bias), the optimizer state in torch's format, the RNG states, the counters, the
 GradScaler, the stage's own state (`Stage.state_dict`), the keep-best record and the stage's
 `resume_key` (the settings a resumed run must share; a change is an error naming the setting).
+The tensors are whole whatever the wrapping (an FSDP model's shards are gathered on save and
+re-sharded on load), so a state saved on N ranks resumes on M.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..io import load_tensors, save_tensors
+from .parallel import full_state, load_full_state
 
 STATE_FILE = "state.safetensors"
 
@@ -27,11 +30,38 @@ def buffer_state(model) -> dict:
     return {n: b for n, b in model.named_buffers() if n in saved}
 
 
-def save_state(engine) -> None:
-    """The engine's whole resume state as one atomically written file."""
+def _opt_names(engine) -> list[str]:
+    """The parameter name of each optimizer index (torch numbers them group by group)."""
+    name = {id(p): n for n, p in engine.model.named_parameters()}
+    return [name[id(p)] for g in engine.opt.param_groups for p in g["params"]]
+
+
+def _local_tensors(engine) -> tuple[dict, dict]:
+    """(weights and buffers, optimizer state by index) of an unsharded model."""
     tensors = {f"param.{n}": p.detach() for n, p in trainable_state(engine.model).items()}
     tensors.update({f"buffer.{n}": b.detach() for n, b in buffer_state(engine.model).items()})
-    opt_sd = engine.opt.state_dict()
+    return tensors, engine.opt.state_dict()["state"]
+
+
+def _sharded_tensors(engine) -> tuple[dict, dict]:
+    """The same for an FSDP model, gathered to full tensors (collective; empty off rank 0)."""
+    model_sd, opt_sd = full_state(engine.model, engine.opt)
+    if not engine.is_main:
+        return {}, {}
+    buffers = buffer_state(engine.model)
+    tensors = {f"param.{n}": model_sd[n] for n in trainable_state(engine.model)}
+    tensors.update({f"buffer.{n}": model_sd[n] for n in buffers})
+    index = {n: i for i, n in enumerate(_opt_names(engine))}
+    return tensors, {index[n]: st for n, st in opt_sd["state"].items()}
+
+
+def save_state(engine) -> None:
+    """The engine's whole resume state as one atomically written file (by rank 0; every rank
+    calls it under FSDP, whose full tensors are gathered collectively)."""
+    tensors, opt_state = (_sharded_tensors if engine.fsdp else _local_tensors)(engine)
+    if not engine.is_main:
+        return
+    opt_sd = {"state": opt_state, "param_groups": engine.opt.state_dict()["param_groups"]}
     for idx, st in opt_sd["state"].items():
         for k, v in st.items():
             tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
@@ -76,12 +106,6 @@ def load_state(engine) -> None:
     buffers = buffer_state(engine.model)
     if any(f"buffer.{n}" in tensors and tensors[f"buffer.{n}"].shape != b.shape for n, b in buffers.items()):
         raise UserError("--resume: the saved buffers do not match this model", str(path), "start a new run")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
-        for n, b in buffers.items():
-            if f"buffer.{n}" in tensors:
-                b.copy_(tensors[f"buffer.{n}"])
     state: dict = {}
     for name, v in tensors.items():
         if name.startswith("optim."):
@@ -89,7 +113,21 @@ def load_state(engine) -> None:
             state.setdefault(int(idx), {})[k] = v
     own = engine.opt.state_dict()["param_groups"]
     groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], own)]
-    engine.opt.load_state_dict({"state": state, "param_groups": groups})
+    if engine.fsdp:               # every rank read the full tensors: each keeps its shard
+        names = _opt_names(engine)
+        weights = {n: tensors[f"param.{n}"] for n in params}
+        weights.update({n: tensors[f"buffer.{n}"] for n in buffers if f"buffer.{n}" in tensors})
+        load_full_state(engine.model, engine.opt, weights,
+                        {"state": {names[i]: st for i, st in state.items()},
+                         "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in groups]})
+    else:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"param.{n}"])
+            for n, b in buffers.items():
+                if f"buffer.{n}" in tensors:
+                    b.copy_(tensors[f"buffer.{n}"])
+        engine.opt.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and engine.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], engine.device)

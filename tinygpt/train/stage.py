@@ -71,6 +71,8 @@ class TrainOptions(DeviceOptions):
                             check=between(0, 1, lo_open=True))
     dtype: str = option("auto", "compute precision (auto: bfloat16 on GPUs that have it)", choices=DTYPE_NAMES)
     compile: bool = option(False, "torch.compile the training step")
+    fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state over the ranks "
+                        "(PyTorch FSDP2, one shard per block) instead of replicating them (DDP)")
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
     val_every: int | None = option(0, "validation every N steps (0 = off)", check=at_least(0))
     keep_best: bool = option(False, "write the checkpoint of lowest validation loss to --out (the run folder "
