@@ -9,6 +9,7 @@ from tinygpt import pipeline, report
 from tinygpt.cli import main
 from tinygpt.errors import UserError
 from tinygpt.options import to_argv
+from test_stages import ctrl_c_at
 
 STAGES = """
 name: t
@@ -257,22 +258,15 @@ stages:
 
 def test_an_interrupted_stage_resumes_inside_the_stage(tmp_path, monkeypatch):
     import torch
-    import tinygpt.train.engine as engine_mod
     from tinygpt.io import load_tensors
     cfg = write(tmp_path, RESUME.replace("STEPS", "6"))
     pipeline.run_pipeline(cfg, tmp_path / "a", log=lambda *m: None)
-    real = engine_mod.Engine._round
-
-    def stop_at_3(self):
-        if self.round == 3:
-            raise KeyboardInterrupt
-        return real(self)
-    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_3)
+    undo = ctrl_c_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg, tmp_path / "b", log=lambda *m: None)
     state = json.loads((tmp_path / "b" / "pipeline.json").read_text())
     assert state["stages"]["base"]["status"] == "interrupted"
-    monkeypatch.setattr(engine_mod.Engine, "_round", real)
+    undo()
     lines = []
     pipeline.run_pipeline(cfg, tmp_path / "b", log=lines.append)
     assert any("resuming its saved state" in ln for ln in lines)
@@ -282,7 +276,7 @@ def test_an_interrupted_stage_resumes_inside_the_stage(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # other settings: the saved state is refused and the stage starts again
     write(tmp_path, RESUME.replace("STEPS", "7"))
-    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_3)
+    ctrl_c_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg, tmp_path / "b", log=lambda *m: None)
 

@@ -20,10 +20,10 @@ from tinygpt.model import GPT
 from tinygpt.stages.common import resolve_plan
 from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step
 from tinygpt.tokenizer import Tokenizer
-import tinygpt.train.engine as engine_mod
 from tinygpt.train.engine import prepare
 from tinygpt.train.optim import is_hidden_matrix
 from tinygpt.train.stage import FunctionStage, TrainOptions
+from test_stages import ctrl_c_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BOOK = " ".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} ran to the {['mill', 'sea'][i % 2]}."
@@ -220,16 +220,10 @@ def test_early_stop_after_k_validations_without_improvement(tmp_path):
 def test_resume_with_keep_best_keeps_the_best_so_far(tmp_path, monkeypatch):
     values = [3.0, 1.0, 2.0, 1.5, 0.5, 0.7]
     stage, saves = _scripted(tmp_path, values, steps=6, keep_best=True, save_every=1, early_stop=3)
-    real = engine_mod.Engine._round
-
-    def stop_at_3(self):
-        if self.round == 3:
-            raise KeyboardInterrupt
-        return real(self)
-    monkeypatch.setattr(engine_mod.Engine, "_round", stop_at_3)
+    undo = ctrl_c_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         stage.train()
-    monkeypatch.setattr(engine_mod.Engine, "_round", real)
+    undo()
     assert [r for r, _, _ in saves] == [1, 2]
     stage2, saves2 = _scripted(tmp_path, values, steps=6, keep_best=True, save_every=1, early_stop=3, resume=True)
     stage2.train()
