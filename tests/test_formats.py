@@ -10,8 +10,8 @@ import pytest
 
 from tinygpt.data.formats import (Conversation, Message, Preference, Unpaired, detect_format,
                                   detect_preference_format, format_instruction, load_preferences,
-                                  load_prompts, load_sft, load_unpaired, to_conversation,
-                                  to_preference)
+                                  load_sft, load_unpaired, to_conversation, to_preference)
+from tinygpt.data.prompts import load_prompts
 from conftest import SHARED_DATA as DATA
 from tinygpt.data.rows import SkippedRowsWarning, read_rows
 from tinygpt.errors import DataError, UserError

@@ -3,7 +3,7 @@
     tinygpt generate MODEL --prompts FILE --out FILE.jsonl [--n K] [--reward-fn synth --keep best | --pairs]
 
 Design choices:
-- Prompts come from any prompt-bearing file (`data.formats.load_prompts`: SFT rows without their
+- Prompts come from any prompt-bearing file (`data.prompts.load_prompts`: SFT rows without their
   last reply, preference rows, {prompt} or {question, answer} rows); each is rendered with the
   chat template (the one rule of `stages.common.resolve_template`, with the generation prompt)
   and encoded segment by segment as SFT encodes its rows. A prompt is named by its position in
@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.formats import load_prompts
+from ..data.prompts import load_prompts
 from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
 from ..generate import generate

@@ -434,42 +434,6 @@ def detect_unpaired_format(row: dict) -> str:
     return detect_preference_format(row)
 
 
-# ---- RL prompts -------------------------------------------------------------------------------
-def _answer(row: dict) -> str | None:
-    value = row.get("answer")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return None if value is None else _text(value, "field 'answer'")
-
-
-def _up_to_last_user(msgs: list[Message]) -> list[Message]:
-    users = [i for i, m in enumerate(msgs) if m.role == "user"]
-    if not users:
-        raise Quirk("with no user turn to prompt with")
-    return msgs[:users[-1] + 1]
-
-
-def to_prompt(row: dict, fmt: str | None = None, notes: list | None = None) -> tuple[list[Message], str | None]:
-    """The prompt of any supported row, plus its reference answer when the row has one. `fmt`
-    (an SFT or preference format) reads the row as that format; None tells by its fields. A
-    conversation's prompt is everything up to its last user turn; a Quirk when it has none."""
-    if fmt in _PREFERENCE_CONVERTERS:
-        return to_preference(row, fmt).prompt, None
-    if fmt in _SFT_CONVERTERS:
-        return _up_to_last_user(to_conversation(row, fmt, notes).messages), None
-    if "chosen" in row and "rejected" in row:
-        return preference_parts(row, detect_preference_format(row)).prompt, None
-    if "question" in row:
-        question = _text(_get(row, "question"), "field 'question'", allow_empty=False)
-        return _system(row) + [Message("user", question)], _answer(row)
-    if "prompt" in row and "completion" not in row:
-        return _system(row) + _as_prompt(_get(row, "prompt"), "prompt"), _answer(row)
-    if "label" in row and not ("messages" in row or "conversations" in row):
-        return _as_prompt(_get(row, "prompt"), "prompt"), None
-    msgs = _tidy(_labelled_messages(row) if "label" in row else sft_messages(row, detect_format(row)), notes)
-    return _up_to_last_user(msgs), None
-
-
 # ---- loaders ----------------------------------------------------------------------------------
 def _check_format(fmt: str | None, known: tuple[str, ...], kind: str) -> None:
     if fmt is not None and fmt not in known:
@@ -498,15 +462,3 @@ def load_unpaired(path, format: str | None = None, skip_bad_rows: bool = False,
     per pair."""
     _check_format(format, UNPAIRED_FORMATS, "KTO")
     return load_records(path, format, detect_unpaired_format, to_unpaired, skip_bad_rows, strict)
-
-
-def load_prompts(path, skip_bad_rows: bool = False,
-                 strict: bool = False, format: str | None = None
-                 ) -> tuple[list[tuple[list[Message], str | None]], RowReport]:
-    """Read prompts from SFT, preference, KTO, {prompt} or {question, answer} files -> (prompts,
-    what was skipped or changed). Each prompt ends with a user turn; the answer is the row's
-    `answer` field, else None. `format` (an SFT or preference format) reads every row as that
-    format instead of telling each by its fields."""
-    _check_format(format, SFT_FORMATS + PREFERENCE_FORMATS, "prompt")
-    return load_records(path, format or "any", lambda r: "any",
-                        lambda r, f, notes: [to_prompt(r, None if f == "any" else f, notes)], skip_bad_rows, strict)

@@ -26,7 +26,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..chat import encode_segments
-from ..data.formats import Message, to_prompt
+from ..data.formats import Message
+from ..data.prompts import to_prompt
 from ..data.rows import read_rows
 from ..data.synth import exact_match
 from ..errors import DataError, UserError

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..checkpoint import save_model
-from ..data.formats import load_prompts
+from ..data.prompts import load_prompts
 from ..device import DTYPE_NAMES
 from ..errors import UserError
 from ..generate import generate
