@@ -168,3 +168,26 @@ def test_torchrun_command_line(tmp_path):
     assert done.stdout.count("step 3: loss") == 1                  # one summary line, from rank 0
     assert main(_argv("train", tmp_path) + ["--batch", "4", "--out", str(one)]) == 0
     _assert_same(dp, one, "torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "orpo", "reward"])
+def test_fsdp_two_ranks_match_one_process_in_the_post_training_stages(stage, tmp_path):
+    """Adapters, reward models and the preference stages' wrapped policy are written whole from
+    the shards (`parallel.full_weights` gives every module its full state dict)."""
+    _inputs(tmp_path)
+    argv = _argv(stage, tmp_path)
+    assert run_ranks(2, [argv + ["--batch", "2", "--fsdp", "--out", str(_out(tmp_path, stage, "fsdp"))]],
+                     tmp_path) == [0]
+    assert main(argv + ["--batch", "4", "--out", str(_out(tmp_path, stage, "one"))]) == 0
+    _assert_same(_out(tmp_path, stage, "fsdp"), _out(tmp_path, stage, "one"), stage)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "distill"])
+def test_fsdp_is_refused_where_generation_runs_outside_the_sharded_model(stage, tmp_path, capsys):
+    _inputs(tmp_path)
+    assert main(_argv(stage, tmp_path) + ["--fsdp", "--out", str(tmp_path / "x.lora")]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp is not available for this run" in err and "Traceback" not in err
+    assert not (tmp_path / "x.run").exists()
+

@@ -154,12 +154,12 @@ def train_token_rows(model, ids) -> None:
     model.lm_head = TokenRows(model.lm_head, ids, emb.token_rows if tied else None)
 
 
-def _token_rows_state(model) -> dict:
+def _token_rows_state(model, full: dict) -> dict:
     sd = {}
     for name in ("model.embed_tokens", "lm_head"):
         m = model.get_submodule(name)
         if isinstance(m, TokenRows) and not (name == "lm_head" and m.token_rows is model.model.embed_tokens.token_rows):
-            sd[f"{name}.token_rows"] = m.token_rows.detach()
+            sd[f"{name}.token_rows"] = full[f"{name}.token_rows"].detach()
     return sd
 
 
@@ -338,11 +338,12 @@ def merge_and_unload(model):
 def adapter_state(model, name: str = "default") -> dict:
     """The adapter's tensors: `{module}.lora_A` (r, in) and `{module}.lora_B` (out, r), plus the
     rows of the tokens it trained (`{module}.token_rows` (k, C)) when its metadata lists some."""
-    sd = _token_rows_state(model) if model._lora_meta.get(name, {}).get("trained_tokens") else {}
+    full = model.state_dict()          # read through it: the whole tensors also when the model is sharded
+    sd = _token_rows_state(model, full) if model._lora_meta.get(name, {}).get("trained_tokens") else {}
     for mod_name, m in lora_modules(model).items():
         if name in m.lora_A:
-            sd[f"{mod_name}.lora_A"] = m.lora_A[name].detach()
-            sd[f"{mod_name}.lora_B"] = m.lora_B[name].detach()
+            sd[f"{mod_name}.lora_A"] = full[f"{mod_name}.lora_A.{name}"].detach()
+            sd[f"{mod_name}.lora_B"] = full[f"{mod_name}.lora_B.{name}"].detach()
     return sd
 
 

@@ -89,7 +89,7 @@ class RewardModel(nn.Module):
 
     # ---- saving ----------------------------------------------------------------------------------
     def state_dict_for_save(self) -> dict:
-        return {**self.backbone.state_dict_for_save(), "score.weight": self.score.weight}
+        return {**self.backbone.state_dict_for_save(), "score.weight": self.score.state_dict()["weight"]}
 
     def save(self, path, extra: dict | None = None) -> None:
         save_model(path, self, self.tokenizer, {"head": HEAD, **(extra or {})})

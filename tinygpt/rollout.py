@@ -16,6 +16,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -206,3 +207,10 @@ def encode_prompts(tok, template, rows, max_len: int) -> tuple[list[Prompt], int
             continue
         out.append(Prompt(messages, answer, text, ids))
     return out, dropped
+
+
+def synced_clock(device) -> float:
+    """Seconds, taken after the GPU's queued work, so each phase of an iteration is timed alone."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

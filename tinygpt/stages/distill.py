@@ -99,6 +99,9 @@ class DistillOptions(SFTOptions):
     max_new_tokens: int | None = option(None, "on-policy answer length", auto="64, at most half of --ctx",
                                         check=at_least(1))
 
+    def fsdp_blocker(self) -> str | None:
+        return "on-policy batches (--lmbda) run the student outside the sharded model" if self.lmbda > 0 else None
+
 
 @dataclass
 class DistillBatch:

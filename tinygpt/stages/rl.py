@@ -5,35 +5,32 @@ Design choices:
   `generate`, CUDA-graph decode), scoring (reward, reference log-probs, values and the behaviour
   log-probs recomputed by the training forward, so the first PPO ratio is exactly 1), advantages,
   then `epochs` passes over shuffled minibatches, each one `engine.train_step`. The engine counts
-  iterations (`--steps`, alias `--iterations`) and gives RL what it gives every stage: --resume
-  (the adaptive KL coefficient is saved with the weights), the NaN/divergence stop, progress,
-  metrics.jsonl (and samples.jsonl), checkpoints and Ctrl-C.
-- Rollout i is a pure function of the seed, i and the weights (each completion samples with its
-  own seed, from (seed, i, its global row)), and the minibatch shuffle of iteration i a pure
-  function of (seed, i), so a resumed run repeats an uninterrupted one.
+  iterations (`--steps`, alias `--iterations`) and gives RL what every stage gets: --resume (with
+  the adaptive KL coefficient), the NaN stop, progress, metrics/samples.jsonl, checkpoints, Ctrl-C.
+- Rollout i is a pure function of the seed, i and the weights (each completion has its own seed
+  from (seed, i, its global row)), the shuffle of iteration i of (seed, i): resume == uninterrupted.
 - Under torchrun each rank rolls out and scores `--batch` prompts of the iteration's global batch
   (batch x ranks); the scored rows are gathered to every rank (`train.parallel.gather_rows`), so
   advantages, the minibatch shuffle and the metrics see the global batch, and each rank trains on
   its slice of every global minibatch: N ranks of `--batch B` update as one process of `--batch NB`
   (and a run resumes on another number of ranks).
-- PPO rewards: the reward model's score at the last response token, minus `kl_coef` times a
-  per-token KL estimate (k1 or k3) to the reference; GAE; advantages whitened over real tokens;
-  clipped policy and value losses, entropy bonus. `kl_target` turns on the adaptive KL controller.
+- PPO rewards: the reward model's score at the last response token, minus `kl_coef` times a per-token
+  KL estimate (k1 or k3) to the reference; GAE; whitened advantages; clipped policy and value losses,
+  entropy bonus. `kl_target` turns on the adaptive KL controller.
   An iteration's epochs stop early when the approximate KL to the rollout policy passes `max_kl`.
 - GRPO: G completions per prompt, group-relative advantages (`losses.group_advantages`: centred
   on the group mean and divided by the group's std, the batch's std or nothing, or RLOO's
   leave-one-out), no value network, an optional k3 KL term in the loss. `--loss-type` picks how
   the clipped surrogate is normalised (`losses.rl`): dapo (the default, as in TRL: a token-level
-  mean over the minibatch, long and short answers weigh by their tokens), grpo (per-sequence
-  means), dr_grpo (a constant denominator, no std scaling) or gspo (a sequence-level ratio);
-  `--epsilon-low/--epsilon-high` clip the ratio asymmetrically (DAPO's clip-higher).
+  mean over the minibatch: answers weigh by their tokens), grpo (per-sequence means), dr_grpo (a
+  constant denominator, no std scaling), gspo (a sequence-level ratio); `--epsilon-low/-high` clip
+  asymmetrically (DAPO's clip-higher).
 - top-k/top-p sampling makes the rollouts slightly off-policy (the loss sees the full distribution).
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -71,8 +68,9 @@ from ..rollout import (
     RolloutBuffer,
     ValueNetwork,
     encode_prompts,
-    score_sequences,
     save_value_network,
+    score_sequences,
+    synced_clock,
 )
 from ..train.engine import run_dir_for
 from ..train.parallel import gather_padded, gather_rows, row_seeds
@@ -132,6 +130,9 @@ class RLOptions(ModelOptions, TemplateOptions, RowCheckOptions, LoRAOptions, Sam
             raise UserError("both --reward and --reward-fn given", None, "give one of them")
         super().check()
 
+    def fsdp_blocker(self) -> str:
+        return "its rollouts run the policy outside the sharded model"
+
     def require(self) -> None:
         super().require()
         if not (self.reward or self.reward_fn):
@@ -182,12 +183,6 @@ class GRPOOptions(RLOptions):
             raise UserError("--rloo uses the raw leave-one-out baseline: --scale-rewards does not apply", None,
                             "drop --scale-rewards")
         super().check()
-
-
-def _clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class RLTrainer(Stage):
@@ -372,13 +367,13 @@ class RLTrainer(Stage):
 
     # ---- the protocol ---------------------------------------------------------------------------
     def iteration(self, engine, it: int) -> dict:
-        t0 = _clock(self.device)
+        t0 = synced_clock(self.device)
         episodes = self.rollout(it)
-        t1 = _clock(self.device)
+        t1 = synced_clock(self.device)
         buf, info, scores = self.score(episodes, engine)
-        t2 = _clock(self.device)
+        t2 = synced_clock(self.device)
         stats = self.update(engine, buf, it)
-        t3 = _clock(self.device)
+        t3 = synced_clock(self.device)
         if self.rank == 0 and self.opts.samples:
             engine.write_samples([{"step": it + 1, "prompt": e.prompt.text, "completion": e.text, "reward": r}
                                   for e, r in list(zip(self.episodes, scores.tolist()))[:self.opts.samples]])

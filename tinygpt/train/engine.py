@@ -469,8 +469,9 @@ class Engine:
         if final and self.good_steps == 0:
             raise UserError(f"no good step: all {self.step} steps had a non-finite loss or gradient and were "
                             "skipped, so nothing was saved", out, "lower --lr, use --dtype float32 or check the data")
-        peaks = [full(t) for t in torch._foreach_norm([p.detach() for p in self.params], float("inf"))] \
-            if self.params else []
+        # the 2-norm is finite iff every value is (for any weights short of 1e19), and unlike the
+        # max it is defined on the empty shard a small tensor leaves some ranks under FSDP
+        peaks = [full(t) for t in torch._foreach_norm([p.detach() for p in self.params], 2.0)] if self.params else []
         lr_ok = all(math.isfinite(g["lr"]) for g in self.opt.param_groups)
         if not lr_ok or (peaks and not bool(torch.isfinite(torch.stack(peaks)).all())):
             what = "the weights" if lr_ok else "the learning rate"

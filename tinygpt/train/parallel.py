@@ -90,16 +90,22 @@ def load_full_state(model, opt, model_sd: dict, opt_sd: dict) -> None:
 
 @contextmanager
 def full_weights(model, is_main: bool):
-    """Inside, `model.state_dict()` gives the full weights on rank 0 (collective on entry), so a
-    stage's `save` writes one whole artifact from a sharded model."""
+    """Inside, `state_dict()` of the model and of every module in it gives the full weights on
+    rank 0 (collective on entry), so a stage's `save` writes one whole artifact from a sharded
+    model, also when it saves a part (the policy inside a stage's wrapper, an adapter)."""
     sd = get_model_state_dict(model, options=FULL)
+    patched = []
     if is_main:
-        model.state_dict = lambda *a, **k: dict(sd)
+        for prefix, mod in model.named_modules():
+            head = prefix + "." if prefix else ""
+            part = {k[len(head):]: v for k, v in sd.items() if k.startswith(head)}
+            mod.state_dict = lambda *a, _part=part, **k: dict(_part)
+            patched.append(mod)
     try:
         yield
     finally:
-        if is_main:
-            del model.state_dict
+        for mod in patched:
+            del mod.state_dict
 
 
 def gather_rows(items: list, world: int) -> list:

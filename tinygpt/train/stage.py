@@ -93,7 +93,16 @@ class TrainOptions(DeviceOptions):
             raise UserError(f"{'--keep-best' if self.keep_best else '--early-stop'} needs validation data", None,
                             "give --val-split (e.g. 0.1)")
         check_available(self.log)
+        blocker = self.fsdp and self.fsdp_blocker()
+        if blocker:
+            raise UserError(f"--fsdp is not available for this run: {blocker}", None,
+                            "leave out --fsdp (DDP runs every stage)")
         super().check()
+
+    def fsdp_blocker(self) -> str | None:
+        """Why --fsdp cannot run these options (None: it can). Generation outside the engine's
+        forward (rollouts, on-policy batches) would meet weights the sharded model has not gathered."""
+        return None
 
 
 class Stage:
