@@ -171,12 +171,15 @@ def test_torchrun_command_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "orpo", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "orpo", "reward", "distill"])
 def test_fsdp_two_ranks_match_one_process_in_the_post_training_stages(stage, tmp_path):
     """Adapters, reward models and the preference stages' wrapped policy are written whole from
-    the shards (`parallel.full_weights` gives every module its full state dict)."""
+    the shards (`parallel.full_weights` gives every module its full state dict). Distillation
+    off-policy only (--lmbda 0): on-policy batches are refused with --fsdp."""
     _inputs(tmp_path)
     argv = _argv(stage, tmp_path)
+    if stage == "distill":
+        argv[argv.index("--lmbda") + 1] = "0"
     assert run_ranks(2, [argv + ["--batch", "2", "--fsdp", "--out", str(_out(tmp_path, stage, "fsdp"))]],
                      tmp_path) == [0]
     assert main(argv + ["--batch", "4", "--out", str(_out(tmp_path, stage, "one"))]) == 0
