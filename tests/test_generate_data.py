@@ -4,15 +4,11 @@ dpo` reads, and the user mistakes."""
 import json
 
 import pytest
-import torch
 
 import tinygpt.commands.generate_data as gen_mod
-from tinygpt.checkpoint import save_model
 from tinygpt.cli import main
-from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.data.formats import load_preferences, load_sft
-from tinygpt.model import GPT
-from tinygpt.tokenizer import Tokenizer
+from test_stages import _base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,14 +21,7 @@ VERIFIER = ("import re\n"
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
-    tok = Tokenizer.byte_level()
-    torch.manual_seed(0)
-    m = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), block_size=64))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    save_model(tmp_path / "m.tinygpt", m, tok)
+    _base(tmp_path, block_size=64, std=0.3, name="m.tinygpt")
     rows = [{"question": "q" * (1 + i % 5) + f" {i}?", "answer": str(i)} for i in range(9)]
     rows.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                               {"role": "assistant", "content": "hello"}]})

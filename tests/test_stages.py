@@ -32,16 +32,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 JINJA = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
-def _base(tmp_path, chat_template=None):
+def _base(tmp_path, chat_template=None, block_size: int = 128, std: float = 0.05, name: str = "base.tinygpt"):
+    """A byte-level nano model with random matrices (std) saved as tmp_path/name; (model, tokenizer)."""
     tok = Tokenizer.byte_level()
     tok.chat_template = chat_template
     torch.manual_seed(0)
-    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), block_size=128))
+    model = GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size), block_size=block_size))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.05)
-    save_model(tmp_path / "base.tinygpt", model, tok)
+                p.normal_(0, std)
+    save_model(tmp_path / name, model, tok)
     return model, tok
 
 
@@ -272,10 +273,7 @@ def test_default_learning_rates_scale_with_the_model_width():
 def test_rl_completion_length_defaults_to_fit_the_context(stage, tmp_path):
     """A 64-position base: the default --max-new-tokens is half of it (32), leaving room for the
     prompts (64 new tokens would leave none: 'no prompts to train on')."""
-    tok = Tokenizer.byte_level()
-    torch.manual_seed(0)
-    save_model(tmp_path / "base.tinygpt", GPT(ModelConfig.from_name("nano", vocab_size=pad_vocab(tok.vocab_size),
-                                                                     block_size=64)), tok)
+    _base(tmp_path, block_size=64)
     _files(tmp_path)
     argv = STAGES[stage](tmp_path)
     del argv[argv.index("--max-new-tokens"):argv.index("--max-new-tokens") + 2]
