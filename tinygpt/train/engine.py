@@ -326,9 +326,8 @@ class Engine:
             self.log(f"resumed from step {self.round} ({self.run_dir})")
         metrics_file = None
         if self.is_main:
-            config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
             metrics_file = MetricsLog(self._open_log("metrics.jsonl", cfg.resume),
-                                      open_sinks(cfg.log, self.run_dir, {"stage": self.stage.name, **config}, cfg.resume))
+                                      open_sinks(cfg.log, self.run_dir, self.stage.name, cfg))
         progress = Progress(self, self.stage) if self.is_main and not cfg.quiet else None
         self.model.train()
         last = self.last_row                             # a finished run resumed: its last logged round

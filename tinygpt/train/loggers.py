@@ -99,7 +99,11 @@ class MetricsLog:
             p.close()
 
 
-def open_sinks(names, run_dir: Path, config: dict, resume: bool) -> list:
-    """The sinks named by --log (each at most once)."""
+def open_sinks(names, run_dir: Path, stage: str, opts) -> list:
+    """The sinks named by --log (each at most once), given the run's scalar options as its config."""
+    if not names:
+        return []
+    scalars = {k: v for k, v in vars(opts).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    config = {"stage": stage, **scalars}
     kinds = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
-    return [kinds[n](Path(run_dir), config, resume) for n in dict.fromkeys(names or ())]
+    return [kinds[n](Path(run_dir), config, opts.resume) for n in dict.fromkeys(names)]
