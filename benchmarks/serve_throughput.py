@@ -212,6 +212,7 @@ def main():
     ap.add_argument("--no-static", action="store_true", help="skip the static `generate` column")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine column")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python[server]: adds the llama.cpp column")
+    ap.add_argument("--stream-interval", type=float, help="the server's --stream-interval (default: its own)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both servers")
     a = ap.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
@@ -235,9 +236,12 @@ def main():
         torch.cuda.empty_cache()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
-    server = start_server([sys.executable, "-m", "tinygpt.cli", "serve", str(path), "--port", str(port), "--device",
-                           a.device, "--dtype", a.dtype, "--max-batch", str(max(streams)), "--max-queue",
-                           str(4 * max(streams)), "--log-level", "warning"], port, folder / "serve.log", env)
+    cmd = [sys.executable, "-m", "tinygpt.cli", "serve", str(path), "--port", str(port), "--device", a.device,
+           "--dtype", a.dtype, "--max-batch", str(max(streams)), "--max-queue", str(4 * max(streams)),
+           "--log-level", "warning"]
+    if a.stream_interval is not None:
+        cmd += ["--stream-interval", str(a.stream_interval)]
+    server = start_server(cmd, port, folder / "serve.log", env)
     body = {"model": path.stem, "ignore_eos": True, "stream_options": {"include_usage": True}}
     http_columns(a, server, port, streams, rows, "server", tok, body)
     if a.llama_python:

@@ -4,6 +4,7 @@ sampling is batch-independent, text streaming, stop strings, cancellation, failu
 import copy
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from tinygpt.serve.adapters import ServedAdapters, adapter_files
 from tinygpt.serve.command import ServeOptions, build_service
 from tinygpt.serve.engine import SlotEngine
 from tinygpt.serve.protocol import ApiError, LoraEntry
-from tinygpt.serve.scheduler import Job, Params, Scheduler, Sequence
+from tinygpt.serve.scheduler import Job, Params, Scheduler, Sequence, Update
+from tinygpt.serve.service import Pacer
 from tinygpt.serve.text import ByteStream, Detokenizer, StopMatcher, TextStream
 from tinygpt.tokenizer import IM_END, Tokenizer
 
@@ -62,14 +64,18 @@ def make_world(folder, block_size: int = 128, seed: int = 0, **over):
     return str(folder / "base.tinygpt"), paths
 
 
-def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None, device="cpu", engines=None):
+def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None, device="cpu", engines=None,
+        capture_all=False):
     """Serve `requests` [(prompt ids, Params, stack)] on a fresh engine; returns per request
-    (text, n_tokens, finish). `arrive`: per request, the scheduler iteration to submit it at."""
+    (text, n_tokens, finish). `arrive`: per request, the scheduler iteration to submit it at.
+    capture_all: capture every decode graph before serving (as `tinygpt serve` does)."""
     model, tok = load_model_and_tokenizer(base, device=device)
     adapters = ServedAdapters(model, tok, [(f"x{i}", p) for i, p in enumerate(paths)], max_batch) if paths else None
     engine = SlotEngine(model, max_batch, model.config.block_size, tok.vocab_size, rows=adapters, **engine_kw)
     if engines is not None:
         engines.append(engine)
+    if capture_all:
+        engine.capture_all()
     got: dict = {}
     sch = Scheduler(engine, lambda ups: [got.setdefault(s.index, []).append(u) for s, u in ups], **scheduler_kw)
     job, detok = Job(len(requests)), Detokenizer(tok)
@@ -177,6 +183,20 @@ def test_stop_ids_and_stop_strings(tmp_path):
     assert out[1][0] == text[:text.index(stop_s)] and out[1][2] == "stop"
 
 
+@pytest.mark.parametrize("step,cap", [(64, 1024), (16, 200), (64, 64), (8, 4096)])
+def test_length_buckets_cover_every_length_with_bounded_waste(step, cap):
+    """Every attended length has a bucket that holds it, within the cache, among `buckets()`,
+    and beyond 4 steps the bucket is under 1.5x the length (a few buckets per doubling)."""
+    from tinygpt.serve.engine import _length_bucket
+    sizes = {_length_bucket(n, step, cap) for n in range(1, cap + 1)}
+    for n in range(1, cap + 1):
+        b = _length_bucket(n, step, cap)
+        assert n <= b <= cap and b in sizes and (n <= 4 * step or b < 1.5 * n)
+    assert len(sizes) <= 4 + 2 * max(1, cap // step).bit_length()
+    engine = SimpleNamespace(S=6, L=cap, length_bucket=step, rows=None)
+    assert SlotEngine.buckets(engine) == [(nb, L, False) for nb in (1, 2, 4, 6) for L in sorted(sizes)]
+
+
 def test_text_streams_equal_decode():
     trained = Tokenizer.train(["naïve café — 日本語 ok, the cat sat on the mat. " * 20], vocab_size=300)
     for tok in (Tokenizer.byte_level(), trained):
@@ -239,6 +259,37 @@ def test_cancel_failure_and_close(tmp_path):
     assert not sch.thread.is_alive()
 
 
+def test_pacer_holds_running_tokens_and_lets_first_tokens_and_ends_through():
+    """Hand-offs at most every interval; a first token or an end goes at once with what that
+    sequence held; every update is handed on exactly once, in its sequence's order."""
+    class Seq:
+        def __init__(self, name):
+            self.name, self.received = name, 0
+
+    now, out = [0.0], []
+    pacer = Pacer(1.0, lambda batch: out.append([(s.name, u.text) for s, u in batch]), clock=lambda: now[0])
+    a, b = Seq("a"), Seq("b")
+
+    def step(t, *updates):
+        now[0] = t
+        for seq, _, _ in updates:
+            seq.received += 1
+        pacer.feed([(seq, Update(text, finish=finish)) for seq, text, finish in updates])
+
+    step(0.0, (a, "a1", None))                   # the first hand-off ever: at once
+    step(0.1, (a, "a2", None))                   # held
+    step(0.2, (a, "a3", None), (b, "b1", None))  # b's first token goes; a's stay held
+    step(0.3, (a, "a4", None), (b, "b2", None))
+    step(0.4, (a, "a5", "length"))               # a ends: all of a, in order; b2 still held
+    step(1.5, (b, "b3", None))                   # the interval is over: everything held
+    assert out == [[("a", "a1")], [("b", "b1")], [("a", "a2"), ("a", "a3"), ("a", "a4"), ("a", "a5")],
+                   [("b", "b2"), ("b", "b3")]]
+    unpaced, out0 = Pacer(0.0, lambda batch: out0.append(len(batch))), []
+    for t in range(3):
+        unpaced.feed([(Seq("c"), Update("x"))] * 2)
+    assert out0 == [2, 2, 2]
+
+
 def test_adapter_files_names_and_refusals(tmp_path):
     base, paths = make_world(tmp_path)
     (tmp_path / "more").mkdir()
@@ -295,6 +346,9 @@ def test_cuda_graph_decode_equals_eager_and_the_reference(tmp_path):
     graphs, _ = run({}, dict(cuda_graph=True, length_bucket=32), base, paths, reqs, 8, arrive, "cuda", engines)
     eager, _ = run({}, dict(cuda_graph=False), base, paths, reqs, 8, arrive, "cuda")
     assert graphs == eager and len(engines[0].graphs) > 2
+    ahead, _ = run({}, dict(cuda_graph=True, length_bucket=32), base, paths, reqs, 8, arrive, "cuda", engines,
+                   capture_all=True)
+    assert ahead == eager and len(engines[1].graphs) == len(engines[1].buckets())    # nothing captured later
     for i, (ids, p, st) in enumerate(reqs):
         ref = load_model_and_tokenizer(base, lora=[(paths[j], w) for j, w in st], device="cuda")[0]
         g = generate(ref, [ids], p.max_new, temperature=0, vocab_limit=tok.vocab_size, cuda_graph=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import uvicorn
@@ -44,6 +45,8 @@ class ServeOptions(ModelOptions, TemplateOptions, DeviceOptions):
     max_queue: int = option(1024, "sequences waiting for a slot before requests get 429", check=at_least(1))
     prefill_tokens: int = option(2048, "prompt tokens prefilled per scheduler step (at least one prompt)",
                                  check=at_least(1))
+    stream_interval: float = option(0.02, "seconds between a running stream's chunks (first tokens and ends go at "
+                                    "once; 0: a chunk every step)", check=between(0, 1))
     max_body: int = option(1 << 20, "largest request body, in bytes", check=at_least(1024))
     dtype: str = option("auto", "weights and KV cache dtype", choices=DTYPE_NAMES)
     cuda_graph: bool = option(True, "replay decode steps as CUDA graphs on CUDA", negate="--no-cuda-graph")
@@ -62,7 +65,7 @@ def build_service(opts: ServeOptions) -> Service:
                         cuda_graph=opts.cuda_graph and device.type == "cuda", seed=opts.seed)
     stack = [(name, w) for (name, _), (_, w) in zip(files, lora_specs(opts))]
     return Service(model, tok, engine, opts.model, stack, adapters, opts.template, opts.max_queue,
-                   opts.prefill_tokens)
+                   opts.prefill_tokens, opts.stream_interval)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -85,6 +88,11 @@ def serve_command(opts: ServeOptions) -> None:
         raise UserError("--api-key is empty", None, "give a key or leave the option out")
     sock = listen(opts.host, opts.port)
     service = build_service(opts)
+    if service.engine.use_graph:
+        t0 = time.perf_counter()
+        n = service.engine.capture_all()
+        print(f"captured {n} decode graphs (every batch and length bucket) in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
     # Two busy threads share the GIL (the event loop, the scheduler); a shorter switch interval
     # than the 5 ms default keeps the scheduler from waiting that long to launch the next step.
     sys.setswitchinterval(0.0005)

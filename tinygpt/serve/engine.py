@@ -13,9 +13,14 @@ Design choices:
   right-padded prompts, positions 0..P-1, a causal mask that also hides each row's padding; the
   head runs on each row's last real position only.
 - On CUDA the decode step is captured as a CUDA graph per (rows, attended length, adapters on)
-  bucket: rows rounded up to a power of two, the length to a multiple of `length_bucket`, so a
-  handful of graphs serve every batch; the graphs share one memory pool (they never run at the
-  same time). The extra rows of a bucket are idle slots (length 0) whose output is ignored.
+  bucket: rows rounded up to a power of two, the length up to a multiple of `length_bucket` or of
+  a quarter of its power of two when that is larger (64, 128, 192, 256, 384, 512, 768, 1024, ...:
+  a few buckets per doubling, under 1.5x the positions needed beyond 4 x `length_bucket`). The
+  extra rows of a bucket are idle slots (length 0) whose output is ignored. The graphs share one
+  memory pool and write their logits into one buffer (they never run at the same time), and
+  `capture_all` captures every bucket at start-up: a capture costs tens of milliseconds, and
+  captured lazily, the buckets that arrivals and departures happen to reach kept costing that in
+  the middle of serving (a round of 16 streams ran at a fifth of the in-process speed).
 - Sampling is per row (`generate.sample_rows`): temperature, top-k and top-p live in (S,) device
   buffers written when a sequence joins. The exponential race's draws come from the engine's
   generator, except for rows with a seed: their draws come from their own generator, one row of V
@@ -35,6 +40,13 @@ from ..moe import graph_capturable
 def _bucket(n: int, cap: int) -> int:
     """The smallest power of two >= n, at most cap."""
     return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+def _length_bucket(n: int, step: int, cap: int) -> int:
+    """n rounded up to a multiple of `step`, or of a quarter of n's power of two when that is
+    larger (see the module notes); at most cap."""
+    unit = max(step, (1 << max(0, n - 1).bit_length()) // 4)
+    return min(cap, -(-n // unit) * unit)
 
 
 class Outputs:
@@ -99,6 +111,7 @@ class SlotEngine:
         self.length_bucket = length_bucket
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graph else None
+        self.logits_out = None                      # (S, V') float32: where every graph writes
 
     # ---- slots ----------------------------------------------------------------------------------
     def configure(self, slot: int, temperature: float, top_k: int, top_p: float, generator=None,
@@ -163,20 +176,48 @@ class SlotEngine:
         h = self.model.hidden(self.tok[:nb], pos=pos, mask=see, cache=self.cache.view(nb, Lb), slots=pos)
         return _last_logits(self.model, h, self.vocab_limit)
 
+    def _graph(self, nb: int, Lb: int, on: bool):
+        """The captured decode step of a bucket (captured now if it is new)."""
+        key = (nb, Lb, on)
+        if key not in self.graphs:
+            if self.logits_out is None:
+                width = self.vocab_limit or self.model.config.vocab_size
+                self.logits_out = torch.empty(self.S, width, device=self.device)
+
+            def step():
+                out = self.logits_out[:nb]
+                out.copy_(self._step(nb, Lb, on))
+                return out
+            self.graphs[key] = capture_graph(step, self.pool)
+        return self.graphs[key]
+
+    def buckets(self) -> list[tuple[int, int, bool]]:
+        """Every (rows, attended length, adapters on) bucket a decode step can use."""
+        rows = sorted({_bucket(n, self.S) for n in range(1, self.S + 1)})
+        lengths = sorted({_length_bucket(n, self.length_bucket, self.L) for n in range(1, self.L + 1)})
+        ons = (False, True) if self.rows is not None else (False,)
+        return [(nb, Lb, on) for on in ons for nb in rows for Lb in lengths]
+
+    def capture_all(self) -> int:
+        """Capture the decode graph of every bucket (at start-up); returns how many there are."""
+        if self.use_graph:
+            for key in self.buckets():
+                self._graph(*key)
+            for slot in range(self.S):         # the captures ran on idle slots; leave them idle
+                self.free(slot)
+        return len(self.graphs)
+
     def decode(self, n: int):
         """Feed each of rows 0..n-1 its next token at its own position; logits (n, V')."""
         longest = max(self.host_len[:n]) + 1
         on = any(self.uses_adapters[:n])
         nb, Lb = n, longest
         if self.bucketed:
-            nb, Lb = _bucket(n, self.S), min(self.L, -(-longest // self.length_bucket) * self.length_bucket)
+            nb, Lb = _bucket(n, self.S), _length_bucket(longest, self.length_bucket, self.L)
         if not self.use_graph:
             logits = self._step(nb, Lb, on)[:n]
         else:
-            key = (nb, Lb, on)
-            if key not in self.graphs:
-                self.graphs[key] = capture_graph(lambda: self._step(nb, Lb, on), self.pool)
-            graph, out = self.graphs[key]
+            graph, out = self._graph(nb, Lb, on)
             graph.replay()
             logits = out[:n]
         self.lengths[:n] += 1

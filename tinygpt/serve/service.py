@@ -14,6 +14,12 @@ Design choices:
   400 `context_length_exceeded`; without max_tokens a chat reply may use the rest of the context
   and a completion gets 16 tokens (the OpenAI default), at most what is left.
 - `n` choices are n sequences of one `Job`; with a seed, choice i uses seed + i.
+- Tokens reach the event loop in batches at most every `stream_interval` seconds; a sequence's
+  first token and its end go at once (with whatever that sequence had held).
+  Each hand-off wakes every stream it carries tokens for, and each wake-up costs the event loop
+  an SSE write and the GIL that the scheduler thread needs to launch the next step; at 64 streams
+  and ~1 ms a step that is 64,000 writes a second without pacing. With it a stream gets its tokens
+  in chunks of about (interval / step time) tokens: the same text and tokens in fewer events.
 """
 from __future__ import annotations
 
@@ -34,11 +40,35 @@ def _post_all(updates) -> None:
         seq.job.post(seq.index, update)
 
 
+class Pacer:
+    """Hands [(sequence, Update)] on at most every `interval` seconds (see the module's notes). A
+    sequence with a first token or an end in a batch goes at once with what it had held, so each
+    sequence's updates keep their order. Called from the scheduler thread only."""
+
+    def __init__(self, interval: float, hand_off, clock=time.monotonic):
+        self.interval, self.hand_off, self.clock = interval, hand_off, clock
+        self.held: list = []
+        self.last = float("-inf")
+
+    def feed(self, updates) -> None:
+        self.held.extend(updates)
+        now = self.clock()
+        if now - self.last >= self.interval:
+            out, self.held, self.last = self.held, [], now
+        else:
+            urgent = {id(seq) for seq, u in updates if u.finish is not None or seq.received == 1}
+            out = [x for x in self.held if id(x[0]) in urgent]
+            self.held = [x for x in self.held if id(x[0]) not in urgent]
+        if out:
+            self.hand_off(out)
+
+
 class Service:
     def __init__(self, model, tok, engine, model_path, lora_stack=(), adapters=None, template: str | None = None,
-                 max_waiting: int = 1024, prefill_tokens: int = 2048):
+                 max_waiting: int = 1024, prefill_tokens: int = 2048, stream_interval: float = 0.0):
         self.model, self.tok, self.engine, self.adapters = model, tok, engine, adapters
         self.model_path, self.template = str(model_path), template
+        self.stream_interval = stream_interval
         self.block = model.config.block_size
         self.vocab_limit = engine.vocab_limit
         self.model_id = Path(model_path).stem if Path(model_path).suffix else Path(model_path).name
@@ -60,13 +90,14 @@ class Service:
     # ---- lifetime -------------------------------------------------------------------------------
     def start(self, loop) -> None:
         self.loop = loop
+        self.pacer = Pacer(self.stream_interval, lambda out: loop.call_soon_threadsafe(_post_all, out))
         self.scheduler.start()
 
     def close(self) -> None:
         self.scheduler.close()
 
     def _on_updates(self, updates) -> None:
-        self.loop.call_soon_threadsafe(_post_all, updates)
+        self.pacer.feed(updates)
 
     # ---- models and stacks ----------------------------------------------------------------------
     def model_cards(self) -> list[dict]:
