@@ -71,6 +71,8 @@ class TrainOptions(DeviceOptions):
                             check=between(0, 1, lo_open=True))
     dtype: str = option("auto", "compute precision (auto: bfloat16 on GPUs that have it)", choices=DTYPE_NAMES)
     compile: bool = option(False, "torch.compile the training step")
+    compile_regions: bool = option(False, "with --compile: compile each block and the head once instead of "
+                                   "the whole step (about a third of the compile time; steps may be slower)")
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state over the ranks "
                         "(PyTorch FSDP2, one shard per block) instead of replicating them (DDP)")
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
