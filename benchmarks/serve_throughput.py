@@ -129,7 +129,7 @@ def engine_round(model, tok, prompts, a, engine) -> dict:
 
 
 # ---- HTTP columns -------------------------------------------------------------------------------------
-async def _streams(url: str, bodies: list[dict], start: float, out) -> None:
+async def _streams(url: str, bodies: list[dict], ready, out) -> None:
     count_events = "stream_options" not in bodies[0]
     limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
@@ -148,23 +148,25 @@ async def _streams(url: str, bodies: list[dict], start: float, out) -> None:
                     elif '"usage":{' in line and '"choices":[]' in line:
                         usage = json.loads(line[6:])["usage"]["completion_tokens"]
             return t_send, first, time.perf_counter(), chunks if count_events else usage
-        while time.perf_counter() < start:          # every client process starts together
-            await asyncio.sleep(0.001)
+        ready.wait()                 # every client process has imported and built its client: go together
         out.extend(await asyncio.gather(*(one(b) for b in bodies)))
 
 
-def _client_main(url, bodies, start, queue) -> None:
+def _client_main(url, bodies, ready, queue) -> None:
     out: list = []
-    asyncio.run(_streams(url, bodies, start, out))
+    asyncio.run(_streams(url, bodies, ready, out))
     queue.put(out)
 
 
 def http_round(url: str, bodies: list[dict], procs: int) -> dict:
+    """The client processes start their streams together, once all of them are ready (a spawned
+    process takes seconds to import torch: a fixed head start let some begin a second late, which
+    measured the stagger, not the server)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = max(1, min(procs, len(bodies)))
-    start = time.perf_counter() + 3.0                 # room for the client processes to start
-    workers = [ctx.Process(target=_client_main, args=(url, bodies[i::procs], start, queue)) for i in range(procs)]
+    ready = ctx.Barrier(procs)
+    workers = [ctx.Process(target=_client_main, args=(url, bodies[i::procs], ready, queue)) for i in range(procs)]
     for w in workers:
         w.start()
     rows = [r for _ in workers for r in queue.get()]
