@@ -1,6 +1,7 @@
 """Mixture of experts: routing, the expert paths against a per-token reference, the router
 losses, the balancing bias, the engine's handling of both (every stage), sampling, metrics."""
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -328,6 +329,94 @@ def test_sft_lora_wraps_attention_and_shared_experts_and_full_trains_the_router(
     for k in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.gate.e_score_correction_bias",
               "model.layers.1.mlp.experts.gate_up_proj"):
         assert not torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_expert_lora_equals_per_expert_weights_and_its_gradients_the_reference(impl):
+    """Expert e's adapted weight is W_e + scale * B_e A_e: the layer with an expert adapter equals
+    the per-token reference on those weights (forward and the adapter's gradients, both paths);
+    disable_lora gives the base; merging gives the same outputs with the adapter folded in."""
+    from tinygpt.lora import apply_lora, disable_lora, lora_modules, merge_lora
+    dt = torch.float64 if impl == "loop" else torch.float32     # the grouped GEMM has no float64
+    layer = _moe(seed=3).to(dt)
+    layer.experts.impl = impl
+    x = torch.randn(2, 5, layer.gate.weight.shape[1], dtype=dt)
+    base_out = layer(x).detach()
+    apply_lora(layer, rank=2, alpha=6.0, targets=["experts"])
+    mods = {n: m for n, m in lora_modules(layer).items()}
+    assert sorted(mods) == ["experts.down_proj_lora", "experts.gate_up_proj_lora"]
+    for m in mods.values():
+        with torch.no_grad():
+            m.lora_B["default"].normal_(0, 0.5)
+    out = layer(x)
+    out.square().sum().backward()
+    got = {n: (m.lora_A["default"].grad.clone(), m.lora_B["default"].grad.clone()) for n, m in mods.items()}
+
+    ref = _moe(seed=3).to(dt)                      # the same base, weights built by hand from the same factors
+    factors = {n: (m.lora_A["default"].detach().clone().requires_grad_(), m.lora_B["default"].detach().clone()
+                   .requires_grad_()) for n, m in mods.items()}
+    for part in ("gate_up_proj", "down_proj"):
+        a, b = factors[f"experts.{part}_lora"]
+        w = getattr(ref.experts, part).detach() + torch.stack([b[e] @ a[e] for e in range(a.shape[0])]) * 3.0
+        delattr(ref.experts, part)
+        setattr(ref.experts, part, w)               # a plain tensor: the per-token reference reads it
+    want = _naive(ref, x)
+    want.square().sum().backward()
+    def close(a, b):                            # float32: to its rounding at the tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()))
+    close(out, want)
+    for n, (ga, gb) in got.items():
+        close(ga, factors[n][0].grad)
+        close(gb, factors[n][1].grad)
+    assert layer.experts.gate_up_proj.grad is None             # the base stays frozen
+    with torch.no_grad(), disable_lora(layer):
+        torch.testing.assert_close(layer(x), base_out)
+    merge_lora(layer)
+    with torch.no_grad():
+        close(layer(x), out.detach())
+
+
+def test_lora_experts_sft_writes_loadable_expert_factors_and_merges(tmp_path, capsys):
+    """`sft --lora-experts` trains per-expert factors (E, r, in) / (E, out, r) beside the linear
+    layers'; the adapter loads onto the base with the logits of the trained model, `merge` folds
+    it in with the same logits, and the server and PEFT export refuse it in one line. A dense
+    model refuses the flag."""
+    from tinygpt.load import load_model_and_tokenizer
+    base, data = _moe_base(tmp_path, router="sigmoid_bias")            # exports (dots1)
+    common = ["sft", str(base), "--data", str(data), "--steps", "3", "--batch", "4", "--ctx", "64", "--lr", "1e-2",
+              "--device", "cpu", "--dtype", "float32", "--quiet", "--lora-rank", "4"]
+    assert main(common + ["--lora-experts", "--out", str(tmp_path / "e.lora")]) == 0
+    tensors = load_tensors(tmp_path / "e.lora")[0]
+    a, b = tensors["model.layers.0.mlp.experts.gate_up_proj_lora.lora_A"], \
+        tensors["model.layers.0.mlp.experts.gate_up_proj_lora.lora_B"]
+    cfg = load_model(base)[0].config
+    assert a.shape == (cfg.n_experts, 4, cfg.n_embd) and b.shape == (cfg.n_experts, 2 * cfg.expert_intermediate_size, 4)
+    assert b.abs().sum() > 0 and any(".self_attn.q_proj.lora_A" in n for n in tensors)
+    ids = torch.tensor([list(b"Add 2 and 3.")])
+    with torch.no_grad():
+        plain = load_model(base)[0](ids)
+        adapted = load_model_and_tokenizer(base, lora=[(str(tmp_path / "e.lora"), 1.0)])[0](ids)
+        assert not torch.allclose(plain, adapted)
+        assert main(["merge", str(base), "--lora", str(tmp_path / "e.lora"), "--out", str(tmp_path / "m.tinygpt")]) == 0
+        merged = load_model(tmp_path / "m.tinygpt")[0]
+        assert not any("_lora" in k for k in merged.state_dict())
+        torch.testing.assert_close(merged(ids), adapted, rtol=1e-4, atol=1e-4)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    capsys.readouterr()
+    assert main(["serve", str(base), "--lora", str(tmp_path / "e.lora"), "--device", "cpu", "--port", port]) == 2
+    assert "routed experts, which the server cannot apply per row" in capsys.readouterr().err
+    assert main(["export", str(base), "--lora", str(tmp_path / "e.lora"), "--format", "peft",
+                 "--out", str(tmp_path / "peft"), "--base-out", str(tmp_path / "hf")]) == 2
+    assert "a PEFT LoRA folder cannot hold" in capsys.readouterr().err
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "hf").exists()
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    d_base, d_data = _moe_base(dense, n_experts=0, n_experts_active=0, n_shared_experts=0)
+    assert main(["sft", str(d_base), "--data", str(d_data), "--steps", "1", "--device", "cpu", "--quiet",
+                 "--lora-experts", "--out", str(dense / "x.lora")]) == 2
+    assert "has no routed experts" in capsys.readouterr().err
 
 
 STAGES = {

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .io import load_tensors, nonfinite, save_tensors, warn_if_unfinished
+from .lora_experts import TARGET as EXPERTS
+from .lora_experts import LoRAExperts, target_of, unwrap_experts, wrap_experts
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_FORMAT = "tinygpt-lora"
@@ -201,13 +203,14 @@ def _fold_token_rows(model) -> None:
         model.lm_head = new
 
 
-def lora_modules(model) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model) -> dict[str, LoRALinear | LoRAExperts]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
 
 
-def wrap_linears(model, targets) -> dict[str, LoRALinear]:
-    """Replace every target nn.Linear (matched by the last name component) by a LoRALinear."""
-    out = {}
+def wrap_linears(model, targets) -> dict[str, LoRALinear | LoRAExperts]:
+    """Replace every target nn.Linear (matched by the last name component) by a LoRALinear; with
+    the target `experts`, give every routed expert weight its LoRAExperts too."""
+    out = wrap_experts(model) if EXPERTS in targets else {}
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             if name.rsplit(".", 1)[-1] in targets:
@@ -245,6 +248,8 @@ def check_rank(model, rank: int, targets) -> None:
     only allocates)."""
     sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head" and n.rsplit(".", 1)[-1] in set(targets)]
+    if EXPERTS in targets:
+        sides += [min(m.in_features, m.out_features) for m in wrap_experts(model).values()]
     if sides and rank > min(sides):
         raise UserError(f"--lora-rank {rank} exceeds the smallest side ({min(sides)}) of the layers it wraps", None,
                         f"use a rank of at most {min(sides)}")
@@ -260,7 +265,9 @@ def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.0, t
     mods = wrap_linears(model, set(targets))
     if not mods:
         raise UserError(f"no linear layers named {', '.join(targets)} in this model", None,
-                        f"choose targets among {', '.join(DEFAULT_TARGETS)}")
+                        f"choose targets among {', '.join(DEFAULT_TARGETS)}, {EXPERTS}")
+    if EXPERTS in targets and not any(isinstance(m, LoRAExperts) for m in mods.values()):
+        raise UserError("--lora-experts: this model has no routed experts", None, "leave the flag out")
     check_rank(model, rank, targets)
     if freeze:
         for p in model.parameters():
@@ -303,7 +310,7 @@ def merge_lora(model, names=None) -> None:
     for m in lora_modules(model).values():
         for n in list(m.lora_A):
             if (names is None or n in names) and n not in m.merged:
-                m.weight += m.delta(n).to(m.weight.dtype)
+                m.weight.add_(m.delta(n).to(m.weight.dtype))
                 m.merged.add(n)
     model._base_fingerprint = None   # the weights changed
 
@@ -312,7 +319,7 @@ def merge_lora(model, names=None) -> None:
 def unmerge_lora(model) -> None:
     for m in lora_modules(model).values():
         for n in list(m.merged):
-            m.weight -= m.delta(n).to(m.weight.dtype)
+            m.weight.sub_(m.delta(n).to(m.weight.dtype))
         m.merged.clear()
     model._base_fingerprint = None
 
@@ -322,6 +329,7 @@ def merge_and_unload(model):
     token rows being trained (TokenRows) are written into their tables too."""
     merge_lora(model)
     _fold_token_rows(model)
+    unwrap_experts(model)
     for name, m in lora_modules(model).items():
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)
@@ -378,14 +386,16 @@ def adapter_info(meta: dict, shapes: dict, path) -> dict:
     if not layers:
         raise UserError(f"the adapter holds no LoRA layers (targets {', '.join(info['targets'])})", str(path),
                         "the file is damaged or empty")
-    unnamed = [n for n in layers if n.rsplit(".", 1)[-1] not in info["targets"]]
+    unnamed = [n for n in layers if target_of(n) not in info["targets"]]
     if unnamed:
         raise UserError(f"the adapter holds {unnamed[0]}, which its targets ({', '.join(info['targets'])}) do not "
                         "name", str(path), "the file is damaged")
     for name, (_, a) in shapes.items():
         if name.endswith(".lora_A"):
             b = shapes.get(name[:-1] + "B", (None, None))[1]
-            if len(a) != 2 or b is None or len(b) != 2 or a[0] != info["rank"] or b[1] != info["rank"]:
+            d = 3 if target_of(name[:-len(".lora_A")]) == EXPERTS else 2      # (E, r, in) / (E, out, r)
+            if len(a) != d or b is None or len(b) != d or a[-2] != info["rank"] or b[-1] != info["rank"] or (
+                    d == 3 and a[0] != b[0]):
                 raise UserError(f"the adapter's rank {info['rank']} does not match its tensors ({name}: "
                                 f"{tuple(a)}, B: {None if b is None else tuple(b)})", str(path), "the file is damaged")
     info["extra"] = {k: v for k, v in meta.items() if k not in info and k not in ("format", "version")}
@@ -456,12 +466,15 @@ def load_adapters(model, specs, trainable: bool = False, tokenizer=None, allow_n
 def _check_fits(model, tensors: dict, info: dict, path) -> None:
     """The adapter wraps only layers `model` has (by name and shape)."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head"}
+    if EXPERTS in info["targets"]:
+        linears.update(wrap_experts(model))
     for n in [k[:-len(".lora_A")] for k in tensors if k.endswith(".lora_A")]:   # adapter_info: at least one
         m = linears.get(n)
         if m is None:
             raise UserError(f"the adapter wraps {n}, a layer this model does not have", str(path),
                             "load the base model the adapter was trained on")
         a, b = tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]
-        if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+        if a.shape[-1] != m.in_features or b.shape[-2] != m.out_features or (
+                a.dim() == 3 and a.shape[0] != m.n_experts):
             raise UserError(f"adapter shape {tuple(b.shape)}x{tuple(a.shape)} does not fit {n}", str(path),
                             "load the base model the adapter was trained on")

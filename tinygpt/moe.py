@@ -96,8 +96,13 @@ class Experts(nn.Module):
         nn.init.zeros_(self.down_proj)       # as every residual projection: the block starts as the identity
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up (E, 2I, C), down (E, C, I)) as the forward uses them (LoRA adds its deltas here)."""
-        return self.gate_up_proj, self.down_proj
+        """(gate_up (E, 2I, C), down (E, C, I)) as the forward uses them: with the updates of their
+        adapters (`lora_experts.LoRAExperts`, registered as `{part}_lora`) when they have some."""
+        out = []
+        for part in ("gate_up_proj", "down_proj"):
+            lora = self._modules.get(f"{part}_lora")
+            out.append(getattr(self, part) if lora is None else lora.adapted(getattr(self, part)))
+        return out[0], out[1]
 
     def compute_dtype(self, x) -> torch.dtype:
         return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -32,6 +32,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_text, load_tensors, save_tensors
 from ..lora import lora_modules
+from ..lora_experts import LoRAExperts
 from ..model import GPT
 from ..tokenizer import Tokenizer
 
@@ -442,6 +443,9 @@ def export_peft(model, name: str, out, base_out=None) -> dict:
         raise UserError("PEFT export supports Llama/Qwen bases (GPT-2 fuses q/k/v into one Conv1D)", None,
                         "export the merged model with --format hf instead")
     meta = model._lora_meta[name]
+    if any(isinstance(m, LoRAExperts) and name in m.lora_A for m in lora_modules(model).values()):
+        raise UserError("the adapter adapts routed experts, which a PEFT LoRA folder cannot hold", None,
+                        "fold it in with `tinygpt merge` and export the merged model with --format hf")
     tensors, targets = {}, set()
     for mod_name, m in lora_modules(model).items():
         if name not in m.lora_A:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..lora import adapter_pairs, checked_adapter
+from ..lora_experts import LoRAExperts
 
 
 class RowTable:
@@ -142,8 +143,11 @@ class ServedAdapters:
 
     def _wrap_linears(self, model, loaded, device, dtype) -> None:
         per_module: dict = {}
-        for j, ((tensors, info), _) in enumerate(loaded):
+        for j, ((tensors, info), path) in enumerate(loaded):
             for name, (m, a, b) in adapter_pairs(model, tensors, info).items():
+                if isinstance(m, LoRAExperts):
+                    raise UserError("the adapter adapts routed experts, which the server cannot apply per row",
+                                    path, "fold it in with `tinygpt merge` and serve the merged model")
                 per_module.setdefault(name, (m, []))[1].append((j, a, b, info["alpha"] / info["rank"]))
         for m, parts in per_module.values():
             A = torch.cat([a for _, a, _, _ in parts]).to(device, dtype)                   # (R, in)

@@ -34,7 +34,7 @@ from ..device import setup_device
 from ..errors import UserError
 from ..io import check_writable, file_sha256, fingerprint
 from ..load import load_model_and_tokenizer
-from ..lora import DEFAULT_TARGETS, apply_lora, check_rank, merge_and_unload
+from ..lora import DEFAULT_TARGETS, EXPERTS, apply_lora, check_rank, merge_and_unload
 from ..options import Options, at_least, between, each, option
 from ..train.engine import run_dir_for
 from ..train.optim import default_warmup
@@ -100,6 +100,13 @@ class LoRAOptions(Options):
     lora_dropout: float = option(0.0, "dropout on the adapter's input", check=between(0, 1, hi_open=True))
     lora_targets: list[str] = option(list(DEFAULT_TARGETS), "linear layers the adapter wraps (comma-separated)",
                                      check=lambda v: None if v else "must name at least one layer")
+    lora_experts: bool = option(False, "also adapt the routed experts of a mixture of experts (per-expert "
+                                "low-rank factors); without it: attention, MLPs and shared experts")
+
+
+def lora_targets(opts) -> list[str]:
+    """What a new adapter wraps: --lora-targets, plus the routed experts with --lora-experts."""
+    return list(opts.lora_targets) + ([EXPERTS] if opts.lora_experts and EXPERTS not in opts.lora_targets else [])
 
 
 @dataclass
@@ -180,7 +187,7 @@ def load_opts_model(opts, **kw):
     model, tok = load_model_and_tokenizer(opts.model, lora=lora_specs(opts), allow_nonfinite=opts.allow_nonfinite,
                                           **kw)
     if hasattr(opts, "lora_rank") and not opts.full:
-        check_rank(model, opts.lora_rank, opts.lora_targets)
+        check_rank(model, opts.lora_rank, lora_targets(opts))
     return model, tok
 
 
@@ -335,7 +342,7 @@ def make_trainable(model, opts, name: str = "default", log=print) -> int:
             p.requires_grad_(True)
         return sum(p.numel() for p in model.parameters())
     torch.manual_seed(opts.seed)          # the adapter's random A is part of the run's seed
-    n = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, opts.lora_targets, name=name)
+    n = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, lora_targets(opts), name=name)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

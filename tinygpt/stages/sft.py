@@ -49,6 +49,7 @@ from ..lora import (
     lora_modules,
     merge_and_unload,
     save_adapter,
+    target_of,
     train_token_rows,
 )
 from ..model import packed_mask
@@ -65,6 +66,7 @@ from .common import (
     epochs_to_steps,
     load_opts_model,
     lora_specs,
+    lora_targets,
     make_trainable,
     resolve_plan,
     resolve_template,
@@ -265,7 +267,7 @@ class SFTTrainer(Stage):
             train_token_rows(model, [self.tok.token_to_id(t) for t in meta["trained_tokens"]])
         rows = sum(p.numel() for p in model.parameters() if p.requires_grad) - n
         self.trainable_share = n / total
-        targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)} & set(o.lora_targets))
+        targets = sorted({target_of(name) for name in lora_modules(model)} & set(lora_targets(o)))
         self.log(f"LoRA rank {o.lora_rank} alpha {o.lora_alpha:g} on {', '.join(targets)}: "
                  f"{n:,} trainable parameters ({100 * n / total:.2f}% of {total / 1e6:.2f}M)"
                  + (f" + {rows:,} in the rows of {', '.join(meta['trained_tokens'])}" if rows else ""))
@@ -282,7 +284,7 @@ class SFTTrainer(Stage):
                      "max_length": self.max_len, "truncate": o.truncate, "packing": o.packing,
                      "template": self.template.name,
                      "batch": o.batch, "micro_batches_per_step": o.accum * self.world, "seed": o.seed,
-                     "full": o.full, "lora": [o.lora_rank, o.lora_alpha, list(o.lora_targets)],
+                     "full": o.full, "lora": [o.lora_rank, o.lora_alpha, lora_targets(o)],
                      "val_split": o.val_split, "rows": len(self.train_rows)}
         p = self.plan
         self.log(f"{p.steps} steps of {per_step} rows ({p.steps * per_step / len(self.train_rows):.2f} epochs), "
