@@ -188,10 +188,12 @@ def add_tokenizer(w, tok, vocab_size: int) -> None:
 
 # ---- export -------------------------------------------------------------------------------------
 def _encode(name: str, t: torch.Tensor, dtype: str):
-    """(array, raw ggml type or None) for one tensor; 1-D tensors stay f32 as llama.cpp expects."""
+    """(array, raw ggml type or None) for one tensor; 1-D tensors stay f32 as llama.cpp expects, and
+    so does an MoE router (`ffn_gate_inp`), as llama.cpp's converter and quantizer keep it: it runs
+    in float32 and its top-k is a discrete choice that rounding would flip."""
     from gguf import GGMLQuantizationType, quants
     a = t.numpy().astype(np.float32)
-    if a.ndim == 1 or dtype == "f32":
+    if a.ndim == 1 or dtype == "f32" or name.endswith("ffn_gate_inp.weight"):
         return a, None
     if dtype in ("f16",) or a.shape[-1] % _BLOCK:
         return a.astype(np.float16), None
