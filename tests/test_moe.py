@@ -14,7 +14,7 @@ from tinygpt.cli import main
 from tinygpt.config import ModelConfig, pad_vocab
 from tinygpt.errors import UserError
 from tinygpt.generate import generate
-from tinygpt.io import load_tensors
+from tinygpt.io import load_tensors, save_tensors
 from tinygpt.losses import load_balance_loss, router_z_loss
 from tinygpt.model import GPT, MLP
 from tinygpt.moe import MoE, expert_counts, load_metrics, pop_router_terms, update_router_bias
@@ -401,6 +401,16 @@ def test_lora_experts_sft_writes_loadable_expert_factors_and_merges(tmp_path, ca
         merged = load_model(tmp_path / "m.tinygpt")[0]
         assert not any("_lora" in k for k in merged.state_dict())
         torch.testing.assert_close(merged(ids), adapted, rtol=1e-4, atol=1e-4)
+    for bad, fix in (("one expert short", lambda t: t[1:]), ("a rank off", lambda t: t[:, :3])):
+        tensors, meta = load_tensors(tmp_path / "e.lora")
+        key = "model.layers.1.mlp.experts.down_proj_lora.lora_A"
+        tensors[key] = fix(tensors[key]).contiguous()
+        save_tensors(tmp_path / "bad.lora", tensors, meta)
+        capsys.readouterr()
+        assert main(["sample", str(base), "--lora", str(tmp_path / "bad.lora"), "--prompt", "Add", "--max-new-tokens",
+                     "2", "--device", "cpu"]) == 2, bad
+        err = capsys.readouterr().err
+        assert "bad.lora" in err and err.count("\n") == 1 and "Traceback" not in err, (bad, err)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])

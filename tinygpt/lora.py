@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .io import load_tensors, nonfinite, save_tensors, warn_if_unfinished
 from .lora_experts import TARGET as EXPERTS
-from .lora_experts import LoRAExperts, target_of, unwrap_experts, wrap_experts
+from .lora_experts import LoRAExperts, expert_weights, target_of, unwrap_experts, wrap_experts
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_FORMAT = "tinygpt-lora"
@@ -249,7 +249,7 @@ def check_rank(model, rank: int, targets) -> None:
     sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head" and n.rsplit(".", 1)[-1] in set(targets)]
     if EXPERTS in targets:
-        sides += [min(m.in_features, m.out_features) for m in wrap_experts(model).values()]
+        sides += [min(m.in_features, m.out_features) for m in expert_weights(model).values()]
     if sides and rank > min(sides):
         raise UserError(f"--lora-rank {rank} exceeds the smallest side ({min(sides)}) of the layers it wraps", None,
                         f"use a rank of at most {min(sides)}")
@@ -467,7 +467,7 @@ def _check_fits(model, tensors: dict, info: dict, path) -> None:
     """The adapter wraps only layers `model` has (by name and shape)."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n != "lm_head"}
     if EXPERTS in info["targets"]:
-        linears.update(wrap_experts(model))
+        linears.update(expert_weights(model))
     for n in [k[:-len(".lora_A")] for k in tensors if k.endswith(".lora_A")]:   # adapter_info: at least one
         m = linears.get(n)
         if m is None:

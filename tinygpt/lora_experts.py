@@ -19,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -76,6 +77,17 @@ class LoRAExperts(nn.Module):
 def expert_modules(model) -> dict[str, nn.Module]:
     """{name: moe.Experts} of every MoE layer."""
     return {n: m for n, m in model.named_modules() if hasattr(m, "gate_up_proj") and hasattr(m, "n_experts")}
+
+
+def expert_weights(model) -> dict[str, SimpleNamespace]:
+    """{adapter module name: its weight's n_experts, out_features, in_features} of every expert
+    weight, without wrapping anything (for checks before any change)."""
+    out = {}
+    for name, experts in expert_modules(model).items():
+        for part in PARTS:
+            E, o, i = getattr(experts, part).shape
+            out[f"{name}.{part}_lora"] = SimpleNamespace(n_experts=E, out_features=o, in_features=i)
+    return out
 
 
 def wrap_experts(model) -> dict[str, LoRAExperts]:

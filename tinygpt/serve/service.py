@@ -19,7 +19,8 @@ Design choices:
   Each hand-off wakes every stream it carries tokens for, and each wake-up costs the event loop
   an SSE write and the GIL that the scheduler thread needs to launch the next step; at 64 streams
   and ~1 ms a step that is 64,000 writes a second without pacing. With it a stream gets its tokens
-  in chunks of about (interval / step time) tokens: the same text and tokens in fewer events.
+  in chunks of about (interval / step time) tokens: the same text and tokens in fewer events (on
+  a 2-core CPU, 64 streams of a 2 x 64 model: 5,885 -> 10,888 tokens/s over HTTP).
 """
 from __future__ import annotations
 
