@@ -43,6 +43,7 @@ def _rank_main(rank: int, world: int, tmp: str, commands: list, env: dict, stop_
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         codes = [main(list(argv)) for argv in commands]
+        dist.barrier()      # no rank tears the group down while another may still be in a collective
     finally:
         dist.destroy_process_group()
     Path(tmp, f"codes{rank}.json").write_text(json.dumps(codes))
