@@ -60,6 +60,7 @@ def parse():
     p.add_argument("--mem-steps", type=int, default=4, help="steps for the *_gc memory-only configs")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--loss-chunk", type=int, default=0, help="SFT --loss-chunk (0: the whole head at once)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -76,7 +77,7 @@ def run_config(name, a, tok_json, convs, out_dir):
     opts = SFTOptions(out=str(out), template="chatml", ctx=a.ctx, packing=packing, full=full, lora_rank=a.lora_rank,
                       lora_alpha=2.0 * a.lora_rank, grad_checkpointing=ckpt, device=a.device,
                       steps=a.warmup_steps + timed, batch=a.batch, compile=not a.no_compile, dtype=a.dtype,
-                      quiet=True, warmup=0)
+                      quiet=True, warmup=0, loss_chunk=a.loss_chunk)
     logs = []
     if torch.cuda.is_available():      # free the previous configuration before measuring this one
         torch._dynamo.reset()
@@ -137,7 +138,8 @@ def main():
               f"{100 * r['trainable_share']:.2f}% |")
     by = {r["config"]: r for r in results}
     summary = {"bench": "sft_throughput", "device": dev, "torch": torch.__version__, "preset": a.preset,
-               "ctx": a.ctx, "batch": a.batch, "compile": not a.no_compile, "template": "chatml",
+               "ctx": a.ctx, "batch": a.batch, "compile": not a.no_compile, "loss_chunk": a.loss_chunk,
+               "template": "chatml",
                "tokenizer": f"BPE {tok.vocab_size} trained on the data", "model_vocab": a.model_vocab,
                "timed_steps": a.steps,
                "tokens_per_s": {k: round(v["tokens_per_s"]) for k, v in by.items()},

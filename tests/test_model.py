@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from tinygpt.config import ModelConfig
@@ -115,3 +116,36 @@ def test_forward_with_targets_is_the_summed_cross_entropy_and_compiled_regions_m
     assert torch.allclose(m(x, targets=y), eager(x, targets=y), atol=1e-5)
     for (name, p), q in zip(m.named_parameters(), eager.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("tied,rows", [(True, False), (False, False), (False, True)])
+def test_chunked_head_loss_equals_the_whole_head(tied, rows):
+    """loss_chunk > 0 (chunks that do and do not divide the positions) gives the loss and every
+    gradient of the whole-head loss: tied and untied heads, and a LoRA model whose head trains a
+    few token rows (TokenRows) with the base frozen."""
+    from tinygpt.lora import apply_lora, train_token_rows
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.from_name("nano", vocab_size=64, block_size=32, tie_embeddings=tied)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if rows:
+        apply_lora(m, rank=2, alpha=4)
+        train_token_rows(m, [3, 60])
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    y[0, :5] = -100
+    y[1, 3] = 60
+    runs = []
+    for chunk in (0, 7, 32, 100):
+        model = copy.deepcopy(m)
+        model.loss_chunk = chunk
+        loss = model(x, targets=y)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None for g in grads.values())
+        runs.append((loss.detach(), grads))
+    for loss, grads in runs[1:]:
+        torch.testing.assert_close(loss, runs[0][0])
+        for n, g in grads.items():
+            torch.testing.assert_close(g, runs[0][1][n], msg=n)

@@ -206,6 +206,26 @@ def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
     assert [r["loss"] for r in rows] == [r["loss"] for r in want]
 
 
+@pytest.mark.parametrize("stage", ["train", "sft"])
+def test_loss_chunk_trains_what_the_whole_head_trains(stage, tmp_path):
+    """--loss-chunk (the head and its loss a chunk of positions at a time) gives the losses and
+    the weights of the run without it, to float32 rounding."""
+    _base(tmp_path)
+    _files(tmp_path)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
+    argv = STAGES[stage](tmp_path) + ["--steps", "3", "--device", "cpu", "--dtype", "float32", "--quiet"]
+    ext = SUFFIX.get(stage, ".lora")
+    assert main(argv + ["--out", str(tmp_path / f"a{ext}")]) == 0
+    assert main(argv + ["--loss-chunk", "5", "--out", str(tmp_path / f"b{ext}")]) == 0
+    a, b = load_tensors(tmp_path / f"a{ext}")[0], load_tensors(tmp_path / f"b{ext}")[0]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / f"{n}.run" / "metrics.jsonl").read_text().splitlines()]
+              for n in "ab"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_lora_path_weight_pairs():
     from tinygpt.stages.common import ModelOptions, lora_specs
     assert lora_specs(ModelOptions(model="m", lora=["a.lora", "b.lora:0.5"])) == [("a.lora", 1.0), ("b.lora", 0.5)]

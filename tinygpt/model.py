@@ -246,6 +246,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
+        self.loss_chunk = 0              # >0: `head_loss` runs the head over that many positions at a time
         self.dropout = cfg.dropout
         self.reset_parameters()
 
@@ -304,7 +305,19 @@ class GPT(nn.Module):
         return self.lm_head(h) if targets is None else self.head_loss(h, targets)
 
     def head_loss(self, h, targets):
-        """Summed next-token cross-entropy of hidden states h (B, T, C) against targets (B, T)."""
+        """Summed next-token cross-entropy of hidden states h (B, T, C) against targets (B, T).
+        With `loss_chunk` > 0, `loss_chunk` positions at a time, each chunk's head recomputed in
+        backward: the (B*T, V) logits and their gradient never all exist, for one more forward
+        of the head."""
+        if not self.loss_chunk:
+            return token_cross_entropy(self.lm_head(h), targets, reduction="sum")
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)                  # (N, C), (N,)
+        n = self.loss_chunk
+        parts = [checkpoint(self._chunk_loss, h[s:s + n], targets[s:s + n], use_reentrant=False)
+                 for s in range(0, h.shape[0], n)]
+        return torch.stack(parts).sum()
+
+    def _chunk_loss(self, h, targets):
         return token_cross_entropy(self.lm_head(h), targets, reduction="sum")
 
     def compile_regions(self) -> None:

@@ -120,6 +120,16 @@ class SamplingOptions(Options):
 
 
 @dataclass
+class HeadLossOptions(Options):
+    """How the output head and its cross-entropy run (stages whose loss is next-token CE)."""
+
+    group = "memory"
+    loss_chunk: int = option(0, "positions per chunk of the output head and its loss, each chunk recomputed in "
+                             "backward, so the (tokens, vocabulary) logits never all exist (0: all at once)",
+                             check=at_least(0))
+
+
+@dataclass
 class PairDataOptions(RowOptions, TemplateOptions):
     """Preference data and how each pair is cut."""
 

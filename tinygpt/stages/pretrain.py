@@ -50,7 +50,7 @@ from ..moe import active_params
 from ..options import Options, at_least, between, option
 from ..tokenizer import Tokenizer
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
-from .common import check_out, resolve_plan
+from .common import HeadLossOptions, check_out, resolve_plan
 
 DEFAULT_VAL_TOKENS = 1 << 20
 
@@ -121,7 +121,7 @@ SHAPE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "interme
 
 
 @dataclass
-class PretrainOptions(ModelShapeOptions, TrainOptions):
+class PretrainOptions(ModelShapeOptions, HeadLossOptions, TrainOptions):
     """What to pretrain on."""
 
     command = "train"
@@ -241,6 +241,7 @@ class PretrainStage(Stage):
         if self.tok.doc_prefix is None and self.tok.eos is not None:
             self.tok.doc_prefix = self.tok.eos     # the shards put EOS before every document but the first
         cfg = self.model.config
+        self.model.loss_chunk = o.loss_chunk
         if o.dropout is not None and o.dropout != cfg.dropout:    # --init with a new rate: recorded too
             cfg.dropout = o.dropout
             self.model.set_dropout(o.dropout)

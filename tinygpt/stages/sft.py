@@ -56,6 +56,7 @@ from ..model import packed_mask
 from ..options import at_least, between, option
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
+    HeadLossOptions,
     LoRAOptions,
     ModelOptions,
     RowOptions,
@@ -99,7 +100,7 @@ class ChatDataOptions(RowOptions, TemplateOptions):
 
 
 @dataclass
-class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, TrainOptions):
+class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, HeadLossOptions, TrainOptions):
     command = "sft"
     steps: int | None = option(None, "optimizer steps", auto="one epoch", check=at_least(1))
     lr: float | None = option(None, "peak learning rate", auto="2e-4 (2e-5 with --full) x 2048/width",
@@ -193,6 +194,7 @@ class SFTTrainer(Stage):
         self._build_data()
         model.to(self.device)
         model.grad_checkpointing = o.grad_checkpointing
+        model.loss_chunk = o.loss_chunk
         self._setup_params()
         self._plan()
         self.gpt = model                # the network saved; `self.model` is what the engine trains
