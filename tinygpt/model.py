@@ -310,14 +310,14 @@ class GPT(nn.Module):
         backward: the (B*T, V) logits and their gradient never all exist, for one more forward
         of the head."""
         if not self.loss_chunk:
-            return token_cross_entropy(self.lm_head(h), targets, reduction="sum")
+            return self._head_ce(h, targets)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)                  # (N, C), (N,)
         n = self.loss_chunk
-        parts = [checkpoint(self._chunk_loss, h[s:s + n], targets[s:s + n], use_reentrant=False)
+        parts = [checkpoint(self._head_ce, h[s:s + n], targets[s:s + n], use_reentrant=False)
                  for s in range(0, h.shape[0], n)]
         return torch.stack(parts).sum()
 
-    def _chunk_loss(self, h, targets):
+    def _head_ce(self, h, targets):
         return token_cross_entropy(self.lm_head(h), targets, reduction="sum")
 
     def compile_regions(self) -> None:

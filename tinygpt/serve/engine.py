@@ -200,11 +200,9 @@ class SlotEngine:
 
     def capture_all(self) -> int:
         """Capture the decode graph of every bucket (at start-up); returns how many there are."""
-        if self.use_graph:
+        if self.use_graph:                     # the captures run on idle slots: they stay idle
             for key in self.buckets():
                 self._graph(*key)
-            for slot in range(self.S):         # the captures ran on idle slots; leave them idle
-                self.free(slot)
         return len(self.graphs)
 
     def decode(self, n: int):

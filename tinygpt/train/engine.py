@@ -8,7 +8,8 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
 - normalisation and clipping in one pass over the gradients, the learning-rate schedule (a pure
   function of the optimizer step), mixed precision (bf16 autocast, or fp16 with a GradScaler),
   torch.compile of the whole loss step (or, with --compile-regions, of each block and the head
-  with its loss: a third of the cold start, but SFT LoRA steps measured 25% slower), DDP under torchrun, or FSDP2 with --fsdp (`parallel.py`);
+  with its loss: a third of the cold start, but SFT LoRA steps measured 25% slower), DDP under
+  torchrun, or FSDP2 with --fsdp (`parallel.py`);
 - a NaN guard: a step with a non-finite loss or gradient norm is skipped (optimizer untouched),
   and training stops after `max_bad_steps` in a row, RL updates included. With the fused CUDA
   AdamW the skip is decided on the device (the `found_inf` flag GradScaler also uses), so the
