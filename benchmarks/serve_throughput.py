@@ -237,7 +237,8 @@ def main():
     if device.type == "cuda":
         torch.cuda.empty_cache()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
+    pythonpath = os.pathsep.join(d for d in (str(ROOT), os.environ.get("PYTHONPATH", "")) if d)  # the tree first
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(a.threads)}
     cmd = [sys.executable, "-m", "tinygpt.cli", "serve", str(path), "--port", str(port), "--device", a.device,
            "--dtype", a.dtype, "--max-batch", str(max(streams)), "--max-queue", str(4 * max(streams)),
            "--log-level", "warning"]

@@ -160,6 +160,10 @@ def test_balancing_bias_moves_toward_uniform_load():
     assert ratios[0] > 1.6 and max(ratios[-10:]) < 1.25, ratios
     b = layer.gate.e_score_correction_bias
     assert b[0] < 0 < b[2] and b[1] < b[3]                      # the favoured experts pushed down
+    before = b.clone()                                          # a decayed step moves by scale * rate
+    update_router_bias([layer], load, scale=0.25)
+    step = 0.25 * 0.02 * torch.sign(load[0].float().mean() - load[0].float())
+    torch.testing.assert_close(b - before, step)
     layer.gate.weight.requires_grad_(False)                     # a frozen router (LoRA) keeps its bias
     before = b.clone()
     update_router_bias([layer], load)

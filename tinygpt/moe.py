@@ -12,7 +12,10 @@ Design choices:
   sigmoid(x W^T) + b, the weights are the sigmoid scores without b, and b (a buffer, saved with the
   weights and in the resume state) moves by `router_bias_rate` * sign(mean load - load) after each
   optimizer step (`update_router_bias`), outside autograd. b moves only while the router itself
-  trains (not under LoRA, whose adapter file could not carry it).
+  trains (not under LoRA, whose adapter file could not carry it). After warm-up the step decays
+  with the learning rate (rate * lr / peak lr): a sign step never settles, and at full size it
+  would keep moving near-tied tokens between experts while the decayed learning rate no longer
+  lets the experts follow (DeepSeek-V3 likewise set it to 0 for the end of training).
   With `norm_topk_prob` the k weights are renormalised to sum to 1.
 - Parameter names and layouts are those of transformers' Qwen3-MoE / dots1: `mlp.gate.weight`
   (E, C), `mlp.gate.e_score_correction_bias` (E,), `mlp.experts.gate_up_proj` (E, 2I, C: each
@@ -194,12 +197,13 @@ def pop_router_terms(layers: list[MoE]):
 
 
 @torch.no_grad()
-def update_router_bias(layers: list[MoE], load) -> None:
-    """DeepSeek-V3's balancing step: b_e += rate * sign(mean load - load_e), per sigmoid_bias layer
-    whose router trains. load (L, E): this optimizer step's counts (summed over ranks)."""
+def update_router_bias(layers: list[MoE], load, scale: float = 1.0) -> None:
+    """DeepSeek-V3's balancing step: b_e += scale * rate * sign(mean load - load_e), per
+    sigmoid_bias layer whose router trains. load (L, E): this optimizer step's counts (summed over
+    ranks); scale: the learning-rate schedule's decay (1 at the peak, see the module notes)."""
     for m, counts in zip(layers, load.float()):
         if m.gate.kind == "sigmoid_bias" and m.gate.weight.requires_grad:
-            m.gate.e_score_correction_bias += m.bias_rate * torch.sign(counts.mean() - counts)
+            m.gate.e_score_correction_bias += scale * m.bias_rate * torch.sign(counts.mean() - counts)
 
 
 def load_metrics(load) -> dict:

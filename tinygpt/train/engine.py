@@ -236,17 +236,18 @@ class Engine:
         metrics["router_loss"] = aux.detach()
         return loss_sum + aux * count
 
-    def _moe_step(self, finite: bool) -> dict:
+    def _moe_step(self, finite: bool, lr: float) -> dict:
         """After an optimizer step of a mixture of experts: the load metrics over the step, and
         the sigmoid_bias routers' bias update (from the load summed over ranks, so every rank moves
-        its bias the same way)."""
+        its bias the same way; after warm-up scaled by the schedule's decay, lr / peak lr)."""
         load, self.moe_load = self.moe_load, None
         if load is None:
             return {}
         if self.world > 1:
             dist.all_reduce(load)
         if finite:
-            update_router_bias(self.moe, load)
+            decay = 1.0 if self.step < self.cfg.warmup or self.cfg.lr <= 0 else lr / self.cfg.lr
+            update_router_bias(self.moe, load, decay)
         return load_metrics(load)
 
     def _normalize_and_clip(self, scale):
@@ -285,7 +286,7 @@ class Engine:
         self.opt.zero_grad(set_to_none=True)
         n_micro = len(micro_batches) if micro_batches is not None else cfg.accum
         metrics = {k: (v.item() if torch.is_tensor(v) else v) / n_micro for k, v in sums.items()}
-        metrics.update(self._moe_step(finite))
+        metrics.update(self._moe_step(finite, lr))
         self.tokens_seen += int(round(metrics.get("tokens", 0) * n_micro * self.world))
         self.step += 1
         self.bad_steps = 0 if finite else self.bad_steps + 1
