@@ -219,6 +219,19 @@ def _train(tmp_path, *extra, steps=6, out="m.tinygpt"):
                  "--out", str(tmp_path / out), "--n-experts", "4", "--n-shared-experts", "1", *extra])
 
 
+def test_the_balancing_step_decays_with_the_learning_rate_after_warmup(tmp_path, monkeypatch):
+    import tinygpt.train.engine as engine
+    from tinygpt.train.optim import lr_at
+    scales = []
+    real = engine.update_router_bias
+    monkeypatch.setattr(engine, "update_router_bias", lambda layers, load, scale: (scales.append(scale),
+                                                                                   real(layers, load, scale)))
+    assert _train(tmp_path, "--router", "sigmoid_bias", "--warmup", "2", "--lr-schedule", "cosine",
+                  "--min-lr", "0") == 0
+    want = [1.0, 1.0] + [lr_at(s, 6, 3e-3, 0.0, 2, "cosine") / 3e-3 for s in range(2, 6)]
+    assert scales == pytest.approx(want) and want[-1] < 0.2
+
+
 def test_pretrain_moe_metrics_and_report_panels(tmp_path):
     assert _train(tmp_path, "--router-aux-coef", "0.02") == 0
     model, _, _ = load_model(tmp_path / "m.tinygpt")

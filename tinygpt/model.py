@@ -16,8 +16,9 @@ Design choices:
   GPT-2 size, slower for small models (eager glue between the regions) and for LoRA SFT (310k
   instead of 407k tokens/s), so it is opt-in (`--compile-regions`).
 - Attention goes through `scaled_dot_product_attention`. With no mask it is causal and takes the
-  flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding; a FlexAttention
-  BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
+  flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding (on CUDA never
+  through cuDNN, whose per-shape plans cost tens of milliseconds each: see `attend`); a
+  FlexAttention BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
 - The KV cache is pre-allocated for the whole generation; writes go to explicit slots so a decode
   step has static shapes (CUDA-graph and compile friendly). Slots are shared by every row, or
   (B, T) per row, for rows of different lengths decoding together (the server); `view` gives the
@@ -38,6 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -84,6 +86,12 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# A boolean mask never goes to cuDNN's kernel on CUDA: cuDNN builds an execution plan for each new
+# shape (tens of milliseconds) and keeps it per thread, and masked shapes vary (prefills of any
+# width and count, evaluation batches). The memory-efficient kernel takes any shape at no set-up.
+_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attend(q, k, v, mask, dropout_p: float = 0.0):
     """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, hd); dropout_p on the attention
     probabilities (not under FlexAttention, which has none)."""
@@ -92,7 +100,10 @@ def attend(q, k, v, mask, dropout_p: float = 0.0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if BlockMask is not None and isinstance(mask, BlockMask):
         return _flex(q, k, v, mask, gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    with sdpa_kernel(_MASKED_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def _drop(x, p: float, training: bool):
