@@ -109,7 +109,8 @@ class ModelShapeOptions(Options):
                                            auto="0.01", check=between(*LIMITS["router_aux_coef"]))
     router_z_coef: float | None = option(None, "coefficient of the router z-loss (softmax router)", auto="0.001",
                                          check=between(*LIMITS["router_z_coef"]))
-    router_bias_rate: float | None = option(None, "balancing-bias step per optimizer step (sigmoid_bias router)",
+    router_bias_rate: float | None = option(None, "balancing-bias step per optimizer step at the peak learning "
+                                            "rate, decaying with it after warm-up (sigmoid_bias router)",
                                             auto="0.001", check=between(*LIMITS["router_bias_rate"]))
     dropout: float | None = option(None, "dropout in training (embeddings, attention, block outputs); 0.1-0.2 "
                                    "for a small corpus trained for many epochs", auto="0, or the --init model's",
