@@ -16,9 +16,9 @@ Design choices:
   GPT-2 size, slower for small models (eager glue between the regions) and for LoRA SFT (310k
   instead of 407k tokens/s), so it is opt-in (`--compile-regions`).
 - Attention goes through `scaled_dot_product_attention`. With no mask it is causal and takes the
-  flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding (on CUDA never
-  through cuDNN, whose per-shape plans cost tens of milliseconds each: see `attend`); a
-  FlexAttention BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
+  flash kernel; a boolean mask (B, 1, Tq, Tk) handles padding and KV-cache decoding (prefills on
+  CUDA never through cuDNN, whose per-shape plans cost tens of milliseconds each: see `attend`);
+  a FlexAttention BlockMask (GPU) or a dense block-diagonal mask (CPU) handles packed documents.
 - The KV cache is pre-allocated for the whole generation; writes go to explicit slots so a decode
   step has static shapes (CUDA-graph and compile friendly). Slots are shared by every row, or
   (B, T) per row, for rows of different lengths decoding together (the server); `view` gives the
@@ -86,9 +86,12 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# A boolean mask never goes to cuDNN's kernel on CUDA: cuDNN builds an execution plan for each new
-# shape (tens of milliseconds) and keeps it per thread, and masked shapes vary (prefills of any
-# width and count, evaluation batches). The memory-efficient kernel takes any shape at no set-up.
+# A boolean mask over several query positions (prefill, evaluation and padded training batches)
+# never goes to cuDNN's kernel on CUDA: cuDNN builds an execution plan for each new shape (tens of
+# milliseconds) and caches it per thread, and these shapes vary from call to call. The
+# memory-efficient kernel takes any shape with no set-up, but not grouped-query heads, which are
+# expanded for it. A decode step (one query position) keeps PyTorch's choice: its few shapes are
+# captured in CUDA graphs once, where a plan is built once.
 _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -100,10 +103,13 @@ def attend(q, k, v, mask, dropout_p: float = 0.0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if BlockMask is not None and isinstance(mask, BlockMask):
         return _flex(q, k, v, mask, gqa)
-    if not q.is_cuda:
+    if not q.is_cuda or q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if gqa:                           # kv head j serves query heads j*g .. j*g+g-1, as enable_gqa does
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)             # (B, H, Tk, hd)
     with sdpa_kernel(_MASKED_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def _drop(x, p: float, training: bool):
