@@ -108,6 +108,10 @@ def test_models_health_and_page(world, client):
     assert health["status"] == "ok" and health["running"] == 0
     page = httpx.get(world["url"] + "/")
     assert page.status_code == 200 and "<title>tinygpt chat</title>" in page.text
+    paths = httpx.get(world["url"] + "/openapi.json").json()["paths"]      # the routes read their bodies
+    for path, field in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in body["properties"] and body["additionalProperties"] is False
 
 
 def test_chat_and_streaming_equal_the_reference(world, client):
