@@ -231,6 +231,56 @@ def test_resume_with_keep_best_keeps_the_best_so_far(tmp_path, monkeypatch):
     assert stage2.engine.best == {"val_loss": 0.5, "step": 5, "stale": 1}
 
 
+def test_anneal_on_plateau_decays_to_min_lr_then_stops(tmp_path):
+    """Two validations without a new low (rounds 3, 4) start the decay at step 4 from that step's
+    scheduled learning rate to --min-lr over --anneal-steps 3 (the last at --min-lr), and the run ends
+    at step 7 of 20."""
+    values = [3.0, 2.0, 2.5, 2.4, 1.0, 0.5, 0.6, 0.4, 0.3, 0.2] + [0.1] * 10
+    stage, saves = _scripted(tmp_path, values, steps=20, anneal_on_plateau=2, anneal_steps=3, min_lr=1e-3,
+                             lr_schedule="constant")
+    last = stage.train()
+    rows = [json.loads(x) for x in (tmp_path / "m.run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows]
+    assert last["step"] == 7 and stage.engine.anneal == {"step": 4, "lr": 1e-2}
+    assert lrs == pytest.approx([1e-2] * 4 + [1e-2 + (1e-3 - 1e-2) * k / 3 for k in (1, 2, 3)])
+    assert stage.engine.best == {"val_loss": 0.5, "step": 6, "stale": 1}
+
+
+def test_anneal_on_plateau_goes_back_to_the_best_weights(tmp_path, monkeypatch):
+    import tinygpt.train.plateau as plateau
+    after, real = [], plateau.restore
+    monkeypatch.setattr(plateau, "restore", lambda engine, snap: (
+        real(engine, snap), after.append(engine.model.model.embed_tokens.weight.detach().clone())))
+    stage, saves = _scripted(tmp_path, [3.0, 2.0, 2.5, 2.4] + [1.0] * 4, steps=8, keep_best=True,
+                             anneal_on_plateau=2, anneal_steps=2)
+    stage.train()
+    assert [r for r, _, _ in saves] == [1, 2, 5] and stage.engine.round == 6
+    torch.testing.assert_close(after[0], saves[1][2])          # at step 4, the weights of step 2 again
+    assert not torch.equal(saves[2][2], saves[1][2])
+
+
+@pytest.mark.parametrize("kill_at", [3, 6])
+def test_anneal_on_plateau_resumes_as_an_uninterrupted_run(tmp_path, monkeypatch, kill_at):
+    """Killed between the best (step 2) and the plateau (step 4), the state carries the point to go
+    back to; killed inside the decay, where the decay began."""
+    values = [3.0, 2.0, 2.5, 2.4, 1.0, 0.5, 0.6, 0.4] + [0.1] * 12
+    opts = dict(steps=20, anneal_on_plateau=2, anneal_steps=4, save_every=1)
+    whole, _ = _scripted(tmp_path / "a", values, **opts)
+    whole.train()
+    undo = ctrl_c_at(monkeypatch, kill_at)
+    part, _ = _scripted(tmp_path / "b", values, **opts)
+    with pytest.raises(KeyboardInterrupt):
+        part.train()
+    undo()
+    again, _ = _scripted(tmp_path / "b", values, **opts, resume=True)
+    again.train()
+    rows = [(tmp_path / d / "m.run" / "metrics.jsonl").read_text().splitlines() for d in ("a", "b")]
+    strip = [[{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in r] for r in rows]
+    assert again.engine.anneal == whole.engine.anneal and again.engine.round == whole.engine.round == 8
+    assert strip[0] == strip[1]
+    torch.testing.assert_close(again.model.state_dict(), whole.model.state_dict())
+
+
 def test_keep_best_needs_validation(tmp_path, capsys):
     (tmp_path / "c.txt").write_text(BOOK)
     capsys.readouterr()

@@ -20,11 +20,8 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
   progress (a bar on a terminal, a line every ~10 s otherwise), every round to `metrics.jsonl`
   (strict JSON: a non-finite value is written as null), validation every `val_every` rounds,
   checkpoints every `save_every` rounds and a final save on Ctrl-C;
-- keep-best and early stop, for every stage that validates: `keep_best` has the stage save its
-  artifact right after each validation that lowers `val_loss` (and at no other time), so `--out`
-  is the best checkpoint while the resume state holds the last; `early_stop` K ends the run
-  after K validations in a row without a lower `val_loss`. The best value, its step and that
-  count are part of the resume state (rank 0's validation decides, broadcast to every rank);
+- keep-best, early stop and annealing on a plateau, for every stage that validates
+  (`plateau.py`): `--out` is the best checkpoint while the resume state holds the last;
 - resume: the run folder holds ONE state file (trainable weights, optimizer moments, counters,
   RNG states, the stage's extra state and a key of the settings that must match), written
   atomically, so a kill at any instant leaves the previous state or the new one, whole. Batches
@@ -63,6 +60,7 @@ from ..moe import load_metrics, moe_layers, pop_router_terms, update_router_bias
 from .loggers import MetricsLog, open_sinks
 from .optim import lr_at, make_optimizer
 from .parallel import full, full_weights, wrap_model
+from .plateau import needs_validation, plateau_lr, stopped, track_best
 from .progress import Progress
 from .resume import load_state, save_state
 
@@ -124,9 +122,9 @@ class Engine:
         self.params = [p for _, p in named]
         self.opt = make_optimizer(named, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2),
                                   self.device.type, self.cfg.optimizer, self.cfg.muon_lr)
-        if (self.cfg.keep_best or self.cfg.early_stop) and not self.cfg.val_every:
-            raise UserError(f"{'--keep-best' if self.cfg.keep_best else '--early-stop'} needs validation, and "
-                            f"this {stage.name} run has none", None, "give held-out data (--val-split)")
+        if needs_validation(self.cfg) and not self.cfg.val_every:
+            raise UserError(f"{needs_validation(self.cfg)} needs validation, and this {stage.name} run has none",
+                            None, "give held-out data (--val-split)")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
         self.step_fn = stage.loss_step
         if self.cfg.compile and stage.compile_step:
@@ -144,6 +142,8 @@ class Engine:
         self.last_row: dict = {}                         # on resume, the last metrics row kept
         self.round = self.step = self.tokens_seen = self.bad_steps = self.good_steps = 0
         self.best = {"val_loss": None, "step": 0, "stale": 0}   # lowest val_loss, its round, validations since
+        self.anneal = None                               # {step, lr} once annealing on a plateau began
+        self.rewind = None                               # the best point's weights and optimizer state, until then
         self.moe = moe_layers(self.model)                # mixture-of-experts layers (router losses, load)
         self.moe_load = None                             # their expert load (L, E) over this step
 
@@ -270,7 +270,7 @@ class Engine:
         cfg = self.cfg
         loss_t, sums, scale = self.accumulate(micro_batches, normalize=False)
         norm = self._normalize_and_clip(scale)
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule)
+        lr = plateau_lr(self, lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.lr_schedule))
         for g in self.opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)        # Muon's groups peak at --muon-lr
         if self.device_skip:        # the kernel skips the update (and its step count) when found_inf
@@ -335,7 +335,7 @@ class Engine:
         last = self.last_row                             # a finished run resumed: its last logged round
         self._t_round = flushed = time.perf_counter()
         try:
-            while self.round < self.rounds and not self.stopped_early:
+            while self.round < self.rounds and not stopped(self):
                 last = self._round()
                 if metrics_file:
                     metrics_file.write(last)
@@ -404,7 +404,7 @@ class Engine:
         last = {"step": self.round, **m, "tokens_seen": self.tokens_seen, "tokens_per_s": tps}
         if self.cfg.val_every and (self.round % self.cfg.val_every == 0 or self.round == self.rounds):
             last.update(self._validate())
-            last.update(self._track_best(last))
+            last.update(track_best(self, last))
             self._t_round = time.perf_counter()     # validation (and a best checkpoint) is not training time
         return last
 
@@ -415,35 +415,11 @@ class Engine:
         self.model.train()
         return out
 
-    @property
-    def stopped_early(self) -> bool:
-        return bool(self.cfg.early_stop) and self.best["stale"] >= self.cfg.early_stop
-
-    def _track_best(self, last: dict) -> dict:
-        """After a validation: note a lower val_loss (and with keep_best write the artifact now);
-        count validations without one for early_stop. Returns {"best_val_loss": ...}."""
-        if "val_loss" not in last:
-            if self.cfg.keep_best or self.cfg.early_stop:
-                raise RuntimeError(f"{self.stage.name}.validate returned no val_loss for --keep-best/--early-stop")
-            return {}
-        value = float(last["val_loss"])
-        if self.world > 1:                           # one decision for every rank: rank 0's
-            t = torch.tensor([value], device=self.device)
-            dist.broadcast(t, 0)
-            value = t.item()
-        b = self.best
-        if b["val_loss"] is None or value < b["val_loss"]:
-            b.update(val_loss=value, step=self.round, stale=0)
-            if self.cfg.keep_best:
-                self._status = "checkpoint"
-                self._check_saveable(False)
-                self._save_artifact(False)
-        else:
-            b["stale"] += 1
-            if self.stopped_early:
-                self.log(f"early stop at step {self.round}: val_loss has not gone below {b['val_loss']:.4f} "
-                         f"(step {b['step']}) in {b['stale']} validations")
-        return {"best_val_loss": b["val_loss"]}
+    def save_best(self) -> None:
+        """keep-best: the artifact now (a validation just lowered val_loss)."""
+        self._status = "checkpoint"
+        self._check_saveable(False)
+        self._save_artifact(False)
 
     def checkpoint(self, final: bool, status: str | None = None) -> None:
         """Write the resume state and the stage's artifact (rank 0 only), after checking that

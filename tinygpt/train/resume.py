@@ -2,7 +2,8 @@
 
 It holds the trainable weights, the persistent buffers the model updates outside autograd (a
 router's balancing bias), the optimizer state in torch's format, the RNG states, the counters, the
-GradScaler, the stage's own state (`Stage.state_dict`), the keep-best record and the stage's
+GradScaler, the stage's own state (`Stage.state_dict`), the keep-best record, the point an
+annealing on a plateau would go back to (`plateau.py`) and the stage's
 `resume_key` (the settings a resumed run must share; a change is an error naming the setting).
 The tensors are whole whatever the wrapping (an FSDP model's shards are gathered on save and
 re-sharded on load), so a state saved on N ranks resumes on M.
@@ -65,6 +66,11 @@ def save_state(engine) -> None:
     for idx, st in opt_sd["state"].items():
         for k, v in st.items():
             tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    if engine.rewind is not None:          # the best point to anneal from (--anneal-on-plateau)
+        tensors.update({f"rewind.param.{n}": t for n, t in engine.rewind["params"].items()})
+        for idx, st in engine.rewind["optim"].items():
+            tensors.update({f"rewind.optim.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+                            for k, v in st.items()})
     tensors["rng.cpu"] = torch.get_rng_state()
     if engine.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
@@ -72,6 +78,7 @@ def save_state(engine) -> None:
                "good_steps": engine.good_steps,
                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]],
                "resume_key": engine.stage.resume_key(), "stage": engine.stage.state_dict(), "best": engine.best,
+               "anneal": engine.anneal, "rewind_lr": engine.rewind and engine.rewind["lr"],
                "scaler": engine.scaler.state_dict() if engine.scaler.is_enabled() else None}
     save_tensors(engine.run_dir / STATE_FILE, tensors, {"format": "tinygpt-train-state",
                                                       "state": json.dumps(scalars)})
@@ -136,4 +143,15 @@ def load_state(engine) -> None:
     engine.round, engine.step, engine.tokens_seen = scalars["round"], scalars["step"], scalars["tokens_seen"]
     engine.good_steps = scalars.get("good_steps", engine.step)
     engine.best = scalars.get("best") or engine.best
+    engine.anneal = scalars.get("anneal")
+    engine.rewind = None
+    if scalars.get("rewind_lr") is not None:
+        rewind = {"params": {}, "optim": {}, "lr": scalars["rewind_lr"]}
+        for name, v in tensors.items():
+            if name.startswith("rewind.param."):
+                rewind["params"][name[len("rewind.param."):]] = v
+            elif name.startswith("rewind.optim."):
+                _, _, idx, k = name.split(".", 3)
+                rewind["optim"].setdefault(int(idx), {})[k] = v
+        engine.rewind = rewind
     engine.stage.load_state_dict(scalars.get("stage") or {})

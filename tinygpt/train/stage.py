@@ -43,6 +43,7 @@ from ..options import SEED, at_least, between, option
 from .engine import fit
 from .loggers import SINKS, check_available
 from .optim import DEFAULT_OPTIMIZER, MUON_LR, OPTIMIZERS, SCHEDULES
+from .plateau import needs_validation
 
 
 AUTO_VAL_EVERY = "with --val-split: at the end; with --keep-best or --early-stop too: 20 times over the run"
@@ -81,6 +82,10 @@ class TrainOptions(DeviceOptions):
                              "keeps the last state for --resume)")
     early_stop: int = option(0, "stop after this many validations without a lower validation loss (0 = off)",
                              check=at_least(0))
+    anneal_on_plateau: int = option(0, "after this many validations without a lower validation loss, decay the "
+                                    "learning rate linearly to --min-lr over --anneal-steps steps, then stop "
+                                    "(0 = off; for small corpora trained for many epochs)", check=at_least(0))
+    anneal_steps: int | None = option(None, "steps of that decay", auto="a tenth of --steps", check=at_least(1))
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", check=at_least(1))
     seed: int = option(0, "random seed (data order, initialisation, sampling)", check=SEED)
     log: list[str] = option([], "also send the metrics to tensorboard (RUN/tensorboard) and/or wandb (RUN/wandb, "
@@ -91,9 +96,11 @@ class TrainOptions(DeviceOptions):
     def check(self) -> None:
         if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}", None, "lower --min-lr")
-        if (self.keep_best or self.early_stop) and getattr(self, "val_split", None) == 0:
-            raise UserError(f"{'--keep-best' if self.keep_best else '--early-stop'} needs validation data", None,
-                            "give --val-split (e.g. 0.1)")
+        if self.anneal_on_plateau and self.fsdp:
+            raise UserError("--anneal-on-plateau keeps a copy of the best weights, which --fsdp does not", None,
+                            "leave out one of them")
+        if needs_validation(self) and getattr(self, "val_split", None) == 0:
+            raise UserError(f"{needs_validation(self)} needs validation data", None, "give --val-split (e.g. 0.1)")
         check_available(self.log)
         blocker = self.fsdp and self.fsdp_blocker()
         if blocker:
