@@ -14,10 +14,11 @@ Design choices:
   many epochs stops improving long before a schedule over all those steps has decayed, so the
   best checkpoint is taken at a high learning rate and the drop in loss that a decay brings at
   the end of any schedule never comes: this is the cooldown of a warmup-stable-decay schedule,
-  started from the best point once validation shows where it was. Decaying from the plateau
-  without going back gained 0.0006 on a tiny CPU run that overfits fast (2 x 96, 27k
-  characters of Shakespeare), going back to the best first 0.025. It costs a copy of the
-  trainable weights and their optimizer state.
+  started from the best point once validation shows where it was. On a tiny CPU run that
+  overfits fast (2 x 96, 27k characters of Shakespeare, validation every 100 steps) the best
+  validation loss went from 1.8289 to 1.8105; decaying from the plateau without going back
+  gained 0.0006. It costs a copy of the trainable weights and their optimizer state (buffers,
+  such as a router's balancing bias, are not taken back).
 - Under torchrun rank 0's validation decides and is broadcast, so every rank takes the same
   decisions.
 """
