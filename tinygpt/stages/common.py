@@ -130,6 +130,14 @@ class HeadLossOptions(Options):
 
 
 @dataclass
+class CheckpointingOptions(Options):
+    """Activation memory of the stages that fine-tune a whole model's forward."""
+
+    group = "memory"
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+
+
+@dataclass
 class PairDataOptions(RowOptions, TemplateOptions):
     """Preference data and how each pair is cut."""
 
@@ -142,7 +150,6 @@ class PairDataOptions(RowOptions, TemplateOptions):
                                   check=between(0, 1e6, lo_open=True))
     val_split: float = option(0.0, "fraction of pairs held out for validation", check=between(0, 1, hi_open=True))
     packing: bool = option(True, "one sequence per row, right-padded", negate="--no-packing")
-    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
 
     def check(self) -> None:
         if self.max_prompt_length >= self.max_length:

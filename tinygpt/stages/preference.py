@@ -41,6 +41,7 @@ from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
     LoRAOptions,
     ModelOptions,
+    CheckpointingOptions,
     PairDataOptions,
     check_inputs,
     check_out,
@@ -64,7 +65,7 @@ DPO_LOSSES = DPO_LOSS_TYPES + ("simpo",)
 
 
 @dataclass
-class PreferenceOptions(ModelOptions, PairDataOptions, LoRAOptions, TrainOptions):
+class PreferenceOptions(ModelOptions, PairDataOptions, LoRAOptions, CheckpointingOptions, TrainOptions):
     """Options the DPO family, ORPO and KTO share."""
 
     group = "preference"

@@ -21,6 +21,7 @@ from ..reward_model import RewardModel
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
     ModelOptions,
+    CheckpointingOptions,
     PairDataOptions,
     check_inputs,
     check_out,
@@ -38,7 +39,7 @@ from .common import (
 
 
 @dataclass
-class RewardOptions(ModelOptions, PairDataOptions, TrainOptions):
+class RewardOptions(ModelOptions, PairDataOptions, CheckpointingOptions, TrainOptions):
     """Reward model training (Bradley-Terry)."""
 
     command = "reward"

@@ -56,6 +56,7 @@ from ..model import packed_mask
 from ..options import at_least, between, option
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
+    CheckpointingOptions,
     HeadLossOptions,
     LoRAOptions,
     ModelOptions,
@@ -91,7 +92,6 @@ class ChatDataOptions(RowOptions, TemplateOptions):
                            "longer than --max-length is cut at its end); drop leaves them out", choices=TRUNCATE_MODES)
     packing: bool = option(True, "one example per row, right-padded", negate="--no-packing")
     val_split: float = option(0.0, "fraction of conversations held out", check=between(0, 1, hi_open=True))
-    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
 
     def check(self) -> None:
         if getattr(self, "steps", None) and self.epochs:
@@ -100,7 +100,7 @@ class ChatDataOptions(RowOptions, TemplateOptions):
 
 
 @dataclass
-class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, HeadLossOptions, TrainOptions):
+class SFTOptions(ModelOptions, ChatDataOptions, LoRAOptions, HeadLossOptions, CheckpointingOptions, TrainOptions):
     command = "sft"
     steps: int | None = option(None, "optimizer steps", auto="one epoch", check=at_least(1))
     lr: float | None = option(None, "peak learning rate", auto="2e-4 (2e-5 with --full) x 2048/width",
