@@ -7,6 +7,7 @@ after one warm-up run each (ours: the warm-up also captures the CUDA graph, whic
     PYTHONPATH=. python3 benchmarks/generate_throughput.py                      # GPU, gpt2 shape
     PYTHONPATH=. python3 benchmarks/generate_throughput.py --device cpu --layers 2 --embd 64 --heads 2 \
         --vocab 512 --new-tokens 8 --batches 1,4 --dtype float32                # CPU smoke run
+    PYTHONPATH=. python3 benchmarks/generate_throughput.py --profile --no-hf    # + a decode step's kernels
 """
 from __future__ import annotations
 
@@ -62,6 +63,38 @@ def timed(fn, repeats: int, device) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def profile_step(model, B: int, total: int, device, dtype, steps: int = 10) -> dict:
+    """Where one decode step's time goes: `steps` eager steps (no CUDA graph, so each kernel is
+    seen) of a B-row batch over `total` cached positions under torch.profiler. Prints the ops
+    by device time; returns kernels and kernel time per step (device time: CUDA, else CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinygpt.generate import _DecodeState
+    state = _DecodeState(model, B, total, None, device, dtype)
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        for _ in range(3):                    # warm-up: lazy kernel selection, allocator pools
+            state.step()
+        if cuda:
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                state.step()
+            if cuda:
+                torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == kind and (cuda or not e.cpu_children)]
+    per_step = {"profile_kernels_per_step": len(events) / steps,
+                "profile_kernel_us_per_step": sum(e.device_time if cuda else e.self_cpu_time_total
+                                                  for e in events) / steps}
+    print(f"batch {B}: {per_step['profile_kernels_per_step']:.0f} kernels a step, "
+          f"{per_step['profile_kernel_us_per_step']:.0f} us of kernel time a step")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12,
+                                    max_name_column_width=60))
+    return per_step
+
+
 def generation_args(ap: argparse.ArgumentParser) -> None:
     """The model shape (GPT-2 124M by default), prompt and reply lengths, repeats, dtype, device."""
     ap.add_argument("--layers", type=int, default=12)
@@ -80,6 +113,8 @@ def main():
     generation_args(ap)
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--no-hf", action="store_true", help="time only tinygpt")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one eager decode step per batch: kernels, their time, the top ops")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -117,6 +152,8 @@ def main():
             same = [next((i for i, (u, v) in enumerate(zip(r, t)) if u != v), len(t)) for r, t in zip(ref, g.tokens)]
             row.update(hf_tok_s=B * a.new_tokens / t_hf, hf_s=t_hf, speedup=t_hf / t_ours,
                        agree_prefix_median=statistics.median(same))
+        if a.profile:
+            row.update(profile_step(ours, B, a.prompt_len + a.new_tokens, device, dtype))
         rows.append(row)
     print(f"{'batch':>6} {'tinygpt tok/s':>14} {'HF tok/s':>12} {'speedup':>8} {'greedy agreement (tokens)':>26}")
     for r in rows:
