@@ -151,13 +151,7 @@ def test_chunked_head_loss_equals_the_whole_head(tied, rows):
             torch.testing.assert_close(g, runs[0][1][n], msg=n)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel choice")
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(kv_heads):
-    """Masked attention over several query positions leaves cuDNN out on CUDA and expands grouped
-    kv heads itself: it still equals the reference (float64 on the CPU, enable_gqa), for padded
-    rows and for a prefill into a longer cache."""
-    from tinygpt.model import attend
+def _masked_case(kv_heads):
     g = torch.Generator().manual_seed(kv_heads)
     q = torch.randn(3, 4, 5, 16, generator=g)
     k, v = torch.randn(3, kv_heads, 9, 16, generator=g), torch.randn(3, kv_heads, 9, 16, generator=g)
@@ -165,6 +159,24 @@ def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(k
     mask[..., 0] = True                                     # every query sees at least one key
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
                                                            enable_gqa=kv_heads != 4)
+    return q, k, v, mask, ref
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_masked_attention_without_cudnn_expands_grouped_heads_as_enable_gqa_does(kv_heads):
+    from tinygpt.model import masked_attention_without_cudnn
+    q, k, v, mask, ref = _masked_case(kv_heads)
+    torch.testing.assert_close(masked_attention_without_cudnn(q.double(), k.double(), v.double(), mask), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel choice")
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(kv_heads):
+    """Masked attention over several query positions leaves cuDNN out on CUDA and expands grouped
+    kv heads itself: it still equals the reference (float64 on the CPU, enable_gqa), for padded
+    rows and for a prefill into a longer cache."""
+    from tinygpt.model import attend
+    q, k, v, mask, ref = _masked_case(kv_heads)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         out = attend(*(t.to("cuda", dtype) for t in (q, k, v)), mask.cuda())
         torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)

@@ -105,7 +105,14 @@ def attend(q, k, v, mask, dropout_p: float = 0.0):
         return _flex(q, k, v, mask, gqa)
     if not q.is_cuda or q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
-    if gqa:                           # kv head j serves query heads j*g .. j*g+g-1, as enable_gqa does
+    return masked_attention_without_cudnn(q, k, v, mask, dropout_p)
+
+
+def masked_attention_without_cudnn(q, k, v, mask, dropout_p: float = 0.0):
+    """`attend` with a boolean mask (B, 1, Tq, Tk) on the flash / memory-efficient / math kernels;
+    grouped kv heads are expanded first (kv head j serves query heads j*g .. j*g+g-1, as
+    enable_gqa does), since the memory-efficient kernel has no grouped-query support."""
+    if q.shape[1] != k.shape[1]:
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)             # (B, H, Tk, hd)
     with sdpa_kernel(_MASKED_BACKENDS):
