@@ -39,9 +39,9 @@ from ..options import above, at_least, between, option
 from ..train.engine import run_dir_for
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
+    CheckpointingOptions,
     LoRAOptions,
     ModelOptions,
-    CheckpointingOptions,
     PairDataOptions,
     check_inputs,
     check_out,

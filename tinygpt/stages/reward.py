@@ -20,8 +20,8 @@ from ..options import at_least, between, option
 from ..reward_model import RewardModel
 from ..train.stage import AUTO_VAL_EVERY, Stage, TrainOptions
 from .common import (
-    ModelOptions,
     CheckpointingOptions,
+    ModelOptions,
     PairDataOptions,
     check_inputs,
     check_out,

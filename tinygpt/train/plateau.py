@@ -106,9 +106,8 @@ def snapshot(engine) -> dict:
 
 @torch.no_grad()
 def restore(engine, snap: dict) -> None:
+    """Weights and optimizer state back to `snap` (which is used up: the optimizer may keep its tensors)."""
     for n, p in engine.model.named_parameters():
         if n in snap["params"]:
             p.copy_(snap["params"][n])
-    groups = engine.opt.state_dict()["param_groups"]
-    engine.opt.load_state_dict({"state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
-                                          for i, st in snap["optim"].items()}, "param_groups": groups})
+    engine.opt.load_state_dict({"state": snap["optim"], "param_groups": engine.opt.state_dict()["param_groups"]})

@@ -56,6 +56,22 @@ def _sharded_tensors(engine) -> tuple[dict, dict]:
     return tensors, {index[n]: st for n, st in opt_sd["state"].items()}
 
 
+def _flat_optim(prefix: str, state: dict) -> dict:
+    """Optimizer state {index: {key: value}} as tensors named PREFIX{index}.{key}."""
+    return {f"{prefix}{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+            for idx, st in state.items() for k, v in st.items()}
+
+
+def _unflat_optim(prefix: str, tensors: dict) -> dict:
+    """The inverse of `_flat_optim` over the tensors whose names start with PREFIX."""
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith(prefix):
+            idx, k = name[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
+    return state
+
+
 def save_state(engine) -> None:
     """The engine's whole resume state as one atomically written file (by rank 0; every rank
     calls it under FSDP, whose full tensors are gathered collectively)."""
@@ -63,14 +79,10 @@ def save_state(engine) -> None:
     if not engine.is_main:
         return
     opt_sd = {"state": opt_state, "param_groups": engine.opt.state_dict()["param_groups"]}
-    for idx, st in opt_sd["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors.update(_flat_optim("optim.", opt_sd["state"]))
     if engine.rewind is not None:          # the best point to anneal from (--anneal-on-plateau)
         tensors.update({f"rewind.param.{n}": t for n, t in engine.rewind["params"].items()})
-        for idx, st in engine.rewind["optim"].items():
-            tensors.update({f"rewind.optim.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
-                            for k, v in st.items()})
+        tensors.update(_flat_optim("rewind.optim.", engine.rewind["optim"]))
     tensors["rng.cpu"] = torch.get_rng_state()
     if engine.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
@@ -113,11 +125,7 @@ def load_state(engine) -> None:
     buffers = buffer_state(engine.model)
     if any(f"buffer.{n}" in tensors and tensors[f"buffer.{n}"].shape != b.shape for n, b in buffers.items()):
         raise UserError("--resume: the saved buffers do not match this model", str(path), "start a new run")
-    state: dict = {}
-    for name, v in tensors.items():
-        if name.startswith("optim."):
-            _, idx, k = name.split(".", 2)
-            state.setdefault(int(idx), {})[k] = v
+    state = _unflat_optim("optim.", tensors)
     own = engine.opt.state_dict()["param_groups"]
     groups = [dict(g, params=og["params"]) for g, og in zip(scalars["param_groups"], own)]
     if engine.fsdp:               # every rank read the full tensors: each keeps its shard
@@ -146,12 +154,7 @@ def load_state(engine) -> None:
     engine.anneal = scalars.get("anneal")
     engine.rewind = None
     if scalars.get("rewind_lr") is not None:
-        rewind = {"params": {}, "optim": {}, "lr": scalars["rewind_lr"]}
-        for name, v in tensors.items():
-            if name.startswith("rewind.param."):
-                rewind["params"][name[len("rewind.param."):]] = v
-            elif name.startswith("rewind.optim."):
-                _, _, idx, k = name.split(".", 3)
-                rewind["optim"].setdefault(int(idx), {})[k] = v
-        engine.rewind = rewind
+        engine.rewind = {"params": {n[len("rewind.param."):]: v for n, v in tensors.items()
+                                    if n.startswith("rewind.param.")},
+                         "optim": _unflat_optim("rewind.optim.", tensors), "lr": scalars["rewind_lr"]}
     engine.stage.load_state_dict(scalars.get("stage") or {})
