@@ -11,7 +11,9 @@ against a bf16 matmul ceiling measured in the same run.
         --data ../shared/data/pretrain/tinystories_train.txt [--nanogpt PATH_TO_NANOGPT_CHECKOUT]
 
 With --nanogpt, nanoGPT's bench.py is run in the same process tree on the same shard and its figure is
-printed beside ours.
+printed beside ours. With --fp8 the same run is repeated with `--fp8` (float8 block matmuls, same seed
+and batches) and once more plain on a second seed, so the float8 run's loss gap can be read against
+the gap between two seeds (`--steps 500` for that comparison).
 """
 from __future__ import annotations
 
@@ -79,13 +81,16 @@ def model_config(args) -> ModelConfig:
     return ModelConfig.from_name(args.preset, vocab_size=pad_vocab(50257), block_size=max(args.ctx, 1024), **extra)
 
 
-def run_ours(args, tokens, device, workdir: Path) -> dict:
+def run_ours(args, tokens, device, workdir: Path, fp8: bool = False, seed: int = 0) -> dict:
     cfg = model_config(args)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = GPT(cfg).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     opts = TrainOptions(out=str(workdir / "bench.tinygpt"), steps=args.warmup_steps + args.steps, batch=args.batch,
-                        lr=6e-4, warmup=10, dtype=args.dtype, compile=args.compile, quiet=True, device=str(device))
-    batches = TokenBatches(tokens, args.ctx, args.batch, seed=0, device=device)
+                        lr=6e-4, warmup=10, dtype=args.dtype, compile=args.compile, quiet=True, device=str(device),
+                        fp8=fp8, seed=seed)
+    batches = TokenBatches(tokens, args.ctx, args.batch, seed=seed, device=device)
     eng = prepare(FunctionStage(model, lm_loss_step, batches, opts, log=lambda *a: None))
     eng.checkpoint = lambda final: None          # time training only, not the final save
     torch.cuda.synchronize() if device.type == "cuda" else None
@@ -96,10 +101,24 @@ def run_ours(args, tokens, device, workdir: Path) -> dict:
     timed = [r["tokens_per_s"] for r in rows[args.warmup_steps:]]
     tps = statistics.median(timed)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    losses = [r["loss"] for r in rows]
+    tail = losses[-max(1, len(losses) // 10):]                  # the last tenth of the run, averaged
     return {"tokens_per_s": tps, "tokens_per_s_p10": float(np.percentile(timed, 10)),
             "tokens_per_s_p90": float(np.percentile(timed, 90)), "flops_per_token": model.flops_per_token(args.ctx),
             "params": model.num_params(), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "peak_mem_gib": peak, "wall_s": wall}
+            "loss_tail_mean": statistics.fmean(tail), "losses": losses, "peak_mem_gib": peak, "wall_s": wall}
+
+
+def run_fp8(args, tokens, device, workdir: Path, plain: dict) -> dict:
+    """--fp8 beside the plain run (same seed, same batches), and the plain run on a second seed:
+    the loss gap between two seeds is the noise the float8 run's gap is judged against."""
+    f8 = run_ours(args, tokens, device, workdir, fp8=True)
+    other = run_ours(args, tokens, device, workdir, seed=1)
+    return {**{k: v for k, v in f8.items() if k != "losses"},
+            "speedup_vs_plain": f8["tokens_per_s"] / plain["tokens_per_s"],
+            "tail_gap_vs_plain": f8["loss_tail_mean"] - plain["loss_tail_mean"],
+            "tail_gap_between_seeds": other["loss_tail_mean"] - plain["loss_tail_mean"],
+            "max_step_gap_vs_plain": max(abs(a - b) for a, b in zip(f8["losses"], plain["losses"]))}
 
 
 def run_nanogpt(args, tokens_path: Path, nanogpt: Path) -> dict:
@@ -135,6 +154,8 @@ def main():
     ap.add_argument("--nanogpt", help="path to a nanoGPT checkout to run beside ours (same bias setting)")
     ap.add_argument("--bias", choices=["on", "off"], help="override the preset's biases (gpt2: on, as GPT-2)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--fp8", action="store_true", help="also run --fp8 (same seed) and a second plain seed; "
+                    "use --steps 500 for the loss comparison")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -151,6 +172,9 @@ def main():
               "dtype": args.dtype, "torch": torch.__version__, **ours,
               "tflops": achieved / 1e12, "matmul_ceiling_tflops": ceiling / 1e12,
               "mfu_datasheet": achieved / peak, "mfu_measured_ceiling": achieved / ceiling}
+    if args.fp8:
+        result["fp8"] = run_fp8(args, tokens, device, workdir, ours)
+    result.pop("losses")
     if args.nanogpt:
         result["nanogpt"] = run_nanogpt(args, workdir / "train.bin", Path(args.nanogpt))
     print(f"\n{'':24s}{'tokens/s':>12s}{'MFU(datasheet)':>16s}{'MFU(ceiling)':>14s}")
@@ -159,6 +183,14 @@ def main():
         n = result["nanogpt"]["tokens_per_s"]
         print(f"{'nanoGPT bench.py':24s}{n:12,.0f}{n * ours['flops_per_token'] / peak:16.1%}"
               f"{n * ours['flops_per_token'] / ceiling:14.1%}   ratio {ours['tokens_per_s'] / n:.2f}x")
+        if args.fp8:
+            f = result["fp8"]["tokens_per_s"]
+            print(f"{'tinygpt --fp8':24s}{f:12,.0f}{'':30s}   ratio {f / n:.2f}x")
+    if args.fp8:
+        f = result["fp8"]
+        print(f"--fp8: {f['speedup_vs_plain']:.3f}x the plain run; loss over the last tenth {f['loss_tail_mean']:.4f} "
+              f"vs {ours['loss_tail_mean']:.4f} (gap {f['tail_gap_vs_plain']:+.4f}; two plain seeds differ by "
+              f"{f['tail_gap_between_seeds']:+.4f}); peak {f['peak_mem_gib']:.1f} GiB")
     print(f"matmul ceiling {ceiling / 1e12:.0f} TFLOP/s, peak memory {ours['peak_mem_gib']:.1f} GiB")
     print("JSON " + json.dumps(result))
 

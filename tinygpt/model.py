@@ -43,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .fp8 import Float8Linear, float8_linear
 from .losses import token_cross_entropy
 from .moe import MoE, Experts, Router, active_params
 
@@ -56,6 +57,8 @@ except ImportError:  # older torch: packed documents fall back to a dense mask
     BlockMask = create_block_mask = flex_attention = None
 
 _compiled_flex = None
+# linear layers whose q/k/v run as one matmul over the concatenated weights, and that matmul
+_FUSABLE = {nn.Linear: F.linear, Float8Linear: float8_linear}
 
 
 def _flex(q, k, v, block_mask, enable_gqa):
@@ -184,14 +187,15 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
     def _qkv(self, x):
-        """q, k, v projections. Plain linears run as ONE matmul over the concatenated weights
-        (one large GEMM is faster than three narrow ones); wrapped ones (LoRA) run separately."""
+        """q, k, v projections. Plain (or float8) linears run as ONE matmul over the concatenated
+        weights (one large GEMM is faster than three narrow ones); wrapped ones (LoRA) separately."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(p) is nn.Linear for p in projs):
+        linear = _FUSABLE.get(type(self.q_proj))
+        if linear is None or not all(type(p) is type(self.q_proj) for p in projs):
             return tuple(p(x) for p in projs)
         w = torch.cat([p.weight for p in projs])
         b = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        return F.linear(x, w, b).split([p.out_features for p in projs], dim=-1)
+        return linear(x, w, b).split([p.out_features for p in projs], dim=-1)
 
     def forward(self, x, rope, mask, cache, slots, layer: int):
         B, T, _ = x.shape

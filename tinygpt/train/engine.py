@@ -9,7 +9,8 @@ its `count` units (tokens for language modelling, pairs for DPO, ...). The engin
   function of the optimizer step), mixed precision (bf16 autocast, or fp16 with a GradScaler),
   torch.compile of the whole loss step (or, with --compile-regions, of each block and the head
   with its loss: a third of the cold start, but SFT LoRA steps measured 25% slower), DDP under
-  torchrun, or FSDP2 with --fsdp (`parallel.py`);
+  torchrun, or FSDP2 with --fsdp (`parallel.py`); with --fp8 the blocks' linear layers multiply
+  in float8 (`fp8.py`), converted before the wrapping and the compilation;
 - a NaN guard: a step with a non-finite loss or gradient norm is skipped (optimizer untouched),
   and training stops after `max_bad_steps` in a row, RL updates included. With the fused CUDA
   AdamW the skip is decided on the device (the `found_inf` flag GradScaler also uses), so the
@@ -49,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import autocast, resolve_dtype, setup_device
+from ..fp8 import convert_to_float8
 from ..errors import UserError
 from ..io import (
     JsonlLog,
@@ -116,6 +118,8 @@ class Engine:
         if self.fsdp and self.cfg.optimizer != "adamw":
             raise UserError(f"--fsdp shards each weight, and --optimizer {self.cfg.optimizer} needs whole matrices",
                             None, "use --optimizer adamw with --fsdp, or leave out --fsdp (DDP)")
+        if getattr(self.cfg, "fp8", False):
+            log(f"fp8: {convert_to_float8(self.model, self.device)} linear layers multiply in float8")
         # FSDP2 turns the parameters into shards (DTensors): wrap before the optimizer sees them
         self.wrapped = wrap_model(self.model, self.device, world, self.fsdp)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
