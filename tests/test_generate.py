@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tinygpt.config import ModelConfig
-from tinygpt.generate import generate
+from tinygpt.generate import _last_logits, generate
 from tinygpt.lora import apply_lora, merge_lora
 from tinygpt.model import GPT
 
@@ -36,6 +36,17 @@ def test_batched_mixed_lengths_equal_one_by_one_greedy():
             torch.testing.assert_close(torch.tensor(batch.logprobs[i]), torch.tensor(alone.logprobs[0]),
                                        atol=1e-5, rtol=0)
         assert len(set(map(tuple, batch.tokens))) > 1   # rows really differ
+
+
+def test_the_head_of_an_unaligned_vocabulary_computed_transposed_equals_the_plain_head():
+    m = _model()
+    h = torch.randn(3, 5, 64)
+    for model, limit in ((m, None), (m, 90), (GPT(ModelConfig.from_name("nano", vocab_size=128)), 100),
+                         (GPT(ModelConfig.from_name("nano", vocab_size=128)), 96)):
+        want = model.lm_head(h[:, -1]).float()[:, :limit]
+        got = _last_logits(model, h, limit)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_logprobs_equal_a_fresh_forward_pass():

@@ -31,12 +31,14 @@ Design choices:
   (before top-k/top-p filtering): what PPO/GRPO need as the behaviour policy's log-probs.
 - Ids past the tokenizer's vocabulary (padding rows of the embedding) are never sampled: the
   logits are cut to `vocab_limit` columns, so log-probs are normalised over real tokens only.
+  A width that is not a multiple of 8 is computed as W h^T (`_last_logits`: aligned GEMM output).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
@@ -121,8 +123,15 @@ def _model_dtype(model):
 
 
 def _last_logits(model, h, vocab_limit):
-    """Head on the last position only: h (B, T, C) -> float32 logits (B, V') cut to the vocabulary."""
-    logits = model.lm_head(h[:, -1]).float()                                          # (B, V)
+    """Head on the last position only: h (B, T, C) -> float32 logits (B, V') cut to the vocabulary.
+    When V' is not a multiple of 8 (GPT-2's 50,257), a plain head computes W[:V'] h^T (V', B) and
+    reads it transposed: written as h W^T, the GEMM's output rows of V' values are not 16-byte
+    aligned and cuBLAS falls back to a slow kernel (a third of a batch-64 decode step's time)."""
+    last, head = h[:, -1], model.lm_head                                               # (B, C)
+    width = vocab_limit or head.weight.shape[0]
+    if width % 8 and type(head) is nn.Linear and head.bias is None:
+        return (head.weight[:width] @ last.t()).t().float()                           # (B, V')
+    logits = head(last).float()                                                        # (B, V)
     return logits[:, :vocab_limit] if vocab_limit is not None else logits
 
 
