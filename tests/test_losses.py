@@ -328,3 +328,21 @@ def test_masked_whiten_by_hand():
     close(L.masked_whiten(x, m), [-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0.0, 0.0])
     close(L.masked_whiten(x, m, shift_mean=False), [2.5 - 1.5 / s, 2.5 - 0.5 / s, 2.5 + 0.5 / s, 2.5 + 1.5 / s,
                                                      0.0, 0.0])
+
+
+def test_head_cross_entropy_equals_the_loss_of_the_whole_logits_under_autocast():
+    from tinygpt.losses import head_cross_entropy
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (2, 9))
+    t[0, :3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = L.token_cross_entropy(h @ w.t(), t)
+        got = head_cross_entropy(h, w, t, chunk=4)
+    gh, gw = torch.autograd.grad(want, (h, w))
+    dh, dw = torch.autograd.grad(got, (h, w))
+    assert got.dtype == torch.float32 and dw.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)        # both from bf16 logits
+    torch.testing.assert_close(dh, gh, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw, gw, rtol=2e-2, atol=2e-2)

@@ -208,8 +208,10 @@ def test_resume_equals_uninterrupted(stage, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stage", ["train", "sft"])
 def test_loss_chunk_trains_what_the_whole_head_trains(stage, tmp_path):
-    """--loss-chunk (the head and its loss a chunk of positions at a time) gives the losses and
-    the weights of the run without it, to float32 rounding."""
+    """--loss-chunk (the head and its loss a chunk of positions at a time) gives the losses of the
+    run without it to float32 rounding, and its weights to a fraction of one step: the gradients
+    agree to rounding (tests/test_model.py), but Adam normalises each step, so a rounding-sized
+    difference in a near-zero gradient can move a weight by part of a learning rate."""
     _base(tmp_path)
     _files(tmp_path)
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"doc {i}: the cat sat on mat {i}." for i in range(40)))
@@ -219,8 +221,9 @@ def test_loss_chunk_trains_what_the_whole_head_trains(stage, tmp_path):
     assert main(argv + ["--loss-chunk", "5", "--out", str(tmp_path / f"b{ext}")]) == 0
     a, b = load_tensors(tmp_path / f"a{ext}")[0], load_tensors(tmp_path / f"b{ext}")[0]
     assert a.keys() == b.keys()
+    lr = float(argv[argv.index("--lr") + 1])
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=lr / 5, msg=k)
     losses = [[json.loads(x)["loss"] for x in (tmp_path / f"{n}.run" / "metrics.jsonl").read_text().splitlines()]
               for n in "ab"]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -115,6 +115,10 @@ class TokenRows(nn.Module):
         """The whole table with the trained rows in (V, C)."""
         return self.weight.index_copy(0, self.ids, self.token_rows.to(self.weight.dtype))
 
+    def head_parts(self):
+        """(frozen table, ids, rows): what `losses.head_cross_entropy` takes for this head."""
+        return self.weight, self.ids, self.token_rows
+
     def forward(self, x):
         if self.is_embedding:
             out = F.embedding(x, self.weight)                                   # (B, T, C)

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .fp8 import Float8Linear, float8_linear
-from .losses import token_cross_entropy
+from .losses import head_cross_entropy, token_cross_entropy
 from .moe import MoE, Experts, Router, active_params
 
 try:
@@ -334,11 +334,18 @@ class GPT(nn.Module):
 
     def head_loss(self, h, targets):
         """Summed next-token cross-entropy of hidden states h (B, T, C) against targets (B, T).
-        With `loss_chunk` > 0, `loss_chunk` positions at a time, each chunk's head recomputed in
-        backward: the (B*T, V) logits and their gradient never all exist, for one more forward
-        of the head."""
+        With `loss_chunk` > 0, `loss_chunk` positions at a time: the (B*T, V) logits and their
+        gradient never all exist. A plain head (or one with trained token rows) forms each chunk's
+        gradients in forward (`losses.head_cross_entropy`); any other head has each chunk
+        recomputed in backward."""
         if not self.loss_chunk:
             return self._head_ce(h, targets)
+        head = self.lm_head
+        parts = head.head_parts() if hasattr(head, "head_parts") else \
+            (head.weight, None, None) if type(head) is nn.Linear and head.bias is None else None
+        if parts is not None:
+            weight, ids, rows = parts
+            return head_cross_entropy(h, weight, targets, self.loss_chunk, ids=ids, rows=rows)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)                  # (N, C), (N,)
         n = self.loss_chunk
         parts = [checkpoint(self._head_ce, h[s:s + n], targets[s:s + n], use_reentrant=False)

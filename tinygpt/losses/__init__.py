@@ -27,6 +27,8 @@ Conventions
 * Router losses of a mixture of experts (`load_balance_loss`, `router_z_loss`) take the
   router's float32 probabilities or logits (N tokens, E experts) and return a scalar mean.
 * Distillation divergences take normalised log-probs (N, C) and return (N,) (`losses.distill`).
+* `head_cross_entropy` (`losses.head`) takes hidden states and the head's weight instead of
+  logits: the head and its summed cross-entropy chunk by chunk, gradients formed in forward.
 * Bad option strings raise ValueError naming the allowed choices.
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .distill import (  # re-exported: `tinygpt.losses` is the one place losses 
     topk_logprobs,
     topk_with_rest,
 )
+from .head import head_cross_entropy
 from .rl import (
     GRPO_LOSS_TYPES,
     KL_KINDS,

@@ -124,8 +124,8 @@ class HeadLossOptions(Options):
     """How the output head and its cross-entropy run (stages whose loss is next-token CE)."""
 
     group = "memory"
-    loss_chunk: int = option(0, "positions per chunk of the output head and its loss, each chunk recomputed in "
-                             "backward, so the (tokens, vocabulary) logits never all exist (0: all at once)",
+    loss_chunk: int = option(0, "positions per chunk of the output head and its loss, each chunk's gradients "
+                             "formed as it goes, so the (tokens, vocabulary) logits never all exist (0: all at once)",
                              check=at_least(0))
 
 
