@@ -346,3 +346,18 @@ def test_head_cross_entropy_equals_the_loss_of_the_whole_logits_under_autocast()
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)        # both from bf16 logits
     torch.testing.assert_close(dh, gh, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dw, gw, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_the_compiled_chunk_of_the_head_loss_equals_the_plain_one():
+    from tinygpt.losses.head import _chunk_loss_and_grad
+    torch.manual_seed(0)
+    logits = torch.randn(12, 70, dtype=torch.bfloat16)
+    t = torch.randint(0, 70, (12, 1))
+    keep = torch.rand(12, 1) > 0.3
+    want = _chunk_loss_and_grad(logits, t, keep, True)
+    got = torch.compile(_chunk_loss_and_grad, dynamic=False)(logits, t, keep, True)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1].float(), want[1].float(), atol=1e-2, rtol=1e-2)
+    ref = torch.softmax(logits.float(), -1) - torch.nn.functional.one_hot(t[:, 0], 70)
+    torch.testing.assert_close(want[1].float(), ref * keep, atol=1e-2, rtol=1e-2)

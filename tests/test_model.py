@@ -183,3 +183,28 @@ def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(k
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         out = attend(*(t.to("cuda", dtype) for t in (q, k, v)), mask.cuda())
         torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA path")
+def test_cuda_compiled_step_with_a_chunked_head_equals_the_eager_whole_head():
+    """A whole compiled step with loss_chunk (on CUDA each chunk's softmax and gradient are a
+    compiled function of their own) gives the loss and gradients of the eager whole-head step."""
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.from_name("nano", vocab_size=1000, block_size=64)).cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randint(0, 1000, (4, 64), device="cuda"), torch.randint(0, 1000, (4, 64), device="cuda")
+    y[:, :9] = -100
+    runs = []
+    for chunk, compiled in ((0, False), (48, True)):
+        model = copy.deepcopy(m)
+        model.loss_chunk = chunk
+        step = torch.compile(lambda a, b: model(a, targets=b)) if compiled else (lambda a, b: model(a, targets=b))
+        loss = step(x, y)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-3)
+    for n, g in runs[0][1].items():
+        assert runs[1][1][n].abs().max() > 0, n
+        torch.testing.assert_close(runs[1][1][n], g, rtol=1e-4, atol=1e-5, msg=n)

@@ -11,10 +11,41 @@ incoming scalar, which is exact because the loss is a plain sum. Against a check
 `ids` / `rows`: a head whose rows `ids` come from a separate trainable (k, C) tensor `rows` (the
 template tokens' rows of a LoRA run) over a frozen `weight`; only the rows' (k, C) gradient is
 formed. Positions whose target is `ignore_index` do not count, as in `token_cross_entropy`.
+
+Inside a compiled step the function runs as it is (`torch.compiler.disable`: a graph break), since
+a traced autograd.Function that forms gradients in forward came out with zero gradients on CUDA;
+on CUDA each chunk's softmax and gradient are one compiled function of their own instead.
 """
 from __future__ import annotations
 
 import torch
+
+
+def _chunk_loss_and_grad(logits, t, keep, need: bool):
+    """logits (c, V) in the compute dtype, t (c, 1) ids, keep (c, 1) bools -> (the chunk's summed
+    loss in float32, d loss / d logits (c, V) in the compute dtype, or None when not `need`)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)                                  # (c, 1)
+    loss = ((lse - x.gather(1, t)) * keep).sum()
+    if not need:
+        return loss, None
+    cols = torch.arange(x.shape[1], device=x.device)
+    g = torch.where(cols == t, (x - lse).exp() - 1, (x - lse).exp()) * keep          # softmax - one-hot
+    return loss, g.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def _fused_chunk(device):
+    """`_chunk_loss_and_grad`, compiled on CUDA (one pass to reduce, one to write the gradient,
+    instead of a float32 copy and a kernel per operation); as it is elsewhere."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return _chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -31,18 +62,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)                      # float32, or float64
         gw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         gr = torch.zeros(rows.shape, dtype=acc, device=h.device) if need_r else None
+        need = need_h or need_w or need_r
+        step = _fused_chunk(h.device)
         for s in range(0, h.shape[0], chunk):
             hc, t = h[s:s + chunk], targets[s:s + chunk]
             keep = (t != ignore_index)[:, None]                                     # (c, 1)
-            t = t.clamp(min=0)[:, None]                                             # ignored -> any id, masked
-            logits = (hc @ w.t()).float()                                           # (c, V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)                     # (c, 1)
-            total += ((lse - logits.gather(1, t)) * keep).sum()
-            if not (need_h or need_w or need_r):
+            loss, g = step(hc @ w.t(), t.clamp(min=0)[:, None], keep, need)       # logits (c, V)
+            total += loss
+            if not need:
                 continue
-            g = logits.sub_(lse).exp_()                                             # softmax, in place
-            g.scatter_add_(1, t, -torch.ones_like(lse))                             # minus the one-hot
-            g = g.mul_(keep).to(h.dtype)                                            # d loss / d logits
             if need_h:
                 gh[s:s + chunk] = g @ w                                             # (c, C)
             if need_w:
@@ -62,6 +90,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, dr
 
 
+@torch.compiler.disable
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                        ignore_index: int = -100, ids: torch.Tensor | None = None,
                        rows: torch.Tensor | None = None) -> torch.Tensor:
