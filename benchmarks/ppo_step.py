@@ -1,5 +1,7 @@
-"""Time one PPO iteration of a GPT-2-shaped policy, split into generation / scoring (reward model +
-reference + values + behaviour log-probs) / training, and report the peak GPU memory.
+"""Time one PPO (or, with --algo grpo, GRPO) iteration of a GPT-2-shaped policy, split into generation
+/ scoring (reward model + reference + values + behaviour log-probs) / training, and report the peak
+GPU memory. GRPO samples --batch rollouts too: --batch / --group prompts, --group completions each,
+no value head.
 
 Roles as `tinygpt ppo` sets them up: frozen bf16 base + trainable float32 LoRA adapter (policy),
 the same model with the adapter off (reference), a value head on the policy's hidden states, and a
@@ -24,7 +26,7 @@ from tinygpt.lora import apply_lora
 from tinygpt.model import GPT
 from tinygpt.reward_model import RewardModel
 from tinygpt.rollout import Prompt
-from tinygpt.stages.rl import PPOOptions, PPOTrainer
+from tinygpt.stages.rl import GRPOOptions, GRPOTrainer, PPOOptions, PPOTrainer
 from tinygpt.train.engine import prepare
 from tinygpt.verifiers import ModelReward
 
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--algo", choices=("ppo", "grpo"), default="ppo")
+    ap.add_argument("--group", type=int, default=4, help="GRPO: completions per prompt")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
@@ -75,11 +79,15 @@ def main():
     g = torch.Generator().manual_seed(1)
     prompts = [Prompt([], None, "", torch.randint(1, a.vocab, (a.prompt_len,), generator=g).tolist())
                for _ in range(a.batch)]
-    opts = PPOOptions(out=tempfile.mkdtemp() + "/ppo.lora", steps=a.iters, batch=a.batch, max_new_tokens=a.new_tokens,
-                      minibatch=a.minibatch, ppo_epochs=a.epochs, samples=0, lr=1e-5, lr_schedule="constant",
-                      dtype=a.dtype, quiet=True, device=str(device))
-    trainer = PPOTrainer(opts, policy, tok, prompts=prompts, reward=ModelReward(rm, tok, None, batch=a.minibatch),
-                         reference="ppo", stop_ids=[], log=lambda *m: None)
+    common = dict(out=tempfile.mkdtemp() + "/rl.lora", steps=a.iters, max_new_tokens=a.new_tokens,
+                  minibatch=a.minibatch, ppo_epochs=a.epochs, samples=0, lr=1e-5, lr_schedule="constant",
+                  dtype=a.dtype, quiet=True, device=str(device))
+    if a.algo == "grpo":      # the same number of rollouts: batch / group prompts, group completions each
+        opts, cls = GRPOOptions(batch=max(1, a.batch // a.group), group_size=a.group, **common), GRPOTrainer
+    else:
+        opts, cls = PPOOptions(batch=a.batch, **common), PPOTrainer
+    trainer = cls(opts, policy, tok, prompts=prompts, reward=ModelReward(rm, tok, None, batch=a.minibatch),
+                  reference="ppo", stop_ids=[], log=lambda *m: None)
     prepare(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -89,13 +97,13 @@ def main():
     steady = rows[1:] or rows
     med = {k: statistics.median(r[k] for r in steady) for k in keys}
     total = sum(med.values())
-    n_tok = a.batch * a.new_tokens
+    n_tok = opts.batch * opts.group_size * a.new_tokens
     print(f"{'phase':>10} {'first (s)':>10} {'median (s)':>11} {'share':>6}")
     for k in keys:
         print(f"{k[5:]:>10} {rows[0][k]:>10.3f} {med[k]:>11.3f} {med[k] / total:>6.1%}")
     print(f"iteration {total:.3f} s, {n_tok / total:,.0f} response tokens/s, "
           f"{rows[-1]['updates']} optimizer steps, peak memory {peak:.2f} GiB")
-    print(json.dumps({"bench": "ppo_step", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    print(json.dumps({"bench": "ppo_step", "algo": a.algo, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "layers": a.layers, "embd": a.embd, "batch": a.batch, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "minibatch": a.minibatch, "epochs": a.epochs,
                       "first": {k: rows[0][k] for k in keys}, "median": med, "iteration_s": total,
