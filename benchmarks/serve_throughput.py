@@ -215,6 +215,7 @@ def main():
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine column")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python[server]: adds the llama.cpp column")
     ap.add_argument("--stream-interval", type=float, help="the server's --stream-interval (default: its own)")
+    ap.add_argument("--server-flags", default="", help="more `tinygpt serve` flags, e.g. --server-flags=--no-engine-process")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both servers")
     a = ap.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
@@ -244,6 +245,7 @@ def main():
            "--log-level", "warning"]
     if a.stream_interval is not None:
         cmd += ["--stream-interval", str(a.stream_interval)]
+    cmd += a.server_flags.split()
     server = start_server(cmd, port, folder / "serve.log", env)
     body = {"model": path.stem, "ignore_eos": True, "stream_options": {"include_usage": True}}
     http_columns(a, server, port, streams, rows, "server", tok, body)

@@ -50,16 +50,20 @@ class Server:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "engine-process"])
+def world(tmp_path_factory, request):
+    """The server with its engine in the server's process, and in a process of its own (what
+    `tinygpt serve` runs): every test below runs against both."""
     folder = tmp_path_factory.mktemp("serve")
     base, paths = make_world(folder, block_size=512)
     opts = ServeOptions(model=base, adapters=str(folder), device="cpu", max_batch=32, max_body=65536)
-    service = build_service(opts)
+    service = build_service(opts, engine_process=request.param)
     server = Server(create_app(service, KEY, opts.max_body))
     torch.set_num_threads(1)
     yield {"url": server.url, "base": base, "paths": paths, "service": service, "folder": folder}
     server.stop()
+    if request.param:
+        assert not service.scheduler.proc.is_alive()        # the lifespan's close ended the engine
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +327,36 @@ def test_shutdown_finishes_in_flight_streams(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_engine_process_reports_load_errors_and_its_death(tmp_path):
+    """A model the engine process cannot load is the same one-line error as in one process; an
+    engine process that dies ends the open streams with an error event and [DONE], and the
+    server then answers 503 instead of hanging."""
+    from tinygpt.errors import UserError
+    bad = tmp_path / "bad.tinygpt"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(UserError) as one:
+        build_service(ServeOptions(model=str(bad), device="cpu"))
+    with pytest.raises(UserError) as other:
+        build_service(ServeOptions(model=str(bad), device="cpu"), engine_process=True)
+    assert str(other.value) == str(one.value)
+    base, _ = make_world(tmp_path, block_size=512)
+    service = build_service(ServeOptions(model=base, device="cpu"), engine_process=True)
+    server = Server(create_app(service))
+    try:
+        body = {"model": "base", "prompt": "x", "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            service.scheduler.proc.kill()
+            rest = [x for x in [first, *lines] if x]
+        assert rest[-1] == "data: [DONE]" and any('"server_error"' in x for x in rest)
+        again = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=10)
+        assert again.status_code == 503 and again.json()["error"]["type"] == "server_error"
+    finally:
+        server.stop()
 
 
 def text_of_reference(base, max_new):

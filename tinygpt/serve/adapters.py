@@ -120,13 +120,20 @@ def adapter_files(lora_specs, adapters_dir) -> list[tuple[str, str]]:
     return files
 
 
-class ServedAdapters:
-    """The adapters a server was started with, applied per row (`SlotEngine(rows=...)`)."""
+class AdapterNames:
+    """The served adapters' names, files and indices: what the requests' side needs of them."""
 
-    def __init__(self, model, tok, files: list[tuple[str, str]], n_slots: int):
+    def __init__(self, files: list[tuple[str, str]]):
         self.names = [n for n, _ in files]
         self.paths = dict(files)
         self.index = {n: i for i, n in enumerate(self.names)}
+
+
+class ServedAdapters(AdapterNames):
+    """The adapters a server was started with, applied per row (`SlotEngine(rows=...)`)."""
+
+    def __init__(self, model, tok, files: list[tuple[str, str]], n_slots: int):
+        super().__init__(files)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         loaded = [(checked_adapter(model, p), p) for _, p in files]

@@ -4,28 +4,28 @@ Design choices:
 - Everything a request may use is loaded at start-up: the model, the `--lora` stack and the
   adapters of `--adapters DIR`; a request can name them, never a path. Listening is on loopback
   unless --host says otherwise; --api-key (or $TINYGPT_API_KEY) guards /v1/*.
-- uvicorn runs the ASGI app in this process; its graceful shutdown (SIGINT / SIGTERM) lets open
-  responses finish before the scheduler is closed.
+- uvicorn runs the ASGI app in this process; the model, its slot engine and the scheduler run in
+  a process of their own (`worker.py`; `--no-engine-process` keeps them in this one). Graceful
+  shutdown (SIGINT / SIGTERM) lets open responses finish before the scheduler is closed.
 """
 from __future__ import annotations
 
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass
 
 import uvicorn
 
-from ..device import DTYPE_NAMES, DeviceOptions, resolve_dtype, setup_device
+from ..device import DTYPE_NAMES, DeviceOptions
 from ..errors import UserError
-from ..load import load_model_and_tokenizer
 from ..options import SEED, at_least, between, option
 from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs
-from .adapters import ServedAdapters, adapter_files
+from .adapters import AdapterNames, adapter_files
 from .app import create_app
-from .engine import SlotEngine
+from .scheduler import Scheduler
 from .service import Service
+from .worker import RemoteScheduler, load_engine
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -52,20 +52,26 @@ class ServeOptions(ModelOptions, TemplateOptions, DeviceOptions):
     cuda_graph: bool = option(True, "replay decode steps as CUDA graphs on CUDA", negate="--no-cuda-graph")
     seed: int = option(0, "seed of the sampler of requests without a seed", check=SEED)
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+    engine_process: bool = option(True, "run the model and its scheduler in a process of their own, apart from "
+                                  "the HTTP server (the two never wait for one interpreter lock)",
+                                  negate="--no-engine-process")
 
 
-def build_service(opts: ServeOptions) -> Service:
-    """The model, its served adapters, the slot engine and the scheduler (not started)."""
+def build_service(opts: ServeOptions, engine_process: bool = False) -> Service:
+    """The model, its served adapters, the slot engine and the scheduler (not started): in this
+    process, or with `engine_process` in a process of their own (`worker.py`)."""
     check_inputs(opts)
     files = adapter_files(lora_specs(opts), opts.adapters)
-    device, _, _ = setup_device(opts.device)
-    model, tok = load_model_and_tokenizer(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
-    adapters = ServedAdapters(model, tok, files, opts.max_batch) if files else None
-    engine = SlotEngine(model, opts.max_batch, model.config.block_size, tok.vocab_size, rows=adapters,
-                        cuda_graph=opts.cuda_graph and device.type == "cuda", seed=opts.seed)
+    if engine_process:
+        scheduler = RemoteScheduler(opts, files)
+        tok, block, vocab = scheduler.tok, scheduler.block_size, scheduler.vocab_limit
+        adapters = AdapterNames(files) if files else None
+    else:
+        tok, adapters, engine = load_engine(opts, files)
+        scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
+        block, vocab = engine.model.config.block_size, engine.vocab_limit
     stack = [(name, w) for (name, _), (_, w) in zip(files, lora_specs(opts))]
-    return Service(model, tok, engine, opts.model, stack, adapters, opts.template, opts.max_queue,
-                   opts.prefill_tokens, opts.stream_interval)
+    return Service(tok, block, vocab, scheduler, opts.model, stack, adapters, opts.template, opts.stream_interval)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -87,12 +93,7 @@ def serve_command(opts: ServeOptions) -> None:
     if key is not None and not key.strip():
         raise UserError("--api-key is empty", None, "give a key or leave the option out")
     sock = listen(opts.host, opts.port)
-    service = build_service(opts)
-    if service.engine.use_graph:
-        t0 = time.perf_counter()
-        n = service.engine.capture_all()
-        print(f"captured {n} decode graphs (every batch and length bucket) in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)
+    service = build_service(opts, opts.engine_process)
     # Two busy threads share the GIL (the event loop, the scheduler); a shorter switch interval
     # than the 5 ms default keeps the scheduler from waiting that long to launch the next step.
     sys.setswitchinterval(0.0005)

@@ -73,6 +73,7 @@ class Job:
         self.pending: list[tuple[int, Update]] = []
         self.event = asyncio.Event()
         self.cancelled = False
+        self.on_cancel = None           # called once on cancel (a scheduler in another process is told)
 
     def post(self, index: int, update: Update) -> None:
         self.pending.append((index, update))
@@ -93,6 +94,8 @@ class Job:
                 return
 
     def cancel(self) -> None:
+        if not self.cancelled and self.on_cancel is not None:
+            self.on_cancel()
         self.cancelled = True
 
 
@@ -120,7 +123,12 @@ class Full(Exception):
 
 
 class Scheduler:
-    def __init__(self, engine, on_updates, max_waiting: int = 1024, prefill_tokens: int = 2048):
+    """on_updates([(sequence, Update)]) is called from the scheduler thread after each iteration
+    that produced tokens (given here, or to `start`)."""
+
+    paced = False                       # its updates come every iteration (the caller may pace them)
+
+    def __init__(self, engine, on_updates=None, max_waiting: int = 1024, prefill_tokens: int = 2048):
         self.engine, self.on_updates = engine, on_updates
         self.max_waiting, self.prefill_tokens = max_waiting, prefill_tokens
         self.cond = threading.Condition()
@@ -132,7 +140,8 @@ class Scheduler:
         self.cancelled = 0                          # sequences that left because their client did
         self.thread = threading.Thread(target=self._run, name="tinygpt-scheduler", daemon=True)
 
-    def start(self) -> "Scheduler":
+    def start(self, on_updates=None) -> "Scheduler":
+        self.on_updates = on_updates or self.on_updates
         self.thread.start()
         return self
 

@@ -32,7 +32,7 @@ from ..data.formats import Message
 from ..errors import UserError
 from ..stages.common import resolve_template, stop_ids
 from .protocol import ApiError, ChatRequest, CompletionRequest
-from .scheduler import Closed, Full, Job, Params, Scheduler, Sequence
+from .scheduler import Closed, Full, Job, Params, Sequence
 from .text import Detokenizer
 
 
@@ -65,13 +65,17 @@ class Pacer:
 
 
 class Service:
-    def __init__(self, model, tok, engine, model_path, lora_stack=(), adapters=None, template: str | None = None,
-                 max_waiting: int = 1024, prefill_tokens: int = 2048, stream_interval: float = 0.0):
-        self.model, self.tok, self.engine, self.adapters = model, tok, engine, adapters
+    """The requests' side of a server. `scheduler` runs the sequences: a `Scheduler` over a slot
+    engine in this process, or a `worker.RemoteScheduler` whose engine is a process of its own.
+    `adapters` names the served adapters (`.names`, `.index`, `.paths`)."""
+
+    def __init__(self, tok, block_size: int, vocab_limit: int, scheduler, model_path, lora_stack=(), adapters=None,
+                 template: str | None = None, stream_interval: float = 0.0):
+        self.tok, self.scheduler, self.adapters = tok, scheduler, adapters
         self.model_path, self.template = str(model_path), template
         self.stream_interval = stream_interval
-        self.block = model.config.block_size
-        self.vocab_limit = engine.vocab_limit
+        self.block = block_size
+        self.vocab_limit = vocab_limit
         self.model_id = Path(model_path).stem if Path(model_path).suffix else Path(model_path).name
         names = adapters.names if adapters is not None else []
         if self.model_id in names:
@@ -82,7 +86,6 @@ class Service:
         self.templates: dict = {}
         self.created = int(time.time())
         self.loop = None
-        self.scheduler = Scheduler(engine, self._on_updates, max_waiting, prefill_tokens)
         self.text_stop_ids = frozenset(tok.stop_ids())
         self.detok = Detokenizer(tok)
         self.detok.stream(True), self.detok.stream(False)       # build the byte tables now, not on a request
@@ -91,14 +94,13 @@ class Service:
     # ---- lifetime -------------------------------------------------------------------------------
     def start(self, loop) -> None:
         self.loop = loop
-        self.pacer = Pacer(self.stream_interval, lambda out: loop.call_soon_threadsafe(_post_all, out))
-        self.scheduler.start()
+
+        def post(out):
+            loop.call_soon_threadsafe(_post_all, out)
+        self.scheduler.start(post if self.scheduler.paced else Pacer(self.stream_interval, post).feed)
 
     def close(self) -> None:
         self.scheduler.close()
-
-    def _on_updates(self, updates) -> None:
-        self.pacer.feed(updates)
 
     # ---- models and stacks ----------------------------------------------------------------------
     def model_cards(self) -> list[dict]:

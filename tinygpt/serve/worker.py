@@ -1,0 +1,220 @@
+"""The engine in a process of its own: what `tinygpt serve` runs by default.
+
+Design choices:
+- Why: in one process the HTTP event loop and the scheduler thread take turns on one Python
+  interpreter lock. Every server-sent event the loop writes is time in which the scheduler cannot
+  launch the next decode step, so with many streams the GPU waits for Python (measured: the
+  scheduler alone kept pace with a static batch at 64 streams, the same scheduler behind HTTP in
+  its process ran at 0.65 of it). As vLLM does, the model, its slot engine, the scheduler and the
+  pacing of updates live in a child process; the server process parses requests, renders chat
+  templates, tokenizes and writes the streams.
+- The two talk over one `multiprocessing` pipe, pickled messages both ways. To the engine:
+  ("submit", [(key, job, index, prompt, params, stack)]), ("cancel", job) once the job is over or
+  its client left (every job ends with one), ("stats",), ("close",). From it:
+  ("ready", tokenizer, block size, vocabulary limit), ("error", what, where, fix) when loading
+  fails (the server then exits with that one-line error), ("updates", [(key, Update)], stats)
+  at most every stream interval (first tokens and ends at once, as `service.Pacer` does),
+  ("stats", counts) when asked, and ("closed",) once it has finished every sequence after a close.
+- Detokenization and stop strings run where the tokens are (the engine process), so an update
+  carries text ready to write.
+- The server's side (`RemoteScheduler`) has the surface of `scheduler.Scheduler` that `Service`
+  uses: submit, close, stats, start. It counts the sequences it has in flight to answer 429 at
+  once when the engine's queue would be full, and if the engine process dies every open
+  sequence ends with an error and new requests get 503.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import signal
+import sys
+import threading
+import time
+
+from ..device import resolve_dtype, setup_device
+from ..errors import UserError
+from ..load import load_model_and_tokenizer
+from .adapters import ServedAdapters
+from .engine import SlotEngine
+from .scheduler import Closed, Full, Scheduler, Sequence, Update
+from .service import Pacer
+from .text import Detokenizer
+
+
+def load_engine(opts, files):
+    """(tokenizer, served adapters or None, slot engine) of `tinygpt serve`'s options and adapter
+    files, every decode graph captured (on CUDA)."""
+    device, _, _ = setup_device(opts.device)
+    model, tok = load_model_and_tokenizer(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+    adapters = ServedAdapters(model, tok, files, opts.max_batch) if files else None
+    engine = SlotEngine(model, opts.max_batch, model.config.block_size, tok.vocab_size, rows=adapters,
+                        cuda_graph=opts.cuda_graph and device.type == "cuda", seed=opts.seed)
+    if engine.use_graph:
+        t0 = time.perf_counter()
+        n = engine.capture_all()
+        print(f"captured {n} decode graphs (every batch and length bucket) in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
+    return tok, adapters, engine
+
+
+# ---- the engine process -----------------------------------------------------------------------------
+class _Job:
+    """The engine process's view of a request: whether its client went away."""
+    cancelled = False
+
+
+def engine_main(conn, opts, files) -> None:
+    """The engine process: load, say ready, then serve the pipe's messages until a close (or until
+    the server process is gone). Ctrl-C reaches the whole process group: the server decides when
+    the engine stops (after uvicorn's graceful shutdown), so it is ignored here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        tok, _, engine = load_engine(opts, files)
+    except UserError as e:
+        conn.send(("error", e.what, e.where, e.fix))
+        return
+    sent = threading.Lock()
+
+    def send(msg):
+        with sent:
+            conn.send(msg)
+    scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
+    pacer = Pacer(opts.stream_interval,
+                  lambda out: send(("updates", [(s.key, u) for s, u in out], scheduler.stats())))
+    scheduler.start(pacer.feed)
+    send(("ready", tok, engine.model.config.block_size, engine.vocab_limit))
+    detok, jobs = Detokenizer(tok), {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):         # the server process is gone
+            msg = ("close",)
+        if msg[0] == "submit":
+            seqs = []
+            for key, job, index, prompt, params, stack in msg[1]:
+                seq = Sequence(jobs.setdefault(job, _Job()), index, prompt, params, stack, detok)
+                seq.key = key
+                seqs.append(seq)
+            scheduler.submit(seqs)
+        elif msg[0] == "stats":
+            send(("stats", scheduler.stats()))
+        elif msg[0] == "cancel":           # the job is over or its client left: sent once per job
+            jobs.pop(msg[1], _Job()).cancelled = True
+        elif msg[0] == "close":
+            scheduler.close()
+            try:
+                send(("closed",))
+            except (BrokenPipeError, OSError):
+                pass
+            return
+
+
+# ---- the server process ------------------------------------------------------------------------------
+class RemoteScheduler:
+    """`Scheduler`'s surface over an engine process (see the module notes)."""
+
+    paced = True                        # the engine process paces the updates itself
+
+    def __init__(self, opts, files):
+        self.max_queue, self.max_batch = opts.max_queue, opts.max_batch
+        ctx = mp.get_context("spawn")   # CUDA cannot be forked
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=engine_main, args=(child, opts, files), name="tinygpt-engine", daemon=True)
+        self.proc.start()
+        child.close()
+        msg = self._recv()
+        if msg is None or msg[0] == "error":
+            self.proc.join(10)
+            if msg is None:
+                raise UserError("the engine process exited while loading the model", opts.model,
+                                "see the messages above")
+            raise UserError(*msg[1:])
+        self.tok, self.block_size, self.vocab_limit = msg[1:]
+        self.lock = threading.Lock()
+        self.open: dict[int, Sequence] = {}     # key -> sequence, until its last update or its job's end
+        self.keys = itertools.count()
+        self.last_stats = {"running": 0, "waiting": 0, "cancelled": 0}
+        self.closing = False
+        self.on_updates = None
+        self.reader = threading.Thread(target=self._read, name="tinygpt-engine-reader", daemon=True)
+        self.closed, self.stats_ready = threading.Event(), threading.Event()
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def _send(self, msg) -> bool:
+        try:
+            with self.lock:
+                self.conn.send(msg)
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def start(self, on_updates) -> "RemoteScheduler":
+        self.on_updates = on_updates
+        self.reader.start()
+        return self
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        if self.closing:
+            raise Closed()
+        if len(self.open) + len(seqs) > self.max_queue + self.max_batch:
+            raise Full()
+        job, keys = next(self.keys), [next(self.keys) for _ in seqs]
+        wire = [(key, job, seq.index, seq.prompt, seq.params, seq.stack) for key, seq in zip(keys, seqs)]
+        self.open.update(zip(keys, seqs))
+        seqs[0].job.on_cancel = lambda: self._cancel(job, keys)
+        if not self._send(("submit", wire)):
+            raise Closed()
+
+    def _cancel(self, job: int, keys: list[int]) -> None:
+        """A job is over or its client left: its sequences send nothing more (a cancelled one
+        never ends with an update), so they stop counting here, and the engine is told."""
+        for key in keys:
+            self.open.pop(key, None)
+        self._send(("cancel", job))
+
+    def stats(self) -> dict:
+        """The engine's counts (running, waiting, cancelled), asked for now (at most a second's
+        wait; the last known ones otherwise)."""
+        self.stats_ready.clear()
+        if not self.closing and self._send(("stats",)):
+            self.stats_ready.wait(1.0)
+        return dict(self.last_stats)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new sequences; return once the engine process has finished the submitted ones."""
+        self.closing = True
+        if self.proc.is_alive() and self._send(("close",)):
+            self.closed.wait(timeout)
+        self.proc.join(timeout)
+
+    def _read(self) -> None:
+        """The pipe's messages -> updates of this process's sequences (until the engine ends)."""
+        while True:
+            msg = self._recv()
+            if msg is None or msg[0] == "closed":
+                break
+            if msg[0] == "stats":
+                self.last_stats = msg[1]
+                self.stats_ready.set()
+                continue
+            _, items, self.last_stats = msg
+            out = []
+            for key, update in items:
+                seq = self.open.get(key)
+                if seq is not None:
+                    out.append((seq, update))
+                    if update.finish is not None:
+                        del self.open[key]
+            if out:
+                self.on_updates(out)
+        self.closing = True
+        lost = [(seq, Update(finish="error")) for seq in self.open.values()]
+        self.open.clear()
+        if lost:            # the engine process died: nothing more will come for these
+            self.on_updates(lost)
+        self.closed.set()
