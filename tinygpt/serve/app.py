@@ -130,8 +130,9 @@ def create_app(service, api_key: str | None = None, max_body: int = 1 << 20):
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", **service.scheduler.stats()}
+    async def health():     # off the event loop: an engine in another process is asked and may take a moment
+        stats = await asyncio.get_running_loop().run_in_executor(None, service.scheduler.stats)
+        return {"status": "ok", **stats}
 
     @app.get("/v1/models")
     async def models():
