@@ -9,10 +9,11 @@ Design choices:
   pacing of updates live in a child process; the server process parses requests, renders chat
   templates, tokenizes and writes the streams.
 - The two talk over one `multiprocessing` pipe, pickled messages both ways. To the engine:
-  ("submit", [(key, job, index, prompt, params, stack)]), ("cancel", job) once the job is over or
-  its client left (every job ends with one), ("stats",), ("close",). From it:
+  ("submit", [(key, job, index, prompt, params, stack)]), ("cancel", job) when its client left
+  before it ended, ("stats",), ("close",). From it:
   ("ready", tokenizer, block size, vocabulary limit), ("error", what, where, fix) when loading
-  fails (the server then exits with that one-line error), ("updates", [(key, Update)], stats)
+  fails (the server then exits with that one-line error), ("updates", [(key, text, tokens, finish,
+  n_tokens)], stats) (an `Update`'s fields as a tuple: a seventh of the unpickling time)
   at most every stream interval (first tokens and ends at once, as `service.Pacer` does),
   ("stats", counts) when asked, and ("closed",) once it has finished every sequence after a close.
 - Detokenization and stop strings run where the tokens are (the engine process), so an update
@@ -25,6 +26,7 @@ Design choices:
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import multiprocessing as mp
 import signal
 import sys
@@ -59,8 +61,11 @@ def load_engine(opts, files):
 
 # ---- the engine process -----------------------------------------------------------------------------
 class _Job:
-    """The engine process's view of a request: whether its client went away."""
-    cancelled = False
+    """The engine process's view of a request: whether its client went away, how many of its
+    sequences have not ended yet."""
+
+    def __init__(self, key: int):
+        self.key, self.cancelled, self.left = key, False, 0
 
 
 def engine_main(conn, opts, files) -> None:
@@ -73,33 +78,41 @@ def engine_main(conn, opts, files) -> None:
     except UserError as e:
         conn.send(("error", e.what, e.where, e.fix))
         return
-    sent = threading.Lock()
+    lock, ended = threading.Lock(), deque()         # keys of jobs whose every sequence ended
 
     def send(msg):
-        with sent:
+        with lock:
             conn.send(msg)
+
+    def hand_off(out):                              # from the scheduler thread, paced
+        for seq, u in out:
+            if u.finish is not None:
+                seq.job.left -= 1
+                if not seq.job.left:
+                    ended.append(seq.job.key)
+        send(("updates", [(s.key, u.text, u.tokens, u.finish, u.n_tokens) for s, u in out], scheduler.stats()))
     scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
-    pacer = Pacer(opts.stream_interval,
-                  lambda out: send(("updates", [(s.key, u) for s, u in out], scheduler.stats())))
-    scheduler.start(pacer.feed)
+    scheduler.start(Pacer(opts.stream_interval, hand_off).feed)
     send(("ready", tok, engine.model.config.block_size, engine.vocab_limit))
     detok, jobs = Detokenizer(tok), {}
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError):         # the server process is gone
+        except (EOFError, OSError):                 # the server process is gone
             msg = ("close",)
+        while ended:
+            jobs.pop(ended.popleft(), None)
         if msg[0] == "submit":
-            seqs = []
-            for key, job, index, prompt, params, stack in msg[1]:
-                seq = Sequence(jobs.setdefault(job, _Job()), index, prompt, params, stack, detok)
+            seqs = [Sequence(jobs.setdefault(job, _Job(job)), index, prompt, params, stack, detok)
+                    for _, job, index, prompt, params, stack in msg[1]]
+            for seq, (key, *_) in zip(seqs, msg[1]):
                 seq.key = key
-                seqs.append(seq)
+                seq.job.left += 1
             scheduler.submit(seqs)
         elif msg[0] == "stats":
             send(("stats", scheduler.stats()))
-        elif msg[0] == "cancel":           # the job is over or its client left: sent once per job
-            jobs.pop(msg[1], _Job()).cancelled = True
+        elif msg[0] == "cancel":                    # its client left before the job ended
+            jobs.pop(msg[1], _Job(msg[1])).cancelled = True
         elif msg[0] == "close":
             scheduler.close()
             try:
@@ -172,10 +185,11 @@ class RemoteScheduler:
 
     def _cancel(self, job: int, keys: list[int]) -> None:
         """A job is over or its client left: its sequences send nothing more (a cancelled one
-        never ends with an update), so they stop counting here, and the engine is told."""
-        for key in keys:
-            self.open.pop(key, None)
-        self._send(("cancel", job))
+        never ends with an update), so they stop counting here; the engine is told only when
+        some had not ended (it forgets ended jobs itself)."""
+        running = [key for key in keys if self.open.pop(key, None) is not None]
+        if running:
+            self._send(("cancel", job))
 
     def stats(self) -> dict:
         """The engine's counts (running, waiting, cancelled), asked for now (at most a second's
@@ -204,11 +218,11 @@ class RemoteScheduler:
                 continue
             _, items, self.last_stats = msg
             out = []
-            for key, update in items:
+            for key, *fields in items:
                 seq = self.open.get(key)
                 if seq is not None:
-                    out.append((seq, update))
-                    if update.finish is not None:
+                    out.append((seq, Update(*fields)))
+                    if fields[2] is not None:         # finish
                         del self.open[key]
             if out:
                 self.on_updates(out)
