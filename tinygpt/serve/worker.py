@@ -26,12 +26,12 @@ Design choices:
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import multiprocessing as mp
 import signal
 import sys
 import threading
 import time
+from collections import deque
 
 from ..device import resolve_dtype, setup_device
 from ..errors import UserError
@@ -222,8 +222,8 @@ class RemoteScheduler:
                 seq = self.open.get(key)
                 if seq is not None:
                     out.append((seq, Update(*fields)))
-                    if fields[2] is not None:         # finish
-                        del self.open[key]
+                    if fields[2] is not None:         # finish (the event loop may have dropped it)
+                        self.open.pop(key, None)
             if out:
                 self.on_updates(out)
         self.closing = True
