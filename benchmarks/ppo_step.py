@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--algo", choices=("ppo", "grpo"), default="ppo")
+    ap.add_argument("--compile", action="store_true", help="--compile: the policy's blocks compiled for training")
     ap.add_argument("--group", type=int, default=4, help="GRPO: completions per prompt")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +82,7 @@ def main():
                for _ in range(a.batch)]
     common = dict(out=tempfile.mkdtemp() + "/rl.lora", steps=a.iters, max_new_tokens=a.new_tokens,
                   minibatch=a.minibatch, ppo_epochs=a.epochs, samples=0, lr=1e-5, lr_schedule="constant",
-                  dtype=a.dtype, quiet=True, device=str(device))
+                  dtype=a.dtype, quiet=True, device=str(device), compile=a.compile)
     if a.algo == "grpo":      # the same number of rollouts: batch / group prompts, group completions each
         opts, cls = GRPOOptions(batch=max(1, a.batch // a.group), group_size=a.group, **common), GRPOTrainer
     else:
@@ -103,7 +104,7 @@ def main():
         print(f"{k[5:]:>10} {rows[0][k]:>10.3f} {med[k]:>11.3f} {med[k] / total:>6.1%}")
     print(f"iteration {total:.3f} s, {n_tok / total:,.0f} response tokens/s, "
           f"{rows[-1]['updates']} optimizer steps, peak memory {peak:.2f} GiB")
-    print(json.dumps({"bench": "ppo_step", "algo": a.algo, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    print(json.dumps({"bench": "ppo_step", "algo": a.algo, "compile": a.compile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "layers": a.layers, "embd": a.embd, "batch": a.batch, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "minibatch": a.minibatch, "epochs": a.epochs,
                       "first": {k: rows[0][k] for k in keys}, "median": med, "iteration_s": total,

@@ -208,3 +208,21 @@ def test_cuda_compiled_step_with_a_chunked_head_equals_the_eager_whole_head():
     for n, g in runs[0][1].items():
         assert runs[1][1][n].abs().max() > 0, n
         torch.testing.assert_close(runs[1][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.slow
+def test_compiled_training_blocks_equal_the_eager_ones():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.from_name("nano", vocab_size=64, block_size=32))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    c = copy.deepcopy(m)
+    c.compile_training_blocks()
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    for model in (m, c):
+        model(x, targets=y).backward()
+    for (n, p), q in zip(m.named_parameters(), c.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(c.eval()(x), m.eval()(x))

@@ -370,3 +370,37 @@ def test_cli_grpo_with_a_two_argument_reward_plugin(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "plug2:broken" in err[0] and "ZeroDivisionError" in err[0]
     assert not (tmp_path / "b.lora").exists()
+
+
+@pytest.mark.parametrize("cls", [PPOTrainer, GRPOTrainer])
+def test_compile_runs_compiled_blocks_in_the_updates_only_and_trains_the_same(tmp_path, monkeypatch, cls):
+    """--compile in RL stages: the policy's blocks are compiled for its training forwards only;
+    rollouts and scoring (eval mode, no gradients) run the eager blocks. With torch.compile
+    replaced by a counting identity, the run equals the one without --compile."""
+    calls = {"compiled": 0}
+
+    class Counting(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args):
+            assert torch.is_grad_enabled() and self.block.training
+            calls["compiled"] += 1
+            return self.block(*args)
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Counting(module))
+    weights = []
+    for compiled in (False, True):
+        m, tok, prompts = _setup(sharp=True)
+        apply_lora(m, 4, 8, name="rl")
+        extra = {"group_size": 2} if cls is GRPOTrainer else {}
+        tr = _trainer(cls, m, tok, prompts, _frac_good, tmp_path / f"{compiled}.lora", reference="rl", steps=2,
+                      batch=4, max_new_tokens=6, minibatch=4, compile=compiled, **extra)
+        for it in range(2):
+            tr.iteration(tr.engine, it)
+        weights.append({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+    n_blocks = m.config.n_layer
+    assert calls["compiled"] > 0 and calls["compiled"] % n_blocks == 0
+    for n, w in weights[0].items():
+        assert torch.equal(w, weights[1][n]), n
+    assert not copy.deepcopy(m)._train_blocks                  # a copy starts without them

@@ -10,6 +10,8 @@ Design choices:
   the head and the loss as one function, so a compiled step never materialises float32 logits);
   `hidden` returns the final normalised hidden states for heads that read them (reward and value
   heads, chunked log-prob computation). The losses themselves live in `losses`.
+- `compile_training_blocks` compiles each block for training forwards only (RL stages, whose
+  rollouts run the eager blocks in CUDA graphs).
 - `compile_regions` compiles each block and `head_loss` separately instead of the whole step:
   identical blocks share one compilation, so a cold start takes a fraction of a whole-model
   compile (GPT-2 size on one H200: 16 s instead of 44 s). Steps are as fast for pretraining at
@@ -139,6 +141,14 @@ def packed_mask(doc_ids: torch.Tensor):
     same = doc_ids[:, :, None] == doc_ids[:, None, :]                       # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return (same & causal)[:, None]                                          # (B, 1, T, T)
+
+
+class _CompiledBlocks(list):
+    """`GPT.compile_training_blocks`' compiled blocks (not submodules: the state dict is the
+    blocks'); a copy of the model (deepcopy) starts without them."""
+
+    def __deepcopy__(self, memo):
+        return _CompiledBlocks()
 
 
 class KVCache:
@@ -275,6 +285,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
         self.loss_chunk = 0              # >0: `head_loss` runs the head over that many positions at a time
+        self._train_blocks = _CompiledBlocks()      # compiled blocks for training forwards, when asked
         self.dropout = cfg.dropout
         self.reset_parameters()
 
@@ -319,8 +330,9 @@ class GPT(nn.Module):
             p = pos if pos.dim() == 2 else pos.unsqueeze(0)                 # (B or 1, T)
             rope = (self.rope_cos[p].unsqueeze(1).to(x.dtype), self.rope_sin[p].unsqueeze(1).to(x.dtype))
         x = _drop(x, self.dropout, self.training)
-        for block in self.model.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        for block in self._train_blocks if self._train_blocks and training else self.model.layers:
+            if self.grad_checkpointing and training:
                 x = checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, slots)
@@ -360,6 +372,12 @@ class GPT(nn.Module):
         for block in self.model.layers:
             block.compile()
         self.head_loss = torch.compile(self.head_loss)
+
+    def compile_training_blocks(self) -> None:
+        """torch.compile each block for forwards in training mode with gradients only: sampling
+        and scoring (eval mode or no_grad) keep the eager blocks, whose decode steps are captured
+        as CUDA graphs and whose shapes change with every prompt (RL stages)."""
+        self._train_blocks = _CompiledBlocks(torch.compile(block) for block in self.model.layers)
 
     def set_dropout(self, p: float) -> None:
         """Change the dropout rate of every layer (the recorded config is left as it is)."""

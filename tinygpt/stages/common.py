@@ -374,8 +374,12 @@ def reference_for(model, full: bool, name: str = "default"):
     return name
 
 
-def compile_blocks(gpt) -> None:
-    """torch.compile each block (for loss steps with data-dependent Python around the model)."""
+def compile_blocks(gpt, training_only: bool = False) -> None:
+    """torch.compile each block (for loss steps with data-dependent Python around the model);
+    `training_only`: for training forwards only, the rest (sampling) keeps the eager blocks."""
+    if training_only:
+        gpt.compile_training_blocks()
+        return
     for block in gpt.model.layers:
         block.compile()
 

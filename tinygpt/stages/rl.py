@@ -84,6 +84,7 @@ from .common import (
     TemplateOptions,
     check_inputs,
     check_out,
+    compile_blocks,
     default_lr,
     load_opts_model,
     lora_specs,
@@ -198,6 +199,7 @@ class RLTrainer(Stage):
 
     kind = "rl"
     uses_value = False
+    compile_step = False           # --compile: the policy's blocks, for its training forwards only
 
     def __init__(self, options, model=None, tokenizer=None, prompts=None, reward=None, value=None,
                  reference=None, stop_ids=None, log=None):
@@ -240,6 +242,8 @@ class RLTrainer(Stage):
             raise ValueError(f"reference={self.reference!r} names the trainable adapter, but the policy has none "
                              "of that name (apply_lora(..., name=...) first, or pass no reference)")
         self._setup_value(run)
+        if o.compile:
+            compile_blocks(self.policy, training_only=True)
         self.vocab_limit = min(self.tok.vocab_size, self.policy.config.vocab_size)
         self.pad = self.tok.pad_id if self.tok.pad_id is not None else 0
         self.model = self.net = ActorCritic(self.policy, self.value, self.vocab_limit, o.temperature)
