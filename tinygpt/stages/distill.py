@@ -237,8 +237,8 @@ class DistillTrainer(SFTTrainer):
         self._selections()
         self._key.update(teacher=weights_key(o.teacher, self.teacher_specs, self.teacher), beta=o.beta, alpha=o.alpha,
                          temperature=o.temperature, lmbda=o.lmbda, teacher_topk=o.teacher_topk)
-        if o.compile:
-            compile_blocks(self.gpt)
+        if o.compile:                           # a student that samples on-policy keeps eager blocks for it
+            compile_blocks(self.gpt, training_only=o.lmbda > 0)
             compile_blocks(self.teacher)
         self.tables = {}
         if o.teacher_topk:
