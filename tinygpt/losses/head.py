@@ -29,8 +29,8 @@ def _chunk_loss_and_grad(logits, t, keep, need: bool):
     loss = ((lse - x.gather(1, t)) * keep).sum()
     if not need:
         return loss, None
-    cols = torch.arange(x.shape[1], device=x.device)
-    g = torch.where(cols == t, (x - lse).exp() - 1, (x - lse).exp()) * keep          # softmax - one-hot
+    p = (x - lse).exp()                                                              # softmax (c, V)
+    g = torch.where(torch.arange(x.shape[1], device=x.device) == t, p - 1, p) * keep  # minus the one-hot
     return loss, g.to(logits.dtype)
 
 
