@@ -67,6 +67,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x computes in: autocast's on x's device when it is on, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed-precision context for `dtype` (nothing for float32)."""
     if dtype == torch.float32:

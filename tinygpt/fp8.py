@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import compute_dtype
 from .errors import UserError
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -89,8 +90,7 @@ def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n = weight.shape[0]
     if not fits_float8(math.prod(lead), k, n):
         return F.linear(x, weight, bias)
-    kind = x.device.type
-    out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    out_dtype = compute_dtype(x)
     y = _Float8Matmul.apply(x.reshape(-1, k), weight, out_dtype).view(*lead, n)
     return y if bias is None else y + bias.to(y.dtype)
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .device import compute_dtype
 from .model import packed_mask
 
 DEFAULT_CHUNK = 1024   # positions per vocabulary-projection chunk
@@ -174,10 +175,9 @@ def _chunk_logprobs(h, weight, target):
 
 def target_logprobs(head: nn.Linear, h: torch.Tensor, target: torch.Tensor, chunk: int = DEFAULT_CHUNK):
     """log p(target) (M,) float32 for hidden states h (M, C) through the output head."""
-    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    h = h.to(dtype)
+    h = h.to(compute_dtype(h))
     if not head.weight.requires_grad or not torch.is_grad_enabled():
-        return _FrozenHeadLogprobs.apply(h, head.weight.to(dtype), target, chunk)
+        return _FrozenHeadLogprobs.apply(h, head.weight.to(h.dtype), target, chunk)
     parts = [checkpoint(_chunk_logprobs, h[s:s + chunk], head.weight, target[s:s + chunk], use_reentrant=False)
              for s in range(0, h.shape[0], chunk)]
     return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
@@ -222,8 +222,7 @@ def chunked_head_loss(h: torch.Tensor, weight: torch.Tensor, fn, *args, chunk: i
     a time: (K, M). The (M, V) logits are never all alive. A frozen head gets its gradient in
     forward (`_FrozenHeadLoss`); a trainable one has each chunk checkpointed and recomputed in
     backward. Only row 0 carries a gradient; `args` may hold None (passed through)."""
-    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    h = h.to(dtype)
+    h = h.to(compute_dtype(h))
     if not weight.requires_grad or not torch.is_grad_enabled():
         return _FrozenHeadLoss.apply(h, weight.detach(), fn, chunk, *args)
     parts = []

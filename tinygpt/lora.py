@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import compute_dtype
 from .errors import UserError
 from .io import load_tensors, nonfinite, save_tensors, warn_if_unfinished
 from .lora_experts import TARGET as EXPERTS
@@ -135,7 +136,7 @@ class _PatchedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, ids, rows):
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         x = x.to(dt)
         w = weight.to(dt).index_copy(0, ids, rows.to(dt))            # (V, C) in the compute dtype
         ctx.save_for_backward(x, w, ids)

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .device import compute_dtype
 from .losses import load_balance_loss, router_z_loss
 
 IMPLS = ("auto", "grouped", "loop")
@@ -107,13 +108,10 @@ class Experts(nn.Module):
             out.append(getattr(self, part) if lora is None else lora.adapted(getattr(self, part)))
         return out[0], out[1]
 
-    def compute_dtype(self, x) -> torch.dtype:
-        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
     def use_grouped(self, x) -> bool:
         if self.impl != "auto":
             return self.impl == "grouped"
-        return grouped_mm_ok(self.compute_dtype(x), x.device, x.shape[-1], self.width)
+        return grouped_mm_ok(compute_dtype(x), x.device, x.shape[-1], self.width)
 
     def forward(self, x, idx, weights, counts):
         """x (N, C); idx, weights (N, k); counts (E,) assignments per expert -> (N, C)."""
@@ -127,7 +125,7 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
     def _grouped(self, xs, counts, gate_up, down):
-        dt = self.compute_dtype(xs)
+        dt = compute_dtype(xs)
         offs = counts.cumsum(0).to(torch.int32)              # end row of each expert's slice
         h = torch._grouped_mm(xs.to(dt), gate_up.to(dt).transpose(-2, -1), offs=offs)   # (N*k, 2I)
         g, u = h.chunk(2, dim=-1)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..device import compute_dtype
+
 
 def _chunk_loss_and_grad(logits, t, keep, need: bool):
     """logits (c, V) in the compute dtype, t (c, 1) ids, keep (c, 1) bools -> (the chunk's summed
@@ -97,7 +99,5 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """Summed next-token cross-entropy of hidden states h (..., C) through the head `weight` (V, C)
     against targets (...), `chunk` positions at a time (see the module notes). Computed in the
     autocast dtype when autocast is on (as the head's matmul would be), softmax in float32."""
-    kind = h.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
-    h = h.reshape(-1, h.shape[-1]).to(dtype)                                        # (N, C)
+    h = h.reshape(-1, h.shape[-1]).to(compute_dtype(h))                             # (N, C)
     return _HeadCrossEntropy.apply(h, weight, targets.reshape(-1), max(1, chunk), ignore_index, ids, rows)
