@@ -106,6 +106,7 @@ def static_tok_s(model, tok, prompts, a) -> float:
     ids = [tok.encode(p) for p in prompts]
     t, _ = timed(lambda: generate(model, ids, a.new_tokens, temperature=0, vocab_limit=tok.vocab_size),
                  a.repeats, model.lm_head.weight.device)
+    print(f"static, {len(prompts)} prompts: {len(prompts) * a.new_tokens / t:,.0f} tok/s", file=sys.stderr, flush=True)
     return len(prompts) * a.new_tokens / t
 
 
@@ -200,10 +201,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measured(fn, repeats: int) -> dict:
-    fn()                                               # warm-up (CUDA graphs of this batch)
+def measured(fn, repeats: int, label: str) -> dict:
+    """Medians over `repeats` rounds after a warm-up round (CUDA graphs of this batch); each
+    column's figures go to stderr as they come, so a run cut short still shows what it measured."""
+    t0 = time.perf_counter()
+    fn()
     runs = [fn() for _ in range(repeats)]
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    res = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"{label}: " + ", ".join(f"{k} {v:,.3f}" for k, v in res.items()) +
+          f" ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return res
 
 
 def main():
@@ -232,7 +239,7 @@ def main():
         if not a.no_engine:
             engine = SlotEngine(model, s, model.config.block_size, tok.vocab_size)
             run = functools.partial(engine_round, model, tok, prompts, a, engine)
-            rows[s].update({f"engine_{k}": v for k, v in measured(run, a.repeats).items()})
+            rows[s].update({f"engine_{k}": v for k, v in measured(run, a.repeats, f"engine, {s} streams").items()})
             del engine
     del model
     if device.type == "cuda":
@@ -274,7 +281,7 @@ def http_columns(a, server, port: int, streams, rows, prefix: str, tok, body: di
             bodies = [{**body, "prompt": p, "max_tokens": a.new_tokens, "temperature": 0, "stream": True}
                       for p in prompts_for(s, a.prompt_len, s, tok)]
             run = functools.partial(http_round, f"http://127.0.0.1:{port}", bodies, a.client_procs)
-            rows[s].update({f"{prefix}_{k}": v for k, v in measured(run, a.repeats).items()})
+            rows[s].update({f"{prefix}_{k}": v for k, v in measured(run, a.repeats, f"{prefix}, {s} streams").items()})
     finally:
         server.terminate()
         server.wait(60)

@@ -261,7 +261,8 @@ def test_cancel_failure_and_close(tmp_path):
 
 def test_pacer_holds_running_tokens_and_lets_first_tokens_and_ends_through():
     """Hand-offs at most every interval; a first token or an end goes at once with what that
-    sequence held; every update is handed on exactly once, in its sequence's order."""
+    sequence held; every update is handed on exactly once, in its sequence's order, one joined
+    update per sequence and hand-off."""
     class Seq:
         def __init__(self, name):
             self.name, self.received = name, 0
@@ -282,12 +283,18 @@ def test_pacer_holds_running_tokens_and_lets_first_tokens_and_ends_through():
     step(0.3, (a, "a4", None), (b, "b2", None))
     step(0.4, (a, "a5", "length"))               # a ends: all of a, in order; b2 still held
     step(1.5, (b, "b3", None))                   # the interval is over: everything held
-    assert out == [[("a", "a1")], [("b", "b1")], [("a", "a2"), ("a", "a3"), ("a", "a4"), ("a", "a5")],
-                   [("b", "b2"), ("b", "b3")]]
-    unpaced, out0 = Pacer(0.0, lambda batch: out0.append(len(batch))), []
-    for t in range(3):
-        unpaced.feed([(Seq("c"), Update("x"))] * 2)
-    assert out0 == [2, 2, 2]
+    assert out == [[("a", "a1")], [("b", "b1")], [("a", "a2a3a4a5")], [("b", "b2b3")]]
+    unpaced, out0 = Pacer(0.0, lambda batch: out0.append([(s.name, u.text, u.n_tokens) for s, u in batch])), []
+    c, d = Seq("c"), Seq("d")
+    for t in range(2):
+        unpaced.feed([(c, Update("x", n_tokens=1)), (d, Update("y", n_tokens=1)), (c, Update("z", n_tokens=1))])
+    assert out0 == [[("c", "xz", 2), ("d", "y", 1)]] * 2
+
+
+def test_update_join_keeps_order_and_sums_counts():
+    parts = [Update("a", [(1, -0.5, None)], None, 1), Update("", [], None, 1), Update("bc", [(2, -1.0, None)], "stop", 1)]
+    assert Update.join(parts) == Update("abc", [(1, -0.5, None), (2, -1.0, None)], "stop", 3)
+    assert Update.join(parts[:1]) is parts[0]
 
 
 def test_adapter_files_names_and_refusals(tmp_path):

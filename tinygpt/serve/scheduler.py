@@ -60,9 +60,14 @@ class Update:
     finish: str | None = None                       # "stop", "length" or "error"
     n_tokens: int = 0                               # tokens generated (the stop token included)
 
-    def merge(self, other: "Update") -> "Update":
-        return Update(self.text + other.text, self.tokens + other.tokens, other.finish or self.finish,
-                      self.n_tokens + other.n_tokens)
+    @staticmethod
+    def join(updates: list["Update"]) -> "Update":
+        """One sequence's consecutive updates as one: texts and tokens in order, counts summed."""
+        if len(updates) == 1:
+            return updates[0]
+        return Update("".join(u.text for u in updates), [t for u in updates for t in u.tokens],
+                      next((u.finish for u in reversed(updates) if u.finish is not None), None),
+                      sum(u.n_tokens for u in updates))
 
 
 class Job:
@@ -85,11 +90,11 @@ class Job:
         while True:
             await self.event.wait()
             self.event.clear()
-            merged: dict[int, Update] = {}
+            by_index: dict[int, list[Update]] = {}
             for i, u in self.pending:
-                merged[i] = merged[i].merge(u) if i in merged else u
+                by_index.setdefault(i, []).append(u)
             self.pending = []
-            yield merged
+            yield {i: Update.join(us) for i, us in by_index.items()}
             if self.done >= self.n:
                 return
 

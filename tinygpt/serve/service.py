@@ -32,7 +32,7 @@ from ..data.formats import Message
 from ..errors import UserError
 from ..stages.common import resolve_template, stop_ids
 from .protocol import ApiError, ChatRequest, CompletionRequest
-from .scheduler import Closed, Full, Job, Params, Sequence
+from .scheduler import Closed, Full, Job, Params, Sequence, Update
 from .text import Detokenizer
 
 
@@ -42,26 +42,32 @@ def _post_all(updates) -> None:
 
 
 class Pacer:
-    """Hands [(sequence, Update)] on at most every `interval` seconds (see the module's notes). A
-    sequence with a first token or an end in a batch goes at once with what it had held, so each
-    sequence's updates keep their order. Called from the scheduler thread only."""
+    """Hands [(sequence, Update)] on at most every `interval` seconds, ONE Update per sequence:
+    everything it produced since its last hand-off, joined (the consumer, possibly across a pipe,
+    handles a sequence's dozen tokens as one item, not a dozen). A sequence with a first token or
+    an end in a batch goes at once with what it had held, so each sequence's text keeps its order.
+    Called from the scheduler thread only."""
 
     def __init__(self, interval: float, hand_off, clock=time.monotonic):
         self.interval, self.hand_off, self.clock = interval, hand_off, clock
-        self.held: list = []
+        self.held: dict = {}                        # sequence -> [Update] not yet handed on
         self.last = float("-inf")
 
     def feed(self, updates) -> None:
-        self.held.extend(updates)
+        held = self.held
+        for seq, u in updates:
+            if seq in held:
+                held[seq].append(u)
+            else:
+                held[seq] = [u]
         now = self.clock()
         if now - self.last >= self.interval:
-            out, self.held, self.last = self.held, [], now
+            out, self.held, self.last = held, {}, now
         else:
-            urgent = {id(seq) for seq, u in updates if u.finish is not None or seq.received == 1}
-            out = [x for x in self.held if id(x[0]) in urgent]
-            self.held = [x for x in self.held if id(x[0]) not in urgent]
+            out = {seq: held.pop(seq) for seq, u in updates
+                   if (u.finish is not None or seq.received == 1) and seq in held}
         if out:
-            self.hand_off(out)
+            self.hand_off([(seq, Update.join(us)) for seq, us in out.items()])
 
 
 class Service:

@@ -14,7 +14,8 @@ Design choices:
   ("ready", tokenizer, block size, vocabulary limit), ("error", what, where, fix) when loading
   fails (the server then exits with that one-line error), ("updates", [(key, text, tokens, finish,
   n_tokens)], stats) (an `Update`'s fields as a tuple: a seventh of the unpickling time)
-  at most every stream interval (first tokens and ends at once, as `service.Pacer` does),
+  at most every stream interval, one joined update per sequence (first tokens and ends at
+  once, as `service.Pacer` does),
   ("stats", counts) when asked, and ("closed",) once it has finished every sequence after a close.
 - Detokenization and stop strings run where the tokens are (the engine process), so an update
   carries text ready to write.
