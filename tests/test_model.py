@@ -185,29 +185,62 @@ def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(k
         torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA path")
-def test_cuda_compiled_step_with_a_chunked_head_equals_the_eager_whole_head():
-    """A whole compiled step with loss_chunk (on CUDA each chunk's softmax and gradient are a
-    compiled function of their own) gives the loss and gradients of the eager whole-head step."""
+def _perturbed_nano_and_batch():
+    """A nano model with every weight moved off its init, and a batch whose first targets are
+    not scored; made on the CPU (the same on every machine)."""
     torch.manual_seed(0)
-    m = GPT(ModelConfig.from_name("nano", vocab_size=1000, block_size=64)).cuda()
+    m = GPT(ModelConfig.from_name("nano", vocab_size=1000, block_size=64))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x, y = torch.randint(0, 1000, (4, 64), device="cuda"), torch.randint(0, 1000, (4, 64), device="cuda")
+    x, y = torch.randint(0, 1000, (4, 64)), torch.randint(0, 1000, (4, 64))
     y[:, :9] = -100
-    runs = []
-    for chunk, compiled in ((0, False), (48, True)):
-        model = copy.deepcopy(m)
-        model.loss_chunk = chunk
-        step = torch.compile(lambda a, b: model(a, targets=b)) if compiled else (lambda a, b: model(a, targets=b))
-        loss = step(x, y)
-        loss.backward()
-        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-3)
-    for n, g in runs[0][1].items():
-        assert runs[1][1][n].abs().max() > 0, n
-        torch.testing.assert_close(runs[1][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+    return m, x, y
+
+
+def _step(m, x, y, device, dtype=torch.float32, chunk=0, compiled=False):
+    """(summed loss, {name: gradient}) of one training step of a copy of m, both in float64 on the CPU."""
+    model = copy.deepcopy(m).to(device, dtype)
+    model.loss_chunk = chunk
+    step = (lambda a, b: model(a, targets=b))
+    step = torch.compile(step) if compiled else step
+    loss = step(x.to(device), y.to(device))
+    loss.backward()
+    torch._dynamo.reset()
+    return loss.item(), {n: p.grad.detach().cpu().double() for n, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA path")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_chunked_head_equals_the_whole_head(compiled):
+    """On CUDA each chunk's softmax and gradient are a compiled function of their own; a step with
+    loss_chunk gives the loss and gradients of the whole-head step, eager and inside a compiled step."""
+    m, x, y = _perturbed_nano_and_batch()
+    whole, chunked = (_step(m, x, y, "cuda", chunk=c, compiled=compiled) for c in (0, 48))
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    for n, g in whole[1].items():
+        assert chunked[1][n].abs().max() > 0, n
+        torch.testing.assert_close(chunked[1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("device,compiled", [
+    ("cpu", False),
+    pytest.param("cuda", False, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")),
+    pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))])
+def test_training_step_equals_the_float64_reference(device, compiled):
+    """A float32 training step (on CUDA eager, and compiled whole) gives the loss and gradients of
+    the same step in float64 on the CPU (TF32 off: float32 accuracy is what is checked)."""
+    m, x, y = _perturbed_nano_and_batch()
+    ref = _step(m, x, y, "cpu", torch.float64)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = _step(m, x, y, device, compiled=compiled)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    for n, g in ref[1].items():
+        torch.testing.assert_close(got[1][n], g, rtol=1e-3, atol=1e-5, msg=n)
 
 
 @pytest.mark.slow
