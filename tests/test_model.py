@@ -243,6 +243,29 @@ def test_training_step_equals_the_float64_reference(device, compiled):
         torch.testing.assert_close(got[1][n], g, rtol=1e-3, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA"))])
+def test_qk_norm_of_a_projection_view_equals_it_on_a_contiguous_copy(device):
+    """q/k come out of the fused projection as views (a split of the last dimension, then heads):
+    not contiguous. Their RMSNorm (forward, and gradients for the projection output and the
+    weight) equals the same norm of a contiguous copy; CUDA has a fused kernel for it."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(32, eps=1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+    x0, runs = 2.0 * torch.randn(4, 8, 192, device=device), []       # (B, T, q|k|v) of 2 heads x 32
+    for contiguous in (False, True):
+        x = x0.clone().requires_grad_(True)
+        q = x.split([64, 64, 64], dim=-1)[0].view(4, 8, 2, 32)                # (B, T, H, hd), a view
+        assert not q.is_contiguous()
+        out = norm(q.contiguous() if contiguous else q)
+        (out * torch.linspace(-1, 1, 32, device=device)).sum().backward()
+        runs.append((x, out.detach(), x.grad, norm.weight.grad.clone()))
+        norm.weight.grad = None
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_training_blocks_equal_the_eager_ones():
     torch.manual_seed(0)
