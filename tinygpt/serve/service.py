@@ -14,8 +14,9 @@ Design choices:
   400 `context_length_exceeded`; without max_tokens a chat reply may use the rest of the context
   and a completion gets 16 tokens (the OpenAI default), at most what is left.
 - `n` choices are n sequences of one `Job`; with a seed, choice i uses seed + i.
-- Tokens reach the event loop in batches at most every `stream_interval` seconds; a sequence's
-  first token and its end go at once (with whatever that sequence had held).
+- Tokens reach the event loop in batches at most every `stream_interval` seconds, one joined
+  update per sequence; a sequence's first token and its end go at once (with whatever that
+  sequence had held).
   Each hand-off wakes every stream it carries tokens for, and each wake-up costs the event loop
   an SSE write and the GIL that the scheduler thread needs to launch the next step; at 64 streams
   and ~1 ms a step that is 64,000 writes a second without pacing. With it a stream gets its tokens
