@@ -8,6 +8,10 @@ I / (active + shared), so both spend the same FLOPs per token (the router's E x 
 with the same settings, batches and schedule (`time_to_loss.run_tinygpt`, which scores the
 held-out windows every --eval-every steps and times training only).
 
+`--seeds 0,1,...` runs a pair per seed (the seed draws the weights and the training windows, and
+the MoE's lead over the dense run moves with it): the tables below are the first seed's, and
+every seed's finals and ratios follow them.
+
 Reported (runs/moe/moe.json and moe.md): held-out loss at equal tokens (every scored step) and at
 equal training time (the dense run's scoring times), tokens/s, MFU on active FLOPs (6N_active +
 attention, against the 989 TFLOP/s bf16 datasheet peak of an H100/H200 SXM), peak memory, and the
@@ -101,6 +105,14 @@ def compare(dense: dict, moe: dict) -> dict:
                        "speed_ge_0.7x": speed >= 0.7}}
 
 
+def seed_row(pair: dict) -> dict:
+    """One seed's finals and ratios (the spread over seeds is what a single pair cannot show)."""
+    c = pair["compare"]
+    return {"seed": pair["seed"], "dense_final": pair["dense"]["points"][-1]["loss"],
+            "moe_final": pair["moe"]["points"][-1]["loss"], "tokens_ratio": c["tokens_to_dense_final_ratio"],
+            "tokens_per_s_ratio": c["tokens_per_s_ratio"]}
+
+
 def table(result: dict) -> str:
     d, m, c = result["dense"], result["moe"], result["compare"]
 
@@ -117,6 +129,13 @@ def table(result: dict) -> str:
                      f"{f(e['moe'])} |")
     lines += ["", f"MoE tokens to the dense final loss: {f(c['tokens_to_dense_final_ratio'], '{:.2f}x')} (target <= 0.8x); "
               f"tokens/s ratio {c['tokens_per_s_ratio']:.2f} (target >= 0.7); {c['target']}"]
+    if len(result["seeds"]) > 1:        # the tables above are the first seed's
+        lines += ["", "| seed | dense final | MoE final | MoE - dense | tokens to the dense final | tokens/s ratio |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in result["seeds"]:
+            lines.append(f"| {r['seed']} | {r['dense_final']:.4f} | {r['moe_final']:.4f} | "
+                         f"{r['moe_final'] - r['dense_final']:+.4f} | {f(r['tokens_ratio'], '{:.2f}x')} | "
+                         f"{r['tokens_per_s_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -134,6 +153,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--active", type=int, default=2)
     ap.add_argument("--shared", type=int, default=1)
     ap.add_argument("--router", choices=("sigmoid_bias", "softmax"), default="sigmoid_bias")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds: a dense and an MoE run for each "
+                    "(tables for the first, finals and ratios for every one)")
     ap.add_argument("--moe-flags", default="", help="more `tinygpt train` flags for the MoE run only")
     ap.add_argument("--flags", default="", help="more `tinygpt train` flags for both runs")
     ap.add_argument("--out", default="runs/moe")
@@ -155,11 +176,16 @@ def main(argv=None) -> dict:
     width = expert_width(args.n_embd, args.active + args.shared)
     moe_flags = (f"--n-experts {args.experts} --n-experts-active {args.active} --n-shared-experts {args.shared} "
                  f"--expert-intermediate-size {width} --router {args.router} {args.moe_flags}")
-    dense = one_run("dense", f"--intermediate-size {(args.active + args.shared) * width} {args.flags}", spec, args,
-                    work, data)
-    moe = one_run("moe", f"{args.flags} {moe_flags}", spec, args, work, data)
-    result = {"settings": {k: v for k, v in spec.items() if k != "levels"}, "dense": dense, "moe": moe,
-              "compare": compare(dense, moe), "torch": torch.__version__,
+    seeds = [int(x) for x in args.seeds.split(",")]
+    pairs = []
+    for seed in seeds:                  # the seed draws the initial weights and the training windows
+        tag = "" if len(seeds) == 1 else f"-s{seed}"
+        dense = one_run(f"dense{tag}", f"--intermediate-size {(args.active + args.shared) * width} {args.flags} "
+                        f"--seed {seed}", spec, args, work, data)
+        moe = one_run(f"moe{tag}", f"{args.flags} --seed {seed} {moe_flags}", spec, args, work, data)
+        pairs.append({"seed": seed, "dense": dense, "moe": moe, "compare": compare(dense, moe)})
+    result = {"settings": {k: v for k, v in spec.items() if k != "levels"}, **pairs[0],
+              "seeds": [seed_row(p) for p in pairs], "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

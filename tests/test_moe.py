@@ -480,3 +480,18 @@ def test_the_moe_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert m["flops_per_token"] - d["flops_per_token"] == 6 * 1 * 8 * 32 and m["params"] > d["params"]   # + the router
     assert [p["step"] for p in m["points"]] == [2, 4] and (tmp_path / "moe.md").exists()
     assert len(res["compare"]["equal_tokens"]) == 2
+    assert [r["seed"] for r in res["seeds"]] == [0] and res["seeds"][0]["moe_final"] == m["points"][-1]["loss"]
+
+
+def test_the_moe_benchmark_reports_every_seed(tmp_path):
+    """--seeds runs a pair per seed; each seed's runs start from other weights and windows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import moe as bench
+    res = bench.main(["--device", "cpu", "--no-compile", "--steps", "2", "--eval-every", "2", "--n-layer", "1",
+                      "--n-embd", "32", "--n-head", "2", "--ctx", "32", "--batch", "2", "--corpus-mb", "0.2",
+                      "--sample-mb", "0.05", "--vocab", "300", "--work", str(tmp_path / "w"), "--out", str(tmp_path),
+                      "--seeds", "0,1"])
+    rows = res["seeds"]
+    assert [r["seed"] for r in rows] == [0, 1] and res["dense"]["label"] == "dense-s0"
+    assert rows[0]["dense_final"] != rows[1]["dense_final"] and rows[0]["moe_final"] != rows[1]["moe_final"]
+    assert "| 1 |" in (tmp_path / "moe.md").read_text()
