@@ -185,21 +185,28 @@ def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(k
         torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
 
 
-def _perturbed_nano_and_batch():
-    """A nano model with every weight moved off its init, and a batch whose first targets are
-    not scored; made on the CPU (the same on every machine)."""
+def _perturbed_nano(vocab: int, block: int) -> GPT:
+    """A nano model (made on the CPU: the same on every machine) with every weight moved off its
+    init, so no block is the identity and no path is zero."""
     torch.manual_seed(0)
-    m = GPT(ModelConfig.from_name("nano", vocab_size=1000, block_size=64))
+    m = GPT(ModelConfig.from_name("nano", vocab_size=vocab, block_size=block))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _perturbed_nano_and_batch():
+    """`_perturbed_nano` and a batch whose first targets are not scored."""
+    m = _perturbed_nano(1000, 64)
     x, y = torch.randint(0, 1000, (4, 64)), torch.randint(0, 1000, (4, 64))
     y[:, :9] = -100
     return m, x, y
 
 
 def _step(m, x, y, device, dtype=torch.float32, chunk=0, compiled=False):
-    """(summed loss, {name: gradient}) of one training step of a copy of m, both in float64 on the CPU."""
+    """(summed loss, {name: gradient as float64 on the CPU}) of one training step of a copy of m
+    on `device` in `dtype`."""
     model = copy.deepcopy(m).to(device, dtype)
     model.loss_chunk = chunk
     step = (lambda a, b: model(a, targets=b))
@@ -260,19 +267,15 @@ def test_qk_norm_of_a_projection_view_equals_it_on_a_contiguous_copy(device):
         assert not q.is_contiguous()
         out = norm(q.contiguous() if contiguous else q)
         (out * torch.linspace(-1, 1, 32, device=device)).sum().backward()
-        runs.append((x, out.detach(), x.grad, norm.weight.grad.clone()))
+        runs.append((out.detach(), x.grad, norm.weight.grad.clone()))
         norm.weight.grad = None
-    for a, b in zip(runs[0][1:], runs[1][1:]):
+    for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_compiled_training_blocks_equal_the_eager_ones():
-    torch.manual_seed(0)
-    m = GPT(ModelConfig.from_name("nano", vocab_size=64, block_size=32))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    m = _perturbed_nano(64, 32)
     c = copy.deepcopy(m)
     c.compile_training_blocks()
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
