@@ -23,7 +23,7 @@ from ..options import SEED, at_least, between, option
 from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs
 from .adapters import AdapterNames, adapter_files
 from .app import create_app
-from .scheduler import Scheduler
+from .scheduler import GIL_SWITCH_INTERVAL, Scheduler
 from .service import Service
 from .worker import RemoteScheduler, load_engine
 
@@ -94,9 +94,7 @@ def serve_command(opts: ServeOptions) -> None:
         raise UserError("--api-key is empty", None, "give a key or leave the option out")
     sock = listen(opts.host, opts.port)
     service = build_service(opts, opts.engine_process)
-    # Two busy threads share the GIL (the event loop, the scheduler); a shorter switch interval
-    # than the 5 ms default keeps the scheduler from waiting that long to launch the next step.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     ids = ", ".join(service.stacks)
     print(f"serving {ids} on http://{opts.host}:{opts.port} (chat page at /, API at /v1)", file=sys.stderr)
     if opts.host not in LOOPBACK and key is None:

@@ -119,6 +119,13 @@ class Sequence:
         return self.done or self.job.cancelled
 
 
+# The scheduler thread shares its process's interpreter lock with another busy thread (the event
+# loop in one process, the pipe's reader in the engine process); a switch interval shorter than
+# Python's 5 ms default keeps it from waiting that long to launch the next step, and the other
+# thread from waiting that long to hand it a request.
+GIL_SWITCH_INTERVAL = 0.0005
+
+
 class Closed(Exception):
     """The scheduler is shutting down."""
 
