@@ -23,7 +23,7 @@ from ..options import SEED, at_least, between, option
 from ..stages.common import ModelOptions, TemplateOptions, check_inputs, lora_specs
 from .adapters import AdapterNames, adapter_files
 from .app import create_app
-from .scheduler import GIL_SWITCH_INTERVAL, Scheduler
+from .scheduler import Scheduler, settle_interpreter
 from .service import Service
 from .worker import RemoteScheduler, load_engine
 
@@ -94,13 +94,13 @@ def serve_command(opts: ServeOptions) -> None:
         raise UserError("--api-key is empty", None, "give a key or leave the option out")
     sock = listen(opts.host, opts.port)
     service = build_service(opts, opts.engine_process)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     ids = ", ".join(service.stacks)
     print(f"serving {ids} on http://{opts.host}:{opts.port} (chat page at /, API at /v1)", file=sys.stderr)
     if opts.host not in LOOPBACK and key is None:
         print("warning: listening beyond loopback without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
     config = uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level)
+    settle_interpreter()
     uvicorn.Server(config).run(sockets=[sock])
 
 

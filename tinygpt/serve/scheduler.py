@@ -24,7 +24,9 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import threading
 import traceback
 from collections import deque
@@ -124,6 +126,19 @@ class Sequence:
 # Python's 5 ms default keeps it from waiting that long to launch the next step, and the other
 # thread from waiting that long to hand it a request.
 GIL_SWITCH_INTERVAL = 0.0005
+
+
+def settle_interpreter() -> None:
+    """Once loaded, before serving: the short switch interval above, and every object alive now
+    (torch's modules, the tokenizer, the app: ~330k objects) moved out of the garbage collector's
+    view. A serving process allocates short-lived objects per request and per update, so the
+    collector runs every few requests, and each older-generation pass walked all of those objects:
+    measured on a CPU, 0.47 ms of the server process's 1.70 ms per request and 0.36 of the engine
+    process's 2.58 went to it, with one full pass of ~100 ms now and then (a stall of every
+    stream). vLLM freezes its heap after start-up for the same reason."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    gc.collect()
+    gc.freeze()
 
 
 class Closed(Exception):

@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..load import load_model_and_tokenizer
 from .adapters import ServedAdapters
 from .engine import SlotEngine
-from .scheduler import GIL_SWITCH_INTERVAL, Closed, Full, Scheduler, Sequence, Update
+from .scheduler import Closed, Full, Scheduler, Sequence, Update, settle_interpreter
 from .service import Pacer
 from .text import Detokenizer
 
@@ -74,12 +74,12 @@ def engine_main(conn, opts, files) -> None:
     the server process is gone). Ctrl-C reaches the whole process group: the server decides when
     the engine stops (after uvicorn's graceful shutdown), so it is ignored here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         tok, _, engine = load_engine(opts, files)
     except UserError as e:
         conn.send(("error", e.what, e.where, e.fix))
         return
+    settle_interpreter()
     lock, ended = threading.Lock(), deque()         # keys of jobs whose every sequence ended
 
     def send(msg):
