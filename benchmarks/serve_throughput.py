@@ -163,6 +163,7 @@ def http_round(url: str, bodies: list[dict], procs: int) -> dict:
     """The client processes start their streams together, once all of them are ready (a spawned
     process takes seconds to import torch: a fixed head start let some begin a second late, which
     measured the stagger, not the server)."""
+    before = _prefills(url)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = max(1, min(procs, len(bodies)))
@@ -175,8 +176,20 @@ def http_round(url: str, bodies: list[dict], procs: int) -> dict:
         w.join()
     t0, t1 = min(r[0] for r in rows), max(r[2] for r in rows)
     ttft = sorted(r[1] - r[0] for r in rows)
-    return {"tok_s": sum(r[3] for r in rows) / (t1 - t0), "ttft_p50": ttft[len(ttft) // 2],
-            "ttft_p90": ttft[int(0.9 * (len(ttft) - 1))], "tokens": sum(r[3] for r in rows)}
+    res = {"tok_s": sum(r[3] for r in rows) / (t1 - t0), "ttft_p50": ttft[len(ttft) // 2],
+           "ttft_p90": ttft[int(0.9 * (len(ttft) - 1))], "tokens": sum(r[3] for r in rows)}
+    after = _prefills(url)
+    if before is not None and after is not None:
+        res["prefills"] = after - before
+    return res
+
+
+def _prefills(url: str):
+    """The server's prefill forwards so far (tinygpt's /health counts them; None elsewhere)."""
+    try:
+        return httpx.get(url + "/health", timeout=10).json().get("prefills")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 def start_server(cmd: list[str], port: int, log: Path, env=None) -> subprocess.Popen:
@@ -289,7 +302,8 @@ def http_columns(a, server, port: int, streams, rows, prefix: str, tok, body: di
 
 def report(a, streams, rows) -> None:
     cols = [("static_tok_s", "static tok/s"), ("engine_tok_s", "engine tok/s"), ("server_tok_s", "server tok/s"),
-            ("server_ttft_p50", "TTFT p50 s"), ("server_ttft_p90", "TTFT p90 s"), ("llama_tok_s", "llama.cpp tok/s"),
+            ("server_ttft_p50", "TTFT p50 s"), ("server_ttft_p90", "TTFT p90 s"),
+            ("server_prefills", "prefills a round"), ("llama_tok_s", "llama.cpp tok/s"),
             ("llama_ttft_p50", "llama TTFT p50 s")]
     cols = [c for c in cols if any(c[0] in rows[s] for s in streams)]
     for s in streams:

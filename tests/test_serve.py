@@ -65,10 +65,11 @@ def make_world(folder, block_size: int = 128, seed: int = 0, **over):
 
 
 def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None, device="cpu", engines=None,
-        capture_all=False):
+        capture_all=False, schedulers=None):
     """Serve `requests` [(prompt ids, Params, stack)] on a fresh engine; returns per request
     (text, n_tokens, finish). `arrive`: per request, the scheduler iteration to submit it at.
-    capture_all: capture every decode graph before serving (as `tinygpt serve` does)."""
+    capture_all: capture every decode graph before serving (as `tinygpt serve` does).
+    engines / schedulers: lists that receive the engine and the scheduler."""
     model, tok = load_model_and_tokenizer(base, device=device)
     adapters = ServedAdapters(model, tok, [(f"x{i}", p) for i, p in enumerate(paths)], max_batch) if paths else None
     engine = SlotEngine(model, max_batch, model.config.block_size, tok.vocab_size, rows=adapters, **engine_kw)
@@ -78,6 +79,8 @@ def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None
         engine.capture_all()
     got: dict = {}
     sch = Scheduler(engine, lambda ups: [got.setdefault(s.index, []).append(u) for s, u in ups], **scheduler_kw)
+    if schedulers is not None:
+        schedulers.append(sch)
     job, detok = Job(len(requests)), Detokenizer(tok)
     seqs = [Sequence(job, i, ids, p, stack, detok) for i, (ids, p, stack) in enumerate(requests)]
     torch.set_grad_enabled(False)
@@ -85,6 +88,8 @@ def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None
         step = 0
         while len([i for i in got if got[i][-1].finish]) < len(seqs):
             due = [s for s, a in zip(seqs, arrive or [0] * len(seqs)) if a == step]
+            for s in due:
+                s.submitted = sch.clock()
             sch.waiting.extend(due)
             sch._iteration()
             step += 1
@@ -221,6 +226,27 @@ def test_stop_matcher():
     assert out == [("abc ", False), ("", False), ("", True)]      # "E", "EN" held back, then cut
     m = StopMatcher(["END"])
     assert m.feed("aE") == ("a", False) and m.feed("x") == ("Ex", False) and m.flush() == ""
+
+
+def test_admission_wait_prefills_a_burst_in_fewer_groups_with_the_same_output(tmp_path):
+    """A burst arriving one request per step: without a wait each is its own prefill; with one
+    (a clock that stands still), they go in when they are as many as the running rows, in fewer
+    groups, and every output is the same; a clock past the wait admits each at once again."""
+    base, _ = make_world(tmp_path)
+    tok = Tokenizer.byte_level()
+    reqs = [(tok.encode(f"burst {i}"), Params(max_new=12, temperature=0), ()) for i in range(8)]
+    ticks = iter(range(10 ** 6))
+    clocks = {"no wait": (0.0, lambda: 0.0), "held": (1.0, lambda: 0.0), "waited out": (0.5, lambda: next(ticks))}
+    outs, prefills = {}, {}
+    for name, (wait, clock) in clocks.items():
+        schedulers = []
+        outs[name], _ = run({"admit_wait": wait, "clock": clock}, {}, base, [], reqs, max_batch=8,
+                            arrive=list(range(8)), schedulers=schedulers)
+        prefills[name] = schedulers[0].stats()["prefills"]
+    assert outs["held"] == outs["no wait"] == outs["waited out"]
+    assert all(finish == "length" and n == 12 for _, n, finish in outs["held"])
+    # held: r0 alone (nothing running), r1 (1 >= 1 running), r2+r3 (2 >= 2), r4..r7 (4 >= 4)
+    assert prefills == {"no wait": 8, "held": 4, "waited out": 8}
 
 
 def test_cancel_failure_and_close(tmp_path):

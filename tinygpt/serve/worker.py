@@ -93,7 +93,7 @@ def engine_main(conn, opts, files) -> None:
                 if not seq.job.left:
                     ended.append(seq.job.key)
         send(("updates", [(s.key, u.text, u.tokens, u.finish, u.n_tokens) for s, u in out], scheduler.stats()))
-    scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
+    scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens, opts.admit_wait)
     scheduler.start(Pacer(opts.stream_interval, hand_off).feed)
     send(("ready", tok, engine.model.config.block_size, engine.vocab_limit))
     detok, jobs = Detokenizer(tok), {}
@@ -148,7 +148,7 @@ class RemoteScheduler:
         self.lock = threading.Lock()
         self.open: dict[int, Sequence] = {}     # key -> sequence, until its last update or its job's end
         self.keys = itertools.count()
-        self.last_stats = {"running": 0, "waiting": 0, "cancelled": 0}
+        self.last_stats = {"running": 0, "waiting": 0, "cancelled": 0, "prefills": 0}
         self.closing = False
         self.on_updates = None
         self.reader = threading.Thread(target=self._read, name="tinygpt-engine-reader", daemon=True)
