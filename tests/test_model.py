@@ -5,7 +5,7 @@ import torch
 
 from tinygpt.config import ModelConfig
 from tinygpt.losses import token_cross_entropy
-from tinygpt.model import GPT, KVCache, packed_mask
+from tinygpt.model import GPT, KVCache, attend, packed_mask
 
 VARIANTS = {
     "modern": dict(),
@@ -178,7 +178,6 @@ def test_cuda_masked_attention_of_several_queries_equals_the_float64_reference(k
     """Masked attention over several query positions leaves cuDNN out on CUDA and expands grouped
     kv heads itself: it still equals the reference (float64 on the CPU, enable_gqa), for padded
     rows and for a prefill into a longer cache."""
-    from tinygpt.model import attend
     q, k, v, mask, ref = _masked_case(kv_heads)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         out = attend(*(t.to("cuda", dtype) for t in (q, k, v)), mask.cuda())
@@ -214,7 +213,20 @@ def _step(m, x, y, device, dtype=torch.float32, chunk=0, compiled=False):
     loss = step(x.to(device), y.to(device))
     loss.backward()
     torch._dynamo.reset()
-    return loss.item(), {n: p.grad.detach().cpu().double() for n, p in model.named_parameters()}
+    return loss.item(), {n: None if p.grad is None else p.grad.detach().cpu().double()
+                         for n, p in model.named_parameters()}
+
+
+def _assert_grads_close(got: dict, ref: dict, rtol: float, atol: float) -> None:
+    """Every parameter's gradient close to the reference; the message names EVERY parameter that
+    has none or differs (with its largest error and both norms), not just the first."""
+    bad = []
+    for n, g in ref.items():
+        if got[n] is None:
+            bad.append(f"{n}: no gradient")
+        elif not torch.allclose(got[n], g, rtol=rtol, atol=atol):
+            bad.append(f"{n}: max error {(got[n] - g).abs().max():.3g}, norm {got[n].norm():.4g} vs {g.norm():.4g}")
+    assert not bad, "; ".join(bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA path")
@@ -225,9 +237,8 @@ def test_cuda_chunked_head_equals_the_whole_head(compiled):
     m, x, y = _perturbed_nano_and_batch()
     whole, chunked = (_step(m, x, y, "cuda", chunk=c, compiled=compiled) for c in (0, 48))
     assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
-    for n, g in whole[1].items():
-        assert chunked[1][n].abs().max() > 0, n
-        torch.testing.assert_close(chunked[1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(g is not None and g.abs().max() > 0 for g in chunked[1].values())
+    _assert_grads_close(chunked[1], whole[1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,compiled", [
@@ -245,30 +256,59 @@ def test_training_step_equals_the_float64_reference(device, compiled):
         got = _step(m, x, y, device, compiled=compiled)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+    _assert_grads_close(got[1], ref[1], rtol=1e-3, atol=1e-5)
     assert got[0] == pytest.approx(ref[0], rel=1e-5)
-    for n, g in ref[1].items():
-        torch.testing.assert_close(got[1][n], g, rtol=1e-3, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA"))])
-def test_qk_norm_of_a_projection_view_equals_it_on_a_contiguous_copy(device):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_causal_attention_equals_eager(dtype):
+    """The training path's attention (q/k/v as head-transposed views, causal) compiled equals eager,
+    forward and gradients: on CUDA it runs the memory-efficient kernel in float32, flash or cuDNN
+    in bfloat16, each with its own compiled lowering."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 64, 3 * 64, device="cuda", dtype=dtype)                  # (B, T, q|k|v), 2 heads x 32
+    w = torch.linspace(-1, 1, 32, device="cuda", dtype=dtype)
+
+    def f(x):
+        q, k, v = (t.view(4, 64, 2, 32).transpose(1, 2) for t in x.split([64, 64, 64], dim=-1))
+        return attend(q, k, v, None)                                             # (B, H, T, hd)
+    runs = []
+    for fn in (f, torch.compile(f)):
+        x = x0.clone().requires_grad_(True)
+        out = fn(x)
+        (out * w).sum().backward()
+        runs.append((out.detach().float(), x.grad.float()))
+    torch._dynamo.reset()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("device,compiled", [("cpu", False)] + [
+    pytest.param("cuda", c, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")) for c in (False, True)])
+def test_qk_norm_of_a_projection_view_equals_it_on_a_contiguous_copy(device, compiled):
     """q/k come out of the fused projection as views (a split of the last dimension, then heads):
     not contiguous. Their RMSNorm (forward, and gradients for the projection output and the
-    weight) equals the same norm of a contiguous copy; CUDA has a fused kernel for it."""
+    weight), eager or compiled, equals the eager norm of a contiguous copy; CUDA has a fused
+    kernel for it, and the compiled step its own lowering."""
     torch.manual_seed(0)
     norm = torch.nn.RMSNorm(32, eps=1e-5).to(device)
     with torch.no_grad():
         norm.weight.add_(0.3 * torch.randn_like(norm.weight))
     x0, runs = 2.0 * torch.randn(4, 8, 192, device=device), []       # (B, T, q|k|v) of 2 heads x 32
-    for contiguous in (False, True):
-        x = x0.clone().requires_grad_(True)
+
+    def f(x, contiguous):
         q = x.split([64, 64, 64], dim=-1)[0].view(4, 8, 2, 32)                # (B, T, H, hd), a view
-        assert not q.is_contiguous()
-        out = norm(q.contiguous() if contiguous else q)
+        return norm(q.contiguous() if contiguous else q)
+    for contiguous, fn in ((False, torch.compile(f) if compiled else f), (True, f)):
+        x = x0.clone().requires_grad_(True)
+        out = fn(x, contiguous)
         (out * torch.linspace(-1, 1, 32, device=device)).sum().backward()
+        assert norm.weight.grad is not None
         runs.append((out.detach(), x.grad, norm.weight.grad.clone()))
         norm.weight.grad = None
+    torch._dynamo.reset()
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

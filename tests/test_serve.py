@@ -88,8 +88,6 @@ def run(scheduler_kw, engine_kw, base, paths, requests, max_batch=4, arrive=None
         step = 0
         while len([i for i in got if got[i][-1].finish]) < len(seqs):
             due = [s for s, a in zip(seqs, arrive or [0] * len(seqs)) if a == step]
-            for s in due:
-                s.submitted = sch.clock()
             sch.waiting.extend(due)
             sch._iteration()
             step += 1
@@ -228,25 +226,13 @@ def test_stop_matcher():
     assert m.feed("aE") == ("a", False) and m.feed("x") == ("Ex", False) and m.flush() == ""
 
 
-def test_admission_wait_prefills_a_burst_in_fewer_groups_with_the_same_output(tmp_path):
-    """A burst arriving one request per step: without a wait each is its own prefill; with one
-    (a clock that stands still), they go in when they are as many as the running rows, in fewer
-    groups, and every output is the same; a clock past the wait admits each at once again."""
+def test_sequences_arriving_together_share_one_prefill(tmp_path):
     base, _ = make_world(tmp_path)
     tok = Tokenizer.byte_level()
-    reqs = [(tok.encode(f"burst {i}"), Params(max_new=12, temperature=0), ()) for i in range(8)]
-    ticks = iter(range(10 ** 6))
-    clocks = {"no wait": (0.0, lambda: 0.0), "held": (1.0, lambda: 0.0), "waited out": (0.5, lambda: next(ticks))}
-    outs, prefills = {}, {}
-    for name, (wait, clock) in clocks.items():
-        schedulers = []
-        outs[name], _ = run({"admit_wait": wait, "clock": clock}, {}, base, [], reqs, max_batch=8,
-                            arrive=list(range(8)), schedulers=schedulers)
-        prefills[name] = schedulers[0].stats()["prefills"]
-    assert outs["held"] == outs["no wait"] == outs["waited out"]
-    assert all(finish == "length" and n == 12 for _, n, finish in outs["held"])
-    # held: r0 alone (nothing running), r1 (1 >= 1 running), r2+r3 (2 >= 2), r4..r7 (4 >= 4)
-    assert prefills == {"no wait": 8, "held": 4, "waited out": 8}
+    reqs = [(tok.encode(f"p{i}"), Params(max_new=8, temperature=0), ()) for i in range(4)]
+    schedulers = []
+    run({}, {}, base, [], reqs, arrive=[0, 0, 2, 5], schedulers=schedulers)
+    assert schedulers[0].stats()["prefills"] == 3
 
 
 def test_cancel_failure_and_close(tmp_path):

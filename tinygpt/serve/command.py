@@ -45,9 +45,6 @@ class ServeOptions(ModelOptions, TemplateOptions, DeviceOptions):
     max_queue: int = option(1024, "sequences waiting for a slot before requests get 429", check=at_least(1))
     prefill_tokens: int = option(2048, "prompt tokens prefilled per scheduler step (at least one prompt)",
                                  check=at_least(1))
-    admit_wait: float = option(0.0, "while sequences are running, hold new ones up to this many seconds to "
-                               "prefill them together (0: each step admits whatever is waiting)",
-                               check=between(0, 1))
     stream_interval: float = option(0.02, "seconds between a running stream's chunks (first tokens and ends go at "
                                     "once; 0: a chunk every step)", check=between(0, 1))
     max_body: int = option(1 << 20, "largest request body, in bytes", check=at_least(1024))
@@ -71,7 +68,7 @@ def build_service(opts: ServeOptions, engine_process: bool = False) -> Service:
         adapters = AdapterNames(files) if files else None
     else:
         tok, adapters, engine = load_engine(opts, files)
-        scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens, opts.admit_wait)
+        scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
         block, vocab = engine.model.config.block_size, engine.vocab_limit
     stack = [(name, w) for (name, _), (_, w) in zip(files, lora_specs(opts))]
     return Service(tok, block, vocab, scheduler, opts.model, stack, adapters, opts.template, opts.stream_interval)

@@ -7,16 +7,12 @@ Design choices:
   keeps serving meanwhile.
 - Each iteration: (A) admit waiting sequences into free slots and prefill them, at most
   `prefill_tokens` prompt tokens (at least one sequence) so a burst of long prompts cannot stall
-  the running rows for long. A prefill is an eager forward that stalls every running row, and
-  requests of a burst reach the engine one by one; with `admit_wait` > 0, while rows are running,
-  waiting sequences are held until the oldest has waited that long or they are at least as many
-  as the running rows (or fill the free slots), so a burst is prefilled in a few large groups
-  instead of one small group per step (TGI's router holds new requests in the same way); (B) launch one decode step for every running row, new ones
-  included; (C) while the device computes it, turn the previous iteration's tokens into text,
-  stop checks and updates (one hand-off to the event loop per iteration); (E) free the slots of
-  sequences that finished, were cancelled or have launched their last token. The host is one
-  step behind the device, so a sequence that stops on an end-of-turn token costs one wasted row
-  step, and the device never waits for Python.
+  the running rows for long (`stats()` counts the prefills); (B) launch one decode step for every
+  running row, new ones included; (C) while the device computes it, turn the previous
+  iteration's tokens into text, stop checks and updates (one hand-off to the event loop per
+  iteration); (E) free the slots of sequences that finished, were cancelled or have launched
+  their last token. The host is one step behind the device, so a sequence that stops on an
+  end-of-turn token costs one wasted row step, and the device never waits for Python.
 - A sequence ends on a stop id (EOS, end-of-turn; not part of the text), a stop string (cut before
   it), or `max_new` tokens. A cancelled sequence (its client went away) leaves at the next
   iteration, waiting or running.
@@ -32,7 +28,6 @@ import gc
 import logging
 import sys
 import threading
-import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -115,7 +110,6 @@ class Sequence:
     def __init__(self, job: Job, index: int, prompt: list[int], params: Params, stack=(), detok=None):
         """detok: a `text.Detokenizer` (or a tokenizer, for a single use)."""
         self.job, self.index, self.prompt, self.params, self.stack = job, index, prompt, params, list(stack)
-        self.submitted = 0.0    # when it reached the scheduler (its clock)
         self.launched = 0       # tokens whose sampling has been queued on the device
         self.received = 0       # tokens turned into text
         self.done = False
@@ -161,11 +155,9 @@ class Scheduler:
 
     paced = False                       # its updates come every iteration (the caller may pace them)
 
-    def __init__(self, engine, on_updates=None, max_waiting: int = 1024, prefill_tokens: int = 2048,
-                 admit_wait: float = 0.0, clock=time.monotonic):
+    def __init__(self, engine, on_updates=None, max_waiting: int = 1024, prefill_tokens: int = 2048):
         self.engine, self.on_updates = engine, on_updates
         self.max_waiting, self.prefill_tokens = max_waiting, prefill_tokens
-        self.admit_wait, self.clock = admit_wait, clock
         self.prefills = 0                           # prefill forwards so far
         self.cond = threading.Condition()
         self.inbox: deque = deque()
@@ -187,9 +179,6 @@ class Scheduler:
                 raise Closed()
             if len(self.inbox) + len(self.waiting) + len(seqs) > self.max_waiting:
                 raise Full()
-            now = self.clock()
-            for seq in seqs:
-                seq.submitted = now
             self.inbox.extend(seqs)
             self.cond.notify()
 
@@ -230,17 +219,9 @@ class Scheduler:
         if updates:
             self.on_updates(updates)
 
-    def _admit_due(self, free: int) -> bool:
-        """Whether the waiting sequences go in now (see the module notes on `admit_wait`)."""
-        if not self.active or len(self.waiting) >= min(free, len(self.active)):
-            return True
-        return self.clock() - self.waiting[0].submitted >= self.admit_wait
-
     def _admit(self):
         """(A) Prefill waiting sequences into the free slots."""
         free = self.engine.S - len(self.active)
-        if not free or not self.waiting or not self._admit_due(free):
-            return None
         batch, budget = [], self.prefill_tokens
         while self.waiting and len(batch) < free:
             seq = self.waiting[0]

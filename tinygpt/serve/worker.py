@@ -93,7 +93,7 @@ def engine_main(conn, opts, files) -> None:
                 if not seq.job.left:
                     ended.append(seq.job.key)
         send(("updates", [(s.key, u.text, u.tokens, u.finish, u.n_tokens) for s, u in out], scheduler.stats()))
-    scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens, opts.admit_wait)
+    scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
     scheduler.start(Pacer(opts.stream_interval, hand_off).feed)
     send(("ready", tok, engine.model.config.block_size, engine.vocab_limit))
     detok, jobs = Detokenizer(tok), {}
