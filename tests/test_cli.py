@@ -279,3 +279,11 @@ def test_no_packing_flag_trains_on_padded_rows(tmp_path, base):
     u, p, r = load_tensors(unpacked)[0], load_tensors(packed)[0], load_tensors(ref)[0]
     assert all(torch.equal(u[k], r[k]) for k in r)
     assert not all(torch.equal(p[k], r[k]) for k in r)
+
+
+def test_serve_refuses_http_workers_without_the_engine_process(tmp_path, corpus, capsys):
+    out = tmp_path / "m.tinygpt"
+    assert run(capsys, *train_args(corpus, out))[0] == 0
+    code, _, err = run(capsys, "serve", out, "--device", "cpu", "--no-engine-process", "--http-workers", "2",
+                       "--port", "1")
+    assert_user_error(code, err, "--http-workers")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -291,42 +292,89 @@ def test_disconnect_frees_the_slot(world):
     assert stats()["cancelled"] == before + 2 and stats()["running"] == 0
 
 
-def test_shutdown_finishes_in_flight_streams(tmp_path):
-    """The command line server: SIGTERM while a stream runs; the stream still ends with [DONE]
-    after all its tokens, and the process exits cleanly."""
-    base, _ = make_world(tmp_path, block_size=512)
+def _serve(base, *flags):
+    """`tinygpt serve base` on a free port, started and answering: (process, url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tinygpt.cli", "serve", base, "--port", str(port), "--device", "cpu",
-                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--log-level", "warning", *flags], env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def _stream_through_a_sigterm(proc, url, base):
+    """SIGTERM while a stream runs: the stream still ends with [DONE] after all its tokens, and
+    the server exits cleanly."""
+    body = {"model": "base", "prompt": "x", "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}                  # every one of the 400 tokens, whatever they are
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = [x for x in [first, *lines] if x]
+    events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
+    assert rest[-1] == "data: [DONE]"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == text_ref_of(base, "x", 400) and len(text) > 100
+    assert proc.wait(30) in (0, -signal.SIGTERM)        # uvicorn exits by the signal it caught
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_shutdown_finishes_in_flight_streams(tmp_path):
+    """The command line server: SIGTERM while a stream runs; the stream still ends with [DONE]
+    after all its tokens, and the process exits cleanly."""
+    base, _ = make_world(tmp_path, block_size=512)
+    proc, url = _serve(base)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        body = {"model": "base", "prompt": "x", "max_tokens": 400, "temperature": 0, "stream": True,
-                "ignore_eos": True}                  # every one of the 400 tokens, whatever they are
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            first = next(lines)
-            proc.send_signal(signal.SIGTERM)
-            rest = [x for x in [first, *lines] if x]
-        events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
-        assert rest[-1] == "data: [DONE]"
-        assert events[-1]["choices"][0]["finish_reason"] == "length"
-        text = "".join(e["choices"][0]["text"] for e in events)
-        assert text == text_of_reference(base, 400) and len(text) > 100
-        assert proc.wait(30) in (0, -signal.SIGTERM)        # uvicorn exits by the signal it caught
-        assert "Traceback" not in proc.stderr.read()
+        _stream_through_a_sigterm(proc, url, base)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_http_workers_serve_together_and_stop_together(tmp_path):
+    """--http-workers 2: two HTTP processes on one socket and one engine process; concurrent
+    requests through both give what each gives alone, and a SIGTERM to the first process still
+    finishes the open stream and ends every process."""
+    base, _ = make_world(tmp_path, block_size=512)
+    proc, url = _serve(base, "--http-workers", "2")
+    kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    try:
+        assert len(kids) == 3                               # the engine, the second HTTP process, mp's tracker
+        prompts = [f"p{i % 3}" for i in range(24)]
+        alone = {p: text_ref_of(base, p, 12) for p in set(prompts)}
+
+        def one(p):
+            body = {"model": "base", "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            return httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        with ThreadPoolExecutor(12) as pool:
+            assert list(pool.map(one, prompts)) == [alone[p] for p in prompts]
+        _stream_through_a_sigterm(proc, url, base)
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{k}").exists() and Path(f"/proc/{k}/stat").read_text().split()[2] != "Z"
+                  for k in kids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert time.time() < deadline, "a child process outlived the server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def text_ref_of(base, prompt, max_new):
+    """The greedy text of max_new tokens after `prompt`, end-of-text tokens included."""
+    model, tok = load_model_and_tokenizer(base)
+    g = generate(model, [tok.encode(prompt)], max_new, temperature=0, vocab_limit=tok.vocab_size)
+    return tok.decode([int(t) for t in g.tokens[0]])
 
 
 def test_the_engine_process_reports_load_errors_and_its_death(tmp_path):
@@ -357,13 +405,6 @@ def test_the_engine_process_reports_load_errors_and_its_death(tmp_path):
         assert again.status_code == 503 and again.json()["error"]["type"] == "server_error"
     finally:
         server.stop()
-
-
-def text_of_reference(base, max_new):
-    """The greedy text of max_new tokens after "x", end-of-text tokens included (as ignore_eos gives)."""
-    model, tok = load_model_and_tokenizer(base)
-    g = generate(model, [tok.encode("x")], max_new, temperature=0, vocab_limit=tok.vocab_size)
-    return tok.decode([int(t) for t in g.tokens[0]])
 
 
 # ---- the web page -----------------------------------------------------------------------------------

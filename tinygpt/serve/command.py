@@ -7,12 +7,20 @@ Design choices:
 - uvicorn runs the ASGI app in this process; the model, its slot engine and the scheduler run in
   a process of their own (`worker.py`; `--no-engine-process` keeps them in this one). Graceful
   shutdown (SIGINT / SIGTERM) lets open responses finish before the scheduler is closed.
+- One event loop parses, tokenizes and submits the requests one after another and writes every
+  stream: under a burst of requests that serial work, not the model, delays the first tokens.
+  `--http-workers N` runs N HTTP processes on the one listening socket (the kernel hands each
+  connection to one of them), each with a pipe of its own to the engine process, as vLLM's
+  API-server count does; this process starts the others and stops them first at shutdown.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 
 import uvicorn
@@ -55,15 +63,23 @@ class ServeOptions(ModelOptions, TemplateOptions, DeviceOptions):
     engine_process: bool = option(True, "run the model and its scheduler in a process of their own, apart from "
                                   "the HTTP server (the two never wait for one interpreter lock)",
                                   negate="--no-engine-process")
+    http_workers: int = option(1, "HTTP server processes in front of the engine process, each parsing, "
+                               "tokenizing and streaming its share of the requests", check=at_least(1))
 
 
-def build_service(opts: ServeOptions, engine_process: bool = False) -> Service:
+def build_service(opts: ServeOptions, engine_process: bool = False, conn=None) -> Service:
     """The model, its served adapters, the slot engine and the scheduler (not started): in this
-    process, or with `engine_process` in a process of their own (`worker.py`)."""
+    process, or with `engine_process` in a process of their own (`worker.py`; with --http-workers
+    N, its scheduler's `spare` holds the pipes of the N-1 other HTTP processes), or over `conn`,
+    a pipe of an engine process that another process started."""
     check_inputs(opts)
     files = adapter_files(lora_specs(opts), opts.adapters)
-    if engine_process:
-        scheduler = RemoteScheduler(opts, files)
+    if engine_process or conn is not None:
+        if conn is not None:
+            scheduler = RemoteScheduler(opts, conn)
+        else:
+            scheduler, spare = RemoteScheduler.spawn(opts, files, opts.http_workers)
+            scheduler.spare = spare
         tok, block, vocab = scheduler.tok, scheduler.block_size, scheduler.vocab_limit
         adapters = AdapterNames(files) if files else None
     else:
@@ -92,6 +108,9 @@ def serve_command(opts: ServeOptions) -> None:
     key = opts.api_key if opts.api_key is not None else os.environ.get("TINYGPT_API_KEY") or None
     if key is not None and not key.strip():
         raise UserError("--api-key is empty", None, "give a key or leave the option out")
+    if opts.http_workers > 1 and not opts.engine_process:
+        raise UserError("--http-workers needs the engine process", "--http-workers",
+                        "leave out --no-engine-process, or use one HTTP process")
     sock = listen(opts.host, opts.port)
     service = build_service(opts, opts.engine_process)
     ids = ", ".join(service.stacks)
@@ -100,8 +119,36 @@ def serve_command(opts: ServeOptions) -> None:
         print("warning: listening beyond loopback without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
     config = uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level)
+    if opts.engine_process:
+        _start_http_workers(opts, key, sock, service.scheduler)
     settle_interpreter()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _start_http_workers(opts: ServeOptions, key, sock, scheduler) -> None:
+    """The other HTTP processes of --http-workers: each accepts connections on the same socket and
+    talks to the engine over a pipe of its own; this process's scheduler stops them at shutdown."""
+    ctx = mp.get_context("spawn")
+    for conn in scheduler.spare:
+        worker = ctx.Process(target=_http_worker_main, args=(opts, key, conn, sock), name="tinygpt-http", daemon=True)
+        worker.start()
+        conn.close()
+        scheduler.workers.append(worker)
+
+
+def _http_worker_main(opts: ServeOptions, key, conn, sock) -> None:
+    """One more HTTP process. SIGTERM (sent by the first process at its shutdown) finishes its open
+    responses, then closes its pipe; Ctrl-C reaches the whole process group and is left to the
+    first process. uvicorn runs off the main thread, so it installs no signal handlers of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    service = build_service(opts, conn=conn)
+    server = uvicorn.Server(uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    settle_interpreter()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tinygpt-http")
+    thread.start()
+    while thread.is_alive():        # the main thread stays free to take the signal
+        thread.join(0.5)
 
 
 serve_command.manages_signals = True   # uvicorn: SIGTERM finishes in-flight requests, then exits

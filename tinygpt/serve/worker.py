@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import multiprocessing.connection
 import signal
 import sys
 import threading
@@ -69,59 +70,78 @@ class _Job:
         self.key, self.cancelled, self.left = key, False, 0
 
 
-def engine_main(conn, opts, files) -> None:
-    """The engine process: load, say ready, then serve the pipe's messages until a close (or until
-    the server process is gone). Ctrl-C reaches the whole process group: the server decides when
-    the engine stops (after uvicorn's graceful shutdown), so it is ignored here."""
+def engine_main(conns, opts, files) -> None:
+    """The engine process: load, say ready on every pipe (one per HTTP process), then serve their
+    messages until each has closed (or its server process is gone). Ctrl-C reaches the whole
+    process group: the server decides when the engine stops (after uvicorn's graceful shutdown),
+    so it is ignored here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         tok, _, engine = load_engine(opts, files)
     except UserError as e:
-        conn.send(("error", e.what, e.where, e.fix))
+        for conn in conns:
+            conn.send(("error", e.what, e.where, e.fix))
         return
     settle_interpreter()
-    lock, ended = threading.Lock(), deque()         # keys of jobs whose every sequence ended
+    locks, ended = [threading.Lock() for _ in conns], deque()   # keys of jobs whose every sequence ended
 
-    def send(msg):
-        with lock:
-            conn.send(msg)
+    def send(i, msg):
+        with locks[i]:
+            conns[i].send(msg)
 
     def hand_off(out):                              # from the scheduler thread, paced
-        for seq, u in out:
+        by_pipe: dict = {}
+        for seq, u in out:                          # seq.key: (pipe, the server process's key)
             if u.finish is not None:
                 seq.job.left -= 1
                 if not seq.job.left:
                     ended.append(seq.job.key)
-        send(("updates", [(s.key, u.text, u.tokens, u.finish, u.n_tokens) for s, u in out], scheduler.stats()))
+            by_pipe.setdefault(seq.key[0], []).append((seq.key[1], u.text, u.tokens, u.finish, u.n_tokens))
+        stats = scheduler.stats()
+        for i, items in by_pipe.items():
+            try:
+                send(i, ("updates", items, stats))
+            except (BrokenPipeError, OSError):      # that server process is gone; the others go on
+                pass
     scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
     scheduler.start(Pacer(opts.stream_interval, hand_off).feed)
-    send(("ready", tok, engine.model.config.block_size, engine.vocab_limit))
-    detok, jobs = Detokenizer(tok), {}
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):                 # the server process is gone
-            msg = ("close",)
-        while ended:
-            jobs.pop(ended.popleft(), None)
-        if msg[0] == "submit":
-            seqs = [Sequence(jobs.setdefault(job, _Job(job)), index, prompt, params, stack, detok)
-                    for _, job, index, prompt, params, stack in msg[1]]
-            for seq, (key, *_) in zip(seqs, msg[1]):
-                seq.key = key
-                seq.job.left += 1
-            scheduler.submit(seqs)
-        elif msg[0] == "stats":
-            send(("stats", scheduler.stats()))
-        elif msg[0] == "cancel":                    # its client left before the job ended
-            jobs.pop(msg[1], _Job(msg[1])).cancelled = True
-        elif msg[0] == "close":
-            scheduler.close()
+    for i in range(len(conns)):
+        send(i, ("ready", tok, engine.model.config.block_size, engine.vocab_limit))
+    _serve_pipes(conns, send, scheduler, Detokenizer(tok), ended)
+
+
+def _serve_pipes(conns, send, scheduler, detok, ended) -> None:
+    """The engine process's loop over its pipes' messages; returns once every pipe has closed,
+    after the scheduler has finished every submitted sequence. A job's key is (pipe, job)."""
+    jobs, live = {}, dict(enumerate(conns))
+    while live:
+        for conn in mp.connection.wait(list(live.values())):
+            i = next(j for j, c in live.items() if c is conn)
             try:
-                send(("closed",))
-            except (BrokenPipeError, OSError):
-                pass
-            return
+                msg = conn.recv()
+            except (EOFError, OSError):             # that server process is gone
+                msg = ("close",)
+            while ended:
+                jobs.pop(ended.popleft(), None)
+            if msg[0] == "submit":
+                seqs = [Sequence(jobs.setdefault((i, job), _Job((i, job))), index, prompt, params, stack, detok)
+                        for _, job, index, prompt, params, stack in msg[1]]
+                for seq, (key, *_) in zip(seqs, msg[1]):
+                    seq.key = (i, key)
+                    seq.job.left += 1
+                scheduler.submit(seqs)
+            elif msg[0] == "stats":
+                send(i, ("stats", scheduler.stats()))
+            elif msg[0] == "cancel":                # its client left before the job ended
+                jobs.pop((i, msg[1]), _Job(msg[1])).cancelled = True
+            elif msg[0] == "close":                 # its sequences run on; nothing new comes from it
+                del live[i]
+    scheduler.close()
+    for i in range(len(conns)):
+        try:
+            send(i, ("closed",))
+        except (BrokenPipeError, OSError):
+            pass
 
 
 # ---- the server process ------------------------------------------------------------------------------
@@ -130,16 +150,16 @@ class RemoteScheduler:
 
     paced = True                        # the engine process paces the updates itself
 
-    def __init__(self, opts, files):
+    def __init__(self, opts, conn, proc=None):
+        """Over `conn`, one pipe of an engine process (`spawn` starts one); waits for its ready
+        message. `proc`: the engine process, where this process started it."""
         self.max_queue, self.max_batch = opts.max_queue, opts.max_batch
-        ctx = mp.get_context("spawn")   # CUDA cannot be forked
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_main, args=(child, opts, files), name="tinygpt-engine", daemon=True)
-        self.proc.start()
-        child.close()
+        self.conn, self.proc = conn, proc
+        self.workers: list = []         # more HTTP processes, stopped before the engine is closed
         msg = self._recv()
         if msg is None or msg[0] == "error":
-            self.proc.join(10)
+            if proc is not None:
+                proc.join(10)
             if msg is None:
                 raise UserError("the engine process exited while loading the model", opts.model,
                                 "see the messages above")
@@ -153,6 +173,19 @@ class RemoteScheduler:
         self.on_updates = None
         self.reader = threading.Thread(target=self._read, name="tinygpt-engine-reader", daemon=True)
         self.closed, self.stats_ready = threading.Event(), threading.Event()
+
+    @classmethod
+    def spawn(cls, opts, files, pipes: int = 1) -> tuple["RemoteScheduler", list]:
+        """Start an engine process with `pipes` pipes: (the scheduler over the first, the server
+        ends of the others, for more HTTP processes)."""
+        ctx = mp.get_context("spawn")   # CUDA cannot be forked
+        ends = [ctx.Pipe() for _ in range(pipes)]
+        proc = ctx.Process(target=engine_main, args=([child for _, child in ends], opts, files),
+                           name="tinygpt-engine", daemon=True)
+        proc.start()
+        for _, child in ends:
+            child.close()
+        return cls(opts, ends[0][0], proc), [mine for mine, _ in ends[1:]]
 
     def _recv(self):
         try:
@@ -202,11 +235,19 @@ class RemoteScheduler:
         return dict(self.last_stats)
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new sequences; return once the engine process has finished the submitted ones."""
+        """Refuse new sequences; return once the engine process has finished the submitted ones
+        (of every HTTP process: the others are stopped first, each finishing its open responses)."""
         self.closing = True
-        if self.proc.is_alive() and self._send(("close",)):
-            self.closed.wait(timeout)
-        self.proc.join(timeout)
+        for w in self.workers:          # SIGTERM: each finishes its open responses, then closes its pipe
+            if w.is_alive():
+                w.terminate()
+        alive = self.proc is None or self.proc.is_alive()
+        if alive and self._send(("close",)):
+            self.closed.wait(timeout)   # the engine answers once every pipe has closed
+        for w in self.workers:
+            w.join(timeout)
+        if self.proc is not None:
+            self.proc.join(timeout)
 
     def _read(self) -> None:
         """The pipe's messages -> updates of this process's sequences (until the engine ends)."""
