@@ -138,9 +138,11 @@ def _start_http_workers(opts: ServeOptions, key, sock, scheduler) -> None:
 
 def _http_worker_main(opts: ServeOptions, key, conn, sock) -> None:
     """One more HTTP process. SIGTERM (sent by the first process at its shutdown) finishes its open
-    responses, then closes its pipe; Ctrl-C reaches the whole process group and is left to the
-    first process. uvicorn runs off the main thread, so it installs no signal handlers of its own."""
+    responses, then closes its pipe (and so does the death of the first process); Ctrl-C reaches
+    the whole process group and is left to the first process. uvicorn runs off the main thread,
+    so it installs no signal handlers of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = mp.parent_process()    # its sentinel tells when the first process is gone
     service = build_service(opts, conn=conn)
     server = uvicorn.Server(uvicorn.Config(create_app(service, key, opts.max_body), log_level=opts.log_level))
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
@@ -149,6 +151,8 @@ def _http_worker_main(opts: ServeOptions, key, conn, sock) -> None:
     thread.start()
     while thread.is_alive():        # the main thread stays free to take the signal
         thread.join(0.5)
+        if not parent.is_alive():   # the first process was killed outright: stop as on SIGTERM
+            server.should_exit = True
 
 
 serve_command.manages_signals = True   # uvicorn: SIGTERM finishes in-flight requests, then exits
