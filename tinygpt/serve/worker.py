@@ -8,7 +8,9 @@ Design choices:
   its process ran at 0.65 of it). As vLLM does, the model, its slot engine, the scheduler and the
   pacing of updates live in a child process; the server process parses requests, renders chat
   templates, tokenizes and writes the streams.
-- The two talk over one `multiprocessing` pipe, pickled messages both ways. To the engine:
+- Each server process (one, or --http-workers of them) talks to the engine over a `multiprocessing`
+  pipe of its own, pickled messages both ways; the engine keys a sequence by (pipe, the server's
+  key) and sends each pipe the updates of its own sequences. To the engine:
   ("submit", [(key, job, index, prompt, params, stack)]), ("cancel", job) when its client left
   before it ended, ("stats",), ("close",). From it:
   ("ready", tokenizer, block size, vocabulary limit), ("error", what, where, fix) when loading
@@ -16,7 +18,8 @@ Design choices:
   n_tokens)], stats) (an `Update`'s fields as a tuple: a seventh of the unpickling time)
   at most every stream interval, one joined update per sequence (first tokens and ends at
   once, as `service.Pacer` does),
-  ("stats", counts) when asked, and ("closed",) once it has finished every sequence after a close.
+  ("stats", counts) when asked, and ("closed",) once every pipe has closed and every sequence has
+  finished.
 - Detokenization and stop strings run where the tokens are (the engine process), so an update
   carries text ready to write.
 - The server's side (`RemoteScheduler`) has the surface of `scheduler.Scheduler` that `Service`
