@@ -26,6 +26,7 @@ from tinygpt.generate import generate
 from tinygpt.load import load_model_and_tokenizer
 from tinygpt.serve.app import create_app
 from tinygpt.serve.command import ServeOptions, build_service
+from tinygpt.serve.worker import pipe_capacity
 from tinygpt.stages.common import resolve_template, stop_ids
 
 KEY = "sekrit-key"
@@ -368,6 +369,41 @@ def test_http_workers_serve_together_and_stop_together(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_past_its_share_of_the_queue_a_server_process_answers_429(tmp_path):
+    """An engine process with one slot and a queue of one: two streams in flight fill this server
+    process's share, a third request is a 429 at once (the engine is never sent more than it can
+    queue), and once they ended the next request is served."""
+    base, _ = make_world(tmp_path, block_size=512)
+    opts = ServeOptions(model=base, device="cpu", max_batch=1, max_queue=1)
+    assert pipe_capacity(opts) == 2 and pipe_capacity(ServeOptions(model=base, max_batch=4, max_queue=10,
+                                                                    http_workers=3)) == 5
+    server = Server(create_app(build_service(opts, engine_process=True)))
+    body = {"model": "base", "prompt": "x", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    started, ends = threading.Event(), []
+
+    def stream():
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            started.set()
+            ends.append([x for x in lines if x][-1])
+    try:
+        threads = [threading.Thread(target=stream) for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert started.wait(30)
+        time.sleep(0.05)                    # the second request is in by now (queued behind the first)
+        third = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert third.status_code == 429, third.text
+        for t in threads:
+            t.join(60)
+        assert ends == ["data: [DONE]"] * 2
+        after = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert after.status_code == 200
+    finally:
+        server.stop()
 
 
 def text_ref_of(base, prompt, max_new):

@@ -24,7 +24,7 @@ Design choices:
   carries text ready to write.
 - The server's side (`RemoteScheduler`) has the surface of `scheduler.Scheduler` that `Service`
   uses: submit, close, stats, start. It counts the sequences it has in flight to answer 429 at
-  once when the engine's queue would be full, and if the engine process dies every open
+  once past its share of the engine's slots and queue (`pipe_capacity`), and if the engine process dies every open
   sequence ends with an error and new requests get 503.
 """
 from __future__ import annotations
@@ -65,6 +65,13 @@ def load_engine(opts, files):
 
 
 # ---- the engine process -----------------------------------------------------------------------------
+def pipe_capacity(opts) -> int:
+    """Sequences one server process may have in flight (running or waiting): its share of the
+    engine's slots and queue. Each process answers 429 at once past it, and the engine, sized to
+    take every process's share, never has to refuse a sequence it was sent."""
+    return -(-(opts.max_queue + opts.max_batch) // opts.http_workers)
+
+
 class _Job:
     """The engine process's view of a request: whether its client went away, how many of its
     sequences have not ended yet."""
@@ -106,7 +113,7 @@ def engine_main(conns, opts, files) -> None:
                 send(i, ("updates", items, stats))
             except (BrokenPipeError, OSError):      # that server process is gone; the others go on
                 pass
-    scheduler = Scheduler(engine, None, opts.max_queue, opts.prefill_tokens)
+    scheduler = Scheduler(engine, None, len(conns) * pipe_capacity(opts), opts.prefill_tokens)
     scheduler.start(Pacer(opts.stream_interval, hand_off).feed)
     for i in range(len(conns)):
         send(i, ("ready", tok, engine.model.config.block_size, engine.vocab_limit))
@@ -156,7 +163,7 @@ class RemoteScheduler:
     def __init__(self, opts, conn, proc=None):
         """Over `conn`, one pipe of an engine process (`spawn` starts one); waits for its ready
         message. `proc`: the engine process, where this process started it."""
-        self.max_queue, self.max_batch = opts.max_queue, opts.max_batch
+        self.capacity = pipe_capacity(opts)
         self.conn, self.proc = conn, proc
         self.workers: list = []         # more HTTP processes, stopped before the engine is closed
         msg = self._recv()
@@ -212,7 +219,7 @@ class RemoteScheduler:
     def submit(self, seqs: list[Sequence]) -> None:
         if self.closing:
             raise Closed()
-        if len(self.open) + len(seqs) > self.max_queue + self.max_batch:
+        if len(self.open) + len(seqs) > self.capacity:
             raise Full()
         job, keys = next(self.keys), [next(self.keys) for _ in seqs]
         wire = [(key, job, seq.index, seq.prompt, seq.params, seq.stack) for key, seq in zip(keys, seqs)]
