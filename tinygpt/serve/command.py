@@ -75,11 +75,8 @@ def build_service(opts: ServeOptions, engine_process: bool = False, conn=None) -
     check_inputs(opts)
     files = adapter_files(lora_specs(opts), opts.adapters)
     if engine_process or conn is not None:
-        if conn is not None:
-            scheduler = RemoteScheduler(opts, conn)
-        else:
-            scheduler, spare = RemoteScheduler.spawn(opts, files, opts.http_workers)
-            scheduler.spare = spare
+        scheduler = RemoteScheduler(opts, conn) if conn is not None else \
+            RemoteScheduler.spawn(opts, files, opts.http_workers)
         tok, block, vocab = scheduler.tok, scheduler.block_size, scheduler.vocab_limit
         adapters = AdapterNames(files) if files else None
     else:

@@ -165,7 +165,8 @@ class RemoteScheduler:
         message. `proc`: the engine process, where this process started it."""
         self.capacity = pipe_capacity(opts)
         self.conn, self.proc = conn, proc
-        self.workers: list = []         # more HTTP processes, stopped before the engine is closed
+        self.spare: list = []           # the engine's pipes for more HTTP processes (`spawn`)
+        self.workers: list = []         # those processes, stopped before the engine is closed
         msg = self._recv()
         if msg is None or msg[0] == "error":
             if proc is not None:
@@ -185,9 +186,9 @@ class RemoteScheduler:
         self.closed, self.stats_ready = threading.Event(), threading.Event()
 
     @classmethod
-    def spawn(cls, opts, files, pipes: int = 1) -> tuple["RemoteScheduler", list]:
-        """Start an engine process with `pipes` pipes: (the scheduler over the first, the server
-        ends of the others, for more HTTP processes)."""
+    def spawn(cls, opts, files, pipes: int = 1) -> "RemoteScheduler":
+        """Start an engine process with `pipes` pipes: the scheduler over the first, holding the
+        server ends of the others (`spare`) for more HTTP processes."""
         ctx = mp.get_context("spawn")   # CUDA cannot be forked
         ends = [ctx.Pipe() for _ in range(pipes)]
         proc = ctx.Process(target=engine_main, args=([child for _, child in ends], opts, files),
@@ -195,7 +196,9 @@ class RemoteScheduler:
         proc.start()
         for _, child in ends:
             child.close()
-        return cls(opts, ends[0][0], proc), [mine for mine, _ in ends[1:]]
+        scheduler = cls(opts, ends[0][0], proc)
+        scheduler.spare = [mine for mine, _ in ends[1:]]
+        return scheduler
 
     def _recv(self):
         try:
