@@ -21,7 +21,7 @@ from tinygpt.stages.common import resolve_plan
 from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
-from tinygpt.train.optim import is_hidden_matrix
+from tinygpt.train.optim import is_hidden_matrix, make_optimizer
 from tinygpt.train.stage import FunctionStage, TrainOptions
 from test_stages import ctrl_c_at
 
@@ -365,6 +365,37 @@ def test_muon_gradient_accumulation_matches_one_big_batch(tmp_path):
     rel = float((flat(d1) - flat(d4)).norm() / flat(d1).norm())
     far = float((flat(d1) - flat(other)).norm() / flat(d1).norm())
     assert rel < 0.01 and far > 0.3, (rel, far)
+
+
+def test_compiled_muon_step_equals_the_eager_one_and_compiles_once(tmp_path):
+    """--compile compiles Muon's step; the rate the schedule sets each step reaches it as a 0-d tensor:
+    the same updates as the eager step at every rate (to the bf16 rounding of the update, which a
+    tensor rate scales in bf16: each update is ~0.01-0.03 here, a stale rate would be off by as
+    much), one compilation for all of them, and the groups' rates stay floats outside the step."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    assert _engine(_nano(), tmp_path, None, steps=2, optimizer="muon", compile=True).opt._compiled_muon is not None
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8, 16), (16, 8)]
+    eager, compiled = ([torch.nn.Parameter(torch.zeros(s)) for s in shapes] for _ in range(2))
+    for a, b in zip(eager, compiled):
+        b.data.copy_(a.data.normal_())
+    start = [b.detach().clone() for b in compiled]
+    opts = [make_optimizer([(f"model.layers.0.w{i}", p) for i, p in enumerate(ps)], 1e-3, 0.1, kind="muon")
+            for ps in (eager, compiled)]
+    counter = CompileCounterWithBackend("aot_eager")
+    opts[1].compile(backend=counter)
+    for lr in (0.02, 0.01, 0.005):
+        for a, b in zip(eager, compiled):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        for o in opts:
+            o.param_groups[0]["lr"] = lr
+            o.step()
+        assert type(opts[1].param_groups[0]["lr"]) is float
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, atol=2e-4, rtol=0)
+    assert counter.frame_count == 1
+    assert all((b - b0).abs().max() > 1e-3 for b, b0 in zip(compiled, start))      # it did step
 
 
 def test_keep_best_validates_twenty_times_unless_told():

@@ -126,6 +126,8 @@ class Engine:
         self.params = [p for _, p in named]
         self.opt = make_optimizer(named, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2),
                                   self.device.type, self.cfg.optimizer, self.cfg.muon_lr)
+        if self.cfg.compile and hasattr(self.opt, "compile"):
+            self.opt.compile()                           # Muon's Newton-Schulz step (see optim)
         if needs_validation(self.cfg) and not self.cfg.val_every:
             raise UserError(f"{needs_validation(self.cfg)} needs validation, and this {stage.name} run has none",
                             None, "give held-out data (--val-split)")

@@ -73,7 +73,7 @@ class TrainOptions(DeviceOptions):
     dtype: str = option("auto", "compute precision (auto: bfloat16 on GPUs that have it)", choices=DTYPE_NAMES)
     fp8: bool = option(False, "multiply in float8 in the blocks' linear layers (GPUs of compute capability 8.9+; "
                        "dynamic per-tensor scales; weights, optimizer, head and attention unchanged)")
-    compile: bool = option(False, "torch.compile the training step")
+    compile: bool = option(False, "torch.compile the training step (and Muon's step with --optimizer muon)")
     compile_regions: bool = option(False, "with --compile: compile each block and the head once instead of "
                                    "the whole step (about a third of the compile time; steps may be slower)")
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state over the ranks "
