@@ -18,7 +18,7 @@ from tinygpt.eval.ppl import window_loss
 from tinygpt.generate import generate
 from tinygpt.model import GPT
 from tinygpt.stages.common import resolve_plan
-from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step
+from tinygpt.stages.pretrain import PretrainOptions, PretrainStage, lm_loss_step, memorising_hint
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.train.engine import prepare
 from tinygpt.train.optim import is_hidden_matrix, make_optimizer
@@ -124,6 +124,27 @@ def _setup_log(tmp_path, corpus):
                                           byte_tokenizer=True, ctx=32, steps=1, batch=2, device="cpu", quiet=True),
                           log=lines.append))
     return lines
+
+
+def test_a_run_that_reads_its_corpus_many_times_over_says_how_to_keep_the_best(tmp_path):
+    """BOOK is 10,240 byte tokens: 200 steps of 2 x 32 read it 1.25 times (no note), 2000 steps 12.5
+    times (a note naming what is missing: validation with keep-best, dropout, or both)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(BOOK)
+
+    def notes(**opts):
+        lines = []
+        prepare(PretrainStage(PretrainOptions(corpus=[str(corpus)], out=str(tmp_path / "m.tinygpt"), preset="nano",
+                                              byte_tokenizer=True, ctx=32, batch=2, device="cpu", quiet=True, **opts),
+                              log=lines.append))
+        return [x for x in lines if x.startswith("note: this run reads")]
+    assert notes(steps=200) == []
+    (line,) = notes(steps=2000)
+    assert "10,240 training tokens 12 times over" in line and "--val-split 0.1 --keep-best and --dropout" in line
+    (line,) = notes(steps=2000, val_split=0.1)
+    assert "--dropout" in line and "--val-split" not in line
+    assert notes(steps=2000, val_split=0.1, dropout=0.1) == []
+    assert "--val-split" in memorising_hint(80, 10, False, 0.2) and memorising_hint(79, 10, False, 0.0) is None
 
 
 # ---- validation on any corpus -----------------------------------------------------------------------

@@ -164,6 +164,24 @@ class PretrainOptions(ModelShapeOptions, HeadLossOptions, TrainOptions):
         super().check()
 
 
+# Passes over the training tokens past which the held-out loss of a small corpus usually turns up
+# (tinyshakespeare at 6 x 384: its best comes after ~15 passes with dropout 0.2, sooner without).
+MEMORISING_EPOCHS = 8
+
+
+def memorising_hint(tokens_read: int, train_tokens: int, validated: bool, dropout: float) -> str | None:
+    """A line for a run that reads its training split many times over with nothing to notice or
+    slow memorising (no validation, no dropout): a small corpus trained with the defaults."""
+    epochs = tokens_read / max(1, train_tokens)
+    if epochs < MEMORISING_EPOCHS or (validated and dropout > 0):
+        return None
+    missing = [f for f, absent in (("--val-split 0.1 --keep-best", not validated), ("--dropout 0.1-0.2", dropout == 0))
+               if absent]
+    return (f"note: this run reads its {train_tokens:,} training tokens {epochs:.0f} times over and will learn "
+            f"them by heart; where text it has not seen matters, {' and '.join(missing)} keep the model "
+            "at its best held-out loss instead of the last step (see the README)")
+
+
 def lm_loss_step(model, batch):
     """Summed next-token cross-entropy over the batch; count = tokens. batch = (x, y), each (B, T)."""
     x, y = batch
@@ -272,6 +290,10 @@ class PretrainStage(Stage):
         if o.val_split:
             run.log(describe_split(data["meta"]))
         self.plan = resolve_plan(o, o.steps, warmup_cap=50, validates=self.val is not None)
+        hint = memorising_hint(o.steps * o.batch * o.accum * run.world * self.ctx, len(data["train"]),
+                               bool(o.val_split), cfg.dropout)
+        if hint:
+            run.log(hint)
         self._key = {"model": cfg.to_json(), "ctx": self.ctx, "global_batch": o.batch * o.accum * run.world,
                      "corpus": str(data["dir"].name), "seed": o.seed}
 
