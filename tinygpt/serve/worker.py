@@ -15,17 +15,16 @@ Design choices:
   before it ended, ("stats",), ("close",). From it:
   ("ready", tokenizer, block size, vocabulary limit), ("error", what, where, fix) when loading
   fails (the server then exits with that one-line error), ("updates", [(key, text, tokens, finish,
-  n_tokens)], stats) (an `Update`'s fields as a tuple: a seventh of the unpickling time)
-  at most every stream interval, one joined update per sequence (first tokens and ends at
-  once, as `service.Pacer` does),
-  ("stats", counts) when asked, and ("closed",) once every pipe has closed and every sequence has
-  finished.
+  n_tokens)], stats) (an `Update`'s fields as a tuple: a seventh of the unpickling time) at most
+  every stream interval, one joined update per sequence (first tokens and ends at once, as
+  `service.Pacer` does), ("stats", counts) when asked, and ("closed",) once every pipe has closed
+  and every sequence has finished.
 - Detokenization and stop strings run where the tokens are (the engine process), so an update
   carries text ready to write.
 - The server's side (`RemoteScheduler`) has the surface of `scheduler.Scheduler` that `Service`
   uses: submit, close, stats, start. It counts the sequences it has in flight to answer 429 at
-  once past its share of the engine's slots and queue (`pipe_capacity`), and if the engine process dies every open
-  sequence ends with an error and new requests get 503.
+  once past its share of the engine's slots and queue (`pipe_capacity`), and if the engine
+  process dies every open sequence ends with an error and new requests get 503.
 """
 from __future__ import annotations
 
@@ -123,10 +122,10 @@ def engine_main(conns, opts, files) -> None:
 def _serve_pipes(conns, send, scheduler, detok, ended) -> None:
     """The engine process's loop over its pipes' messages; returns once every pipe has closed,
     after the scheduler has finished every submitted sequence. A job's key is (pipe, job)."""
-    jobs, live = {}, dict(enumerate(conns))
+    jobs, live, index = {}, set(conns), {conn: i for i, conn in enumerate(conns)}
     while live:
-        for conn in mp.connection.wait(list(live.values())):
-            i = next(j for j, c in live.items() if c is conn)
+        for conn in mp.connection.wait(list(live)):
+            i = index[conn]
             try:
                 msg = conn.recv()
             except (EOFError, OSError):             # that server process is gone
@@ -145,7 +144,7 @@ def _serve_pipes(conns, send, scheduler, detok, ended) -> None:
             elif msg[0] == "cancel":                # its client left before the job ended
                 jobs.pop((i, msg[1]), _Job(msg[1])).cancelled = True
             elif msg[0] == "close":                 # its sequences run on; nothing new comes from it
-                del live[i]
+                live.discard(conn)
     scheduler.close()
     for i in range(len(conns)):
         try:
